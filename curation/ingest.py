@@ -1,0 +1,229 @@
+"""``ingest``: WARC / ARC / WET files (gz or plain) → one Parquet row per HTML response record.
+
+Core: :func:`read_archive` walks one file with warcio and yields row dicts; records it cannot
+read become rows with a ``drop_reason`` (the run goes on). Shell: one Spark task per input file
+(``mapInPandas``), then the shared decision ledger writes ``data/`` and ``rejected/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import Field
+
+from infra.stage import Stage, StageConfig, StageContext, StageResult
+
+ARCHIVE_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz", ".wet", ".wet.gz", ".warc.wet.gz")
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""", re.I)
+
+COLUMNS = (
+    "doc_id", "url", "source", "warc_file", "warc_offset", "warc_record_id", "record_type", "fetch_date",
+    "http_status", "content_type", "declared_charset", "detected_charset", "content", "content_length",
+    "drop_reason",
+)
+
+
+class IngestConfig(StageConfig):
+    """Where the archives are and what counts as a document."""
+
+    input_paths: list[str] = Field(
+        default_factory=lambda: ["tests/data/warc"],
+        description="WARC/ARC/WET files or folders (searched recursively)",
+    )
+    max_record_bytes: int = Field(50_000_000, ge=1, description="records with larger payloads are dropped")
+    keep_non_html: bool = Field(False, description="keep non-HTML responses instead of dropping them")
+
+
+def find_archives(paths: list[str]) -> list[Path]:
+    """Archive files under the given files/folders, sorted; a missing path is an error."""
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"ingest input {raw!r} does not exist")
+        if p.is_file():
+            found.append(p.resolve())
+        else:
+            found.extend(f.resolve() for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(ARCHIVE_SUFFIXES))
+    return sorted(set(found))
+
+
+def make_doc_id(url: str, payload_digest: str) -> str:
+    """Stable id: the same URL with the same payload always gets the same id."""
+    return hashlib.sha256(f"{url}\n{payload_digest}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def sniff_charset(content: bytes, declared: str | None) -> str | None:
+    """The page's encoding: UTF-8 if it decodes strictly, else the <meta> or HTTP charset, else a detector's guess."""
+    head = content[:4096]
+    meta = _META_CHARSET.search(head)
+    try:
+        content.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    for cand in (meta.group(1).decode("ascii", "ignore") if meta else None, declared):
+        if cand:
+            try:
+                content.decode(cand)
+                return cand.lower()
+            except (LookupError, UnicodeDecodeError):
+                continue
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(content[:65536]).best()
+    return best.encoding if best else None
+
+
+def _charset_from_type(content_type: str | None) -> str | None:
+    if content_type and "charset=" in content_type.lower():
+        return content_type.lower().split("charset=", 1)[1].split(";")[0].strip(" \"'") or None
+    return None
+
+
+def _read_limited(stream, limit: int, chunk: int = 1 << 16) -> bytes:
+    """Read up to ``limit`` bytes in chunks (warcio's readers misbehave on one huge read)."""
+    parts, total = [], 0
+    while total < limit:
+        block = stream.read(min(chunk, limit - total))
+        if not block:
+            break
+        parts.append(block)
+        total += len(block)
+    return b"".join(parts)
+
+
+def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: bool = False) -> Iterator[dict]:
+    """Yield one row per response/conversion record of an archive file.
+
+    Rows for records that are not HTML, too large, or unreadable carry a ``drop_reason``; a file
+    that cannot be read past some point yields a ``warc_read_error`` row at that offset and stops.
+    """
+    from warcio.archiveiterator import ArchiveIterator
+
+    def row(**kw) -> dict:
+        base = {c: None for c in COLUMNS}
+        base.update(warc_file=path, **kw)
+        base["source"] = f"{path}@{base.get('warc_offset')}"
+        return base
+
+    offset = 0
+    try:
+        with open(path, "rb") as fh:
+            it = ArchiveIterator(fh, arc2warc=True)
+            for record in it:
+                offset = it.offset  # get_record_offset() would consume the record
+                if record.rec_type not in ("response", "conversion"):
+                    continue
+                headers = record.rec_headers
+                url = headers.get_header("WARC-Target-URI") or ""
+                record_id = headers.get_header("WARC-Record-ID")
+                fetch_date = headers.get_header("WARC-Date")
+                common = dict(
+                    url=url, warc_offset=offset, warc_record_id=record_id, record_type=record.rec_type,
+                    fetch_date=fetch_date,
+                )
+                try:
+                    content = _read_limited(record.content_stream(), max_record_bytes + 1)
+                except Exception as exc:  # truncated gzip member, bad chunking, ...
+                    yield row(**common, drop_reason=f"record_read_error: {type(exc).__name__}")
+                    return
+                digest = headers.get_header("WARC-Payload-Digest") or "sha1:" + hashlib.sha1(content).hexdigest()
+                doc_id = make_doc_id(url, digest)
+                if record.rec_type == "conversion":  # WET: text already extracted
+                    yield row(**common, doc_id=doc_id, content_type="text/plain", content=content,
+                              content_length=len(content), declared_charset="utf-8", detected_charset="utf-8")
+                    continue
+                http = record.http_headers
+                if http is None or not http.get_statuscode():
+                    yield row(**common, doc_id=doc_id, drop_reason="bad_http_header")
+                    continue
+                try:
+                    status = int(http.get_statuscode())
+                except ValueError:
+                    yield row(**common, doc_id=doc_id, drop_reason="bad_http_header")
+                    continue
+                content_type = (http.get_header("Content-Type") or "").strip()
+                declared = _charset_from_type(content_type)
+                base = dict(
+                    **common, doc_id=doc_id, http_status=status, content_type=content_type,
+                    declared_charset=declared, content_length=len(content),
+                )
+                mime = content_type.split(";")[0].strip().lower()
+                if len(content) > max_record_bytes:
+                    yield row(**base, drop_reason="too_large")
+                elif not (200 <= status < 300):
+                    yield row(**base, drop_reason=f"http_status_{status // 100}xx")
+                elif mime and mime not in HTML_TYPES and not keep_non_html:
+                    yield row(**base, drop_reason="non_html")
+                elif not content.strip():
+                    yield row(**base, content=content, drop_reason="empty_payload")
+                else:
+                    yield row(**base, content=content, detected_charset=sniff_charset(content, declared))
+    except Exception as exc:  # not an archive, truncated file, broken gzip stream
+        yield row(warc_offset=offset, drop_reason=f"warc_read_error: {type(exc).__name__}")
+
+
+def spark_schema():
+    from pyspark.sql import types as T
+
+    return T.StructType([
+        T.StructField("doc_id", T.StringType()), T.StructField("url", T.StringType()),
+        T.StructField("source", T.StringType()), T.StructField("warc_file", T.StringType()),
+        T.StructField("warc_offset", T.LongType()), T.StructField("warc_record_id", T.StringType()),
+        T.StructField("record_type", T.StringType()), T.StructField("fetch_date", T.StringType()),
+        T.StructField("http_status", T.IntegerType()), T.StructField("content_type", T.StringType()),
+        T.StructField("declared_charset", T.StringType()), T.StructField("detected_charset", T.StringType()),
+        T.StructField("content", T.BinaryType()), T.StructField("content_length", T.LongType()),
+        T.StructField("drop_reason", T.StringType()),
+    ])
+
+
+def ingest_dataframe(spark, files: list[Path], max_record_bytes: int, keep_non_html: bool):
+    """A DataFrame of records from ``files``: one Spark task per file."""
+    import pandas as pd
+
+    def parse(batches):
+        for batch in batches:
+            for path in batch["path"]:
+                rows = list(read_archive(path, max_record_bytes, keep_non_html))
+                if rows:
+                    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+                    for col in ("warc_offset", "content_length", "http_status"):
+                        frame[col] = frame[col].astype("Int64")
+                    yield frame
+
+    paths = spark.createDataFrame([(str(f),) for f in files], "path string").repartition(max(1, len(files)), "path")
+    return paths.mapInPandas(parse, schema=spark_schema())
+
+
+def run(ctx: StageContext) -> StageResult:
+    from curation.ledger import funnel_rows, write_decisions
+
+    cfg: IngestConfig = ctx.config
+    files = find_archives(cfg.input_paths)
+    ctx.log.info("ingest: %d archive files", len(files))
+    spark = ctx.spark()
+    if files:
+        df = ingest_dataframe(spark, files, cfg.max_record_bytes, cfg.keep_non_html)
+    else:
+        df = spark.createDataFrame([], spark_schema())
+    counts = write_decisions(df, ctx.output("data"), ctx.output("rejected"), rejected_drop_columns=("content",))
+    metrics = {"archive_files": len(files), **counts}
+    return StageResult(metrics=metrics, tables={"funnel": funnel_rows("ingest", counts)})
+
+
+STAGES = [
+    Stage(
+        name="ingest",
+        description="WARC/ARC/WET → Parquet, one row per HTML response record (broken records recorded as drops)",
+        config_model=IngestConfig,
+        run=run,
+        external_inputs=lambda cfg: {f"archives_{i}": p for i, p in enumerate(cfg.input_paths)},
+        uses_spark=True,
+    )
+]

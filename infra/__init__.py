@@ -1,0 +1,1 @@
+"""Refinery infrastructure: config, run store, lineage catalog, Spark factory, launchers, CLI."""

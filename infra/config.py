@@ -1,0 +1,159 @@
+"""One YAML file holds every stage's parameters; pydantic validates it; ``-o key=value`` overrides.
+
+Errors are one line naming the offending key, e.g.
+``config error: extract.timeout_s: Input should be a valid number (got 'abc')``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file, override or parameter that does not validate."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparkConfig(Strict):
+    """Spark session settings; ``master`` may be ``local[*]`` or any cluster URL (spark://, yarn, k8s://)."""
+
+    master: str = "local[*]"
+    driver_memory: str = "2g"
+    shuffle_partitions: int = Field(8, ge=1)
+    driver_host: str | None = "127.0.0.1"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class PrefectConfig(Strict):
+    """Prefect server and deployment settings."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4200, ge=1, le=65535)
+    schedule_cron: str | None = None  # cron for the pipeline deployment, e.g. "0 3 * * *"
+    work_pool: str = "refinery-process"
+
+
+class PipelineConfig(Strict):
+    stages: list[str] = Field(default_factory=list)  # empty = every registered stage in order
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        from infra.registry import all_stages
+
+        known = all_stages()
+        unknown = [s for s in value if s not in known]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; known: {list(known)}")
+        return value
+
+
+class BaseRefineryConfig(Strict):
+    run_root: str = "runs"
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    prefect: PrefectConfig = Field(default_factory=PrefectConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    def stage_config(self, name: str):
+        return getattr(self, name)
+
+    def pipeline_stages(self) -> list[str]:
+        from infra.registry import all_stages
+
+        return self.pipeline.stages or list(all_stages())
+
+
+@lru_cache(maxsize=1)
+def config_model() -> type[BaseRefineryConfig]:
+    """The root model: the fixed sections plus one section per registered stage."""
+    from infra.registry import all_stages
+
+    fields = {
+        name: (stage.config_model, Field(default_factory=stage.config_model))
+        for name, stage in all_stages().items()
+    }
+    return create_model("RefineryConfig", __base__=BaseRefineryConfig, **fields)
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        else:
+            parts.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "config error: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``stage.key=value`` → (["stage", "key"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"config error: override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"config error: override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: override {text!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) -> dict:
+    """Return a copy of ``data`` with dotted-key overrides applied (a list of strings or a dict)."""
+    data = json.loads(json.dumps(data))
+    if not overrides:
+        return data
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [([p for p in k.split(".") if p], v) for k, v in overrides.items()]
+    )
+    for path, value in items:
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"config error: {'.'.join(path)}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> BaseRefineryConfig:
+    """Load and validate a config file (default ``configs/demo.yaml``) with overrides applied."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config error: config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+    return validate_config(apply_overrides(data, overrides))
+
+
+def validate_config(data: dict) -> BaseRefineryConfig:
+    try:
+        return config_model().model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

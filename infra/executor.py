@@ -1,0 +1,246 @@
+"""Run one stage: resolve inputs, compute the content-hash cache key, skip or reuse a cached result,
+otherwise run into a temp dir, write the manifest, rename into place and record lineage.
+
+``python -m infra.executor --stage S --run-id R --config-json F`` is the process entry the Prefect
+task launches (its stdout/stderr stream into the Prefect run logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from infra.config import BaseRefineryConfig, ConfigError, validate_config
+from infra.lineage import LineageCatalog
+from infra.registry import get_stage
+from infra.runstore import (
+    MANIFEST,
+    RunStoreError,
+    code_version,
+    commit_stage_dir,
+    content_hash,
+    listing,
+    make_temp_dir,
+    read_manifest,
+    stage_dir,
+    write_json_atomic,
+)
+from infra.stage import Stage, StageContext, StageInput, StageResult
+
+MANIFEST_MARKER = "REFINERY_MANIFEST "
+
+
+class StageInputError(RuntimeError):
+    """A stage's upstream output or external input cannot be found."""
+
+
+def parse_from(ref: str | None) -> tuple[str | None, str | None]:
+    """``RUN`` or ``RUN/STAGE`` → (run, stage)."""
+    if not ref:
+        return None, None
+    parts = ref.strip("/").split("/")
+    if len(parts) > 2 or not parts[0]:
+        raise StageInputError(f"--from {ref!r}: expected RUN_ID or RUN_ID/STAGE")
+    return parts[0], (parts[1] if len(parts) == 2 else None)
+
+
+def resolve_inputs(stage: Stage, run_root: Path, run_id: str, from_ref: str | None) -> dict[str, StageInput]:
+    """Upstream outputs: this run's first, then the ``--from`` run's.
+
+    With ``--from RUN/STAGE`` that stage's output stands in for the first declared input, so a
+    stage can also run on an earlier stage's output that is not its usual upstream.
+    """
+    from_run, from_stage = parse_from(from_ref)
+    if from_run and not (run_root / from_run).is_dir():
+        raise StageInputError(f"--from {from_ref!r}: run {from_run!r} does not exist under {run_root}")
+    resolved: dict[str, StageInput] = {}
+    for i, upstream in enumerate((*stage.inputs, *stage.optional_inputs)):
+        required = upstream in stage.inputs
+        candidates: list[tuple[str, str]] = []
+        if from_stage and i == 0:
+            candidates.append((from_run, from_stage))
+        else:
+            candidates.append((run_id, upstream))
+            if from_run:
+                candidates.append((from_run, upstream))
+        errors = []
+        for cand_run, cand_stage in candidates:
+            try:
+                manifest = read_manifest(run_root, cand_run, cand_stage)
+            except RunStoreError as exc:
+                errors.append(str(exc))
+                continue
+            resolved[upstream] = StageInput(
+                stage=cand_stage, run_id=cand_run, dir=stage_dir(run_root, cand_run, cand_stage), manifest=manifest
+            )
+            break
+        else:
+            if required:
+                hint = "" if from_run else f"; run {upstream!r} first or pass --from RUN_ID"
+                raise StageInputError(f"stage {stage.name!r} needs {upstream!r}: " + "; ".join(errors) + hint)
+    return resolved
+
+
+def resolve_external(stage: Stage, cfg) -> dict[str, Path]:
+    out = {}
+    for name, path in stage.external_inputs(cfg).items():
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise StageInputError(f"{stage.name}.{name}: input path {str(path)!r} does not exist")
+        out[name] = p.resolve()
+    return out
+
+
+def _input_records(inputs: dict[str, StageInput], external: dict[str, Path]) -> dict[str, dict]:
+    records = {}
+    for upstream, inp in inputs.items():
+        for out_name, out in inp.manifest["outputs"].items():
+            records[f"{upstream}/{out_name}"] = {
+                "uri": out["uri"], "hash": out["hash"], "run_id": out.get("run_id", inp.run_id),
+                "stage": out.get("stage", inp.stage), "output": out_name,
+            }
+    for name, path in external.items():
+        records[name] = {"uri": path.as_uri(), "hash": content_hash(path)}
+    return records
+
+
+def cache_key(stage: Stage, cfg, input_records: dict[str, dict]) -> str:
+    payload = {
+        "stage": stage.name,
+        "version": stage.version,
+        "config": cfg.model_dump(mode="json"),
+        "inputs": {k: v["hash"] for k, v in sorted(input_records.items())},
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def execute_stage(
+    name: str,
+    config: BaseRefineryConfig,
+    run_id: str,
+    from_ref: str | None = None,
+    force: bool = False,
+    log: logging.Logger | None = None,
+) -> dict:
+    """Run (or skip, or reuse) one stage and return its manifest."""
+    stage = get_stage(name)
+    cfg = config.stage_config(name)
+    run_root = Path(config.run_root).resolve()
+    log = log or logging.getLogger(f"refinery.{name}")
+    catalog = LineageCatalog(run_root)
+
+    inputs = resolve_inputs(stage, run_root, run_id, from_ref)
+    external = resolve_external(stage, cfg)
+    records = _input_records(inputs, external)
+    key = cache_key(stage, cfg, records)
+    final = stage_dir(run_root, run_id, name)
+
+    if not force:
+        if (final / MANIFEST).is_file():
+            try:
+                existing = read_manifest(run_root, run_id, name)
+                if existing["cache_key"] == key:
+                    log.info("stage %s: unchanged inputs and config, skipped (%s)", name, final)
+                    return {**existing, "skipped": True}
+            except RunStoreError:
+                pass
+        for hit in catalog.find_cached(key):
+            try:
+                cached = read_manifest(run_root, hit["run_id"], hit["stage"])
+            except RunStoreError:
+                continue
+            return _reuse_cached(cached, run_root, run_id, name, catalog, log)
+
+    tmp = make_temp_dir(run_root, run_id, name)
+    started, t0 = _now(), time.time()
+    ctx = StageContext(
+        run_id=run_id, stage=name, config=cfg, root_config=config, inputs=inputs,
+        external_inputs=external, out_dir=tmp, run_root=run_root, log=log,
+    )
+    log.info("stage %s: running into %s", name, tmp)
+    try:
+        result = stage.run(ctx)
+        if not isinstance(result, StageResult):
+            raise TypeError(f"stage {name!r} returned {type(result).__name__}, expected StageResult")
+        outputs = {}
+        for entry in sorted(tmp.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            final_path = final / entry.name
+            outputs[entry.name] = {
+                "path": str(final_path), "uri": final_path.as_uri(), "hash": content_hash(entry),
+                "files": listing(entry), "run_id": run_id, "stage": name,
+            }
+        manifest = {
+            "run_id": run_id, "stage": name, "stage_version": stage.version, "status": "completed",
+            "cache_key": key, "cached_from": None,
+            "config": cfg.model_dump(mode="json"),
+            "spark_master": config.spark.master if stage.uses_spark else None,
+            "inputs": records, "outputs": outputs,
+            "metrics": result.metrics, "tables": result.tables, "report_md": result.report_md,
+            "images": {k: str(final / v) for k, v in result.images.items()},
+            "code_version": code_version(), "host": socket.gethostname(),
+            "timings": {"started_at": started, "finished_at": _now(), "seconds": round(time.time() - t0, 3)},
+            "manifest_path": str(final / MANIFEST),
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+        commit_stage_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    catalog.record_stage_run(manifest)
+    log.info("stage %s: done in %.1f s -> %s", name, manifest["timings"]["seconds"], final)
+    return manifest
+
+
+def _reuse_cached(cached: dict, run_root: Path, run_id: str, name: str, catalog: LineageCatalog, log) -> dict:
+    """Point this run's stage at an identical earlier result instead of recomputing it."""
+    source = f"{cached['run_id']}/{cached['stage']}"
+    final = stage_dir(run_root, run_id, name)
+    manifest = {
+        **cached, "run_id": run_id, "cached_from": source, "manifest_path": str(final / MANIFEST),
+        "timings": {"started_at": _now(), "finished_at": _now(), "seconds": 0.0},
+    }
+    tmp = make_temp_dir(run_root, run_id, name)
+    write_json_atomic(tmp / MANIFEST, manifest)
+    commit_stage_dir(tmp, final)
+    catalog.record_stage_run(manifest)
+    log.info("stage %s: same inputs and config as %s, reused its outputs", name, source)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one Refinery stage (launched by the Prefect stage task).")
+    parser.add_argument("--stage", required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--config-json", required=True, help="resolved config as a JSON file")
+    parser.add_argument("--from", dest="from_ref")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    try:
+        config = validate_config(json.loads(Path(args.config_json).read_text()))
+        manifest = execute_stage(args.stage, config, args.run_id, args.from_ref, args.force)
+    except (ConfigError, StageInputError, RunStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(MANIFEST_MARKER + manifest["manifest_path"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

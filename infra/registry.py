@@ -1,0 +1,34 @@
+"""The list of stage modules. Each module exposes ``STAGES: list[Stage]``.
+
+Add a stage by appending its module here; order is the default pipeline order.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+from infra.stage import Stage
+
+STAGE_MODULES: tuple[str, ...] = (
+    "curation.ingest",
+)
+
+
+@lru_cache(maxsize=1)
+def all_stages() -> dict[str, Stage]:
+    """Every registered stage by name, in pipeline order."""
+    stages: dict[str, Stage] = {}
+    for module_name in STAGE_MODULES:
+        for stage in importlib.import_module(module_name).STAGES:
+            if stage.name in stages:
+                raise RuntimeError(f"stage {stage.name!r} registered twice ({module_name})")
+            stages[stage.name] = stage
+    return stages
+
+
+def get_stage(name: str) -> Stage:
+    stages = all_stages()
+    if name not in stages:
+        raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(stages)}")
+    return stages[name]

@@ -1,0 +1,173 @@
+"""Run store: ``RUN_ROOT/RUN_ID/STAGE/`` with outputs written to a temp dir and renamed on success.
+
+A stage directory is *complete* only when it holds ``manifest.json`` and every output listed there
+has the recorded files and sizes; anything else (a temp dir of a killed stage, a truncated file)
+is not accepted as an input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from infra.config import REPO_ROOT
+
+MANIFEST = "manifest.json"
+_IGNORED = re.compile(r"(^_SUCCESS$|\.crc$|^\.)")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RunStoreError(RuntimeError):
+    """A run or stage that does not exist or is incomplete."""
+
+
+def new_run_id() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise RunStoreError(f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-'")
+    return run_id
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(_IGNORED.search(part) for part in p.relative_to(path).parts)
+    )
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (their bytes and parent folders, not their names).
+
+    File names are left out because Spark names part files with random UUIDs; two runs that write
+    the same bytes get the same hash.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.is_file():
+        return "sha256:" + file_sha256(path)
+    entries = sorted(f"{f.parent.relative_to(path).as_posix()}:{file_sha256(f)}" for f in _files(path))
+    return "sha256:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def listing(path: Path) -> dict[str, int]:
+    """Relative path → size of every file under an output (used to validate completeness)."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: path.stat().st_size}
+    return {f.relative_to(path).as_posix(): f.stat().st_size for f in _files(path)}
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """git sha of the project checkout and whether it has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=20
+        ).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", False
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("refinery")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    return {"git_sha": sha or None, "dirty": dirty, "package_version": pkg}
+
+
+def stage_dir(run_root: Path, run_id: str, stage: str) -> Path:
+    return Path(run_root) / check_run_id(run_id) / stage
+
+
+def make_temp_dir(run_root: Path, run_id: str, stage: str) -> Path:
+    tmp = Path(run_root) / check_run_id(run_id) / f".tmp-{stage}-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def commit_stage_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp dir into place; an older result for the same stage is replaced."""
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{secrets.token_hex(4)}")
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_manifest(run_root: Path, run_id: str, stage: str, verify: bool = True) -> dict:
+    """The manifest of a complete stage; raises RunStoreError naming what is missing or broken."""
+    run_dir = Path(run_root) / check_run_id(run_id)
+    if not run_dir.is_dir():
+        raise RunStoreError(f"run {run_id!r} does not exist under {run_root}")
+    path = run_dir / stage / MANIFEST
+    if not path.is_file():
+        done = sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}"))
+        raise RunStoreError(
+            f"run {run_id!r} has no completed stage {stage!r} (completed: {', '.join(done) or 'none'})"
+        )
+    manifest = json.loads(path.read_text())
+    if verify:
+        verify_outputs(manifest)
+    return manifest
+
+
+def verify_outputs(manifest: dict) -> None:
+    """Check every output's files exist with their recorded sizes (cheap; catches truncation)."""
+    for name, out in manifest.get("outputs", {}).items():
+        actual = listing(Path(out["path"])) if Path(out["path"]).exists() else {}
+        if actual != out["files"]:
+            missing = sorted(set(out["files"]) - set(actual))
+            changed = sorted(k for k in out["files"] if k in actual and actual[k] != out["files"][k])
+            raise RunStoreError(
+                f"{manifest['run_id']}/{manifest['stage']} output {name!r} is incomplete or modified "
+                f"(missing: {missing[:3]}, size changed: {changed[:3]})"
+            )
+
+
+def list_runs(run_root: Path) -> list[str]:
+    root = Path(run_root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _RUN_ID.match(p.name))
+
+
+def completed_stages(run_root: Path, run_id: str) -> list[str]:
+    run_dir = Path(run_root) / run_id
+    return sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}"))

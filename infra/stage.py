@@ -1,0 +1,114 @@
+"""The stage contract every pipeline step implements.
+
+A stage is a pure core (plain functions elsewhere in its module) plus this thin description:
+its name, a pydantic config model, the upstream stages whose outputs it reads, the external
+paths it reads (hashed for the cache key and the lineage catalog), and a ``run`` function that
+writes its outputs into ``ctx.out_dir`` and returns a :class:`StageResult`.
+
+Stage modules keep heavy imports (pyspark, torch, transformers, megatron, vllm) inside
+functions so that building the config and ``refinery --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageConfig(BaseModel):
+    """Base for every stage's config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """A completed upstream output this stage reads (possibly from an earlier run)."""
+
+    stage: str
+    run_id: str
+    dir: Path  # the upstream stage's final directory
+    manifest: dict
+
+    def path(self, output: str = "data") -> Path:
+        """Absolute path of one named output of the upstream stage."""
+        outputs = self.manifest["outputs"]
+        if output not in outputs:
+            raise KeyError(
+                f"{self.run_id}/{self.stage} has no output {output!r} (has: {', '.join(sorted(outputs))})"
+            )
+        return Path(outputs[output]["path"])
+
+
+@dataclass
+class StageResult:
+    """What a stage reports besides the files it wrote.
+
+    metrics: flat numbers/strings for the manifest and the lineage catalog.
+    tables: named lists of row dicts, published as Prefect table artifacts (e.g. the funnel).
+    report_md: optional markdown published as a Prefect markdown artifact.
+    images: named PNG paths inside out_dir (e.g. a loss curve) linked from the report.
+    """
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    report_md: str | None = None
+    images: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's ``run`` needs; outputs go under ``out_dir`` (a temp dir renamed on success)."""
+
+    run_id: str
+    stage: str
+    config: StageConfig
+    root_config: Any  # infra.config.RefineryConfig
+    inputs: dict[str, StageInput]
+    external_inputs: dict[str, Path]
+    out_dir: Path
+    run_root: Path
+    log: logging.Logger
+    _spark: Any = None
+
+    def input(self, stage: str) -> StageInput:
+        if stage not in self.inputs:
+            raise KeyError(f"stage {self.stage!r} did not declare or resolve input {stage!r}")
+        return self.inputs[stage]
+
+    def output(self, name: str = "data") -> Path:
+        """Path of a named output inside the temp out_dir (not created)."""
+        return self.out_dir / name
+
+    def spark(self):
+        """The shared SparkSession for this stage process, built from the root config's ``spark`` section."""
+        if self._spark is None:
+            from infra.spark import get_spark
+
+            self._spark = get_spark(self.root_config.spark, app_name=f"refinery-{self.stage}-{self.run_id}")
+        return self._spark
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Declaration of one pipeline stage.
+
+    inputs: upstream stages that must have completed (in this run or the ``--from`` run).
+    optional_inputs: upstream stages used when present (e.g. a model exported by pretraining).
+    external_inputs: maps the stage config to named external paths (files/dirs) it reads.
+    version: bump when the stage's output for the same inputs and config changes (cache key).
+    """
+
+    name: str
+    description: str
+    config_model: type[StageConfig]
+    run: Callable[[StageContext], StageResult]
+    inputs: tuple[str, ...] = ()
+    optional_inputs: tuple[str, ...] = ()
+    external_inputs: Callable[[Any], dict[str, str]] = lambda cfg: {}
+    version: str = "1"
+    uses_spark: bool = False
