@@ -1,0 +1,166 @@
+"""One Prefect flow per stage, generated from the stage registry.
+
+Each stage flow has typed parameters (the UI form is generated from them): ``params`` is the
+stage's own pydantic config section, ``overrides`` takes dotted keys for any section,
+``from_run`` points at an earlier run (``RUN`` or ``RUN/STAGE``) to rerun on its outputs.
+The stage itself runs in a child process (``python -m infra.executor``) whose output streams
+into the flow run's logs; the flow then publishes the manifest's metrics, tables and lineage as
+Prefect artifacts and asset materializations.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.assets import materialize
+
+from infra.config import DEFAULT_CONFIG, BaseRefineryConfig, load_config
+from infra.executor import MANIFEST_MARKER
+from infra.registry import all_stages
+from infra.runstore import new_run_id
+
+
+class StageFailed(RuntimeError):
+    """The stage process exited with an error (its log is in the flow run's logs)."""
+
+
+def resolve_config(config_file: str, overrides: Optional[dict[str, Any]], section: Optional[tuple[str, Any]] = None):
+    """Config file + dotted overrides (+ a whole stage section from a typed UI parameter)."""
+    merged = dict(overrides or {})
+    if section is not None and section[1] is not None:
+        value = section[1].model_dump(mode="json") if hasattr(section[1], "model_dump") else section[1]
+        merged.update({f"{section[0]}.{k}": v for k, v in value.items()})
+    return load_config(config_file, overrides=merged)
+
+
+def _artifact_key(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:200]
+
+
+@task(name="run-stage-process")
+def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_ref: Optional[str], force: bool) -> dict:
+    """Run one stage in a child process, streaming its output into this task's logs."""
+    logger = get_run_logger()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(config.model_dump(mode="json"), fh)
+        config_json = fh.name
+    cmd = [sys.executable, "-m", "infra.executor", "--stage", stage, "--run-id", run_id, "--config-json", config_json]
+    if from_ref:
+        cmd += ["--from", from_ref]
+    if force:
+        cmd.append("--force")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    manifest_path = None
+    tail: list[str] = []
+    try:
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env, bufsize=1
+        ) as proc:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line.startswith(MANIFEST_MARKER):
+                    manifest_path = line[len(MANIFEST_MARKER):]
+                    continue
+                if line:
+                    logger.info(line)
+                    tail = (tail + [line])[-5:]
+            rc = proc.wait()
+    finally:
+        os.unlink(config_json)
+    if rc != 0 or not manifest_path:
+        errors = [t for t in tail if t.startswith("error:")]
+        raise StageFailed(f"stage {stage!r} failed (exit {rc}): {(errors or tail or ['no output'])[-1]}")
+    return json.loads(Path(manifest_path).read_text())
+
+
+def publish(manifest: dict) -> None:
+    """Prefect side of a finished stage: asset materializations with explicit deps, and artifacts."""
+    stage, run_id = manifest["stage"], manifest["run_id"]
+    outputs = [o["uri"] for o in manifest["outputs"].values()]
+    deps = [i["uri"] for i in manifest["inputs"].values()]
+    if outputs:
+
+        def record() -> None:
+            from prefect.assets import add_asset_metadata
+
+            for name, out in manifest["outputs"].items():
+                add_asset_metadata(out["uri"], {"hash": out["hash"], "run_id": run_id, "stage": stage, "output": name})
+
+        materialize(*outputs, asset_deps=deps, by="refinery", name=f"materialize-{stage}")(record)()
+    for name, rows in (manifest.get("tables") or {}).items():
+        if rows:
+            create_table_artifact(table=rows, key=_artifact_key(stage, name), description=f"{run_id}/{stage}: {name}")
+    create_markdown_artifact(markdown=stage_markdown(manifest), key=_artifact_key(stage, "summary"),
+                             description=f"{run_id}/{stage} summary and lineage")
+
+
+def stage_markdown(manifest: dict) -> str:
+    """Markdown summary of a stage run: metrics, inputs and outputs with hashes, cache status."""
+    lines = [f"# {manifest['run_id']}/{manifest['stage']}", ""]
+    if manifest.get("cached_from"):
+        lines += [f"Reused the outputs of `{manifest['cached_from']}` (same inputs and config).", ""]
+    lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+    for key, value in flatten_metrics(manifest["metrics"]).items():
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "## Lineage", "", "| direction | name | uri | hash |", "|---|---|---|---|"]
+    for name, inp in manifest["inputs"].items():
+        lines.append(f"| input | {name} | {inp['uri']} | `{inp['hash'][:19]}` |")
+    for name, out in manifest["outputs"].items():
+        lines.append(f"| output | {name} | {out['uri']} | `{out['hash'][:19]}` |")
+    for name, path in (manifest.get("images") or {}).items():
+        lines += ["", f"**{name}**: `{path}`"]
+    if manifest.get("report_md"):
+        lines += ["", manifest["report_md"]]
+    return "\n".join(lines)
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(flatten_metrics(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_stage(stage: str, config: BaseRefineryConfig, run_id: str, from_ref: Optional[str], force: bool) -> dict:
+    manifest = run_stage_process(stage, run_id, config, from_ref, force)
+    if not manifest.get("skipped"):
+        publish(manifest)
+    get_run_logger().info(
+        "%s/%s: %s", run_id, stage,
+        "skipped (unchanged)" if manifest.get("skipped") else
+        f"reused {manifest['cached_from']}" if manifest.get("cached_from") else "completed",
+    )
+    return manifest
+
+
+def _make_stage_flow(name: str, config_model: type, description: str):
+    def stage_flow(
+        run_id: Optional[str] = None,
+        from_run: Optional[str] = None,
+        config_file: str = str(DEFAULT_CONFIG),
+        params: Optional[config_model] = None,
+        overrides: Optional[dict[str, Any]] = None,
+        force: bool = False,
+    ) -> dict:
+        """Run one stage. from_run: RUN or RUN/STAGE whose outputs to use; params: this stage's settings
+        (replace the config file's section); overrides: dotted keys, e.g. {"spark.master": "local[2]"}."""
+        config = resolve_config(config_file, overrides, (name, params))
+        return run_stage(name, config, run_id or new_run_id(), from_run, force)
+
+    stage_flow.__name__ = f"{name}_flow"
+    stage_flow.__qualname__ = stage_flow.__name__
+    return flow(name=name, description=description, log_prints=True, validate_parameters=True)(stage_flow)
+
+
+STAGE_FLOWS = {name: _make_stage_flow(name, s.config_model, s.description) for name, s in all_stages().items()}
+globals().update({f"{name}_flow": f for name, f in STAGE_FLOWS.items()})

@@ -1,0 +1,265 @@
+"""``refinery`` — the one command-line entry point.
+
+  refinery run       run the pipeline or chosen stages (rerun a stage on an earlier run with --from)
+  refinery demo      run the whole pipeline on the bundled sample and print where everything is
+  refinery serve     start a local Prefect server (UI) and serve every stage and the pipeline as deployments
+  refinery lineage   show where an artifact came from / what was built from it; diff two runs
+  refinery stages    list the stages with their inputs and config keys
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from infra.config import DEFAULT_CONFIG, ConfigError, load_config, parse_override
+
+# Modules that add their own subcommands with ``register(subparsers)``.
+CLI_EXTENSIONS: tuple[str, ...] = ()
+
+
+def _overrides_dict(items: list[str]) -> dict:
+    return {".".join(path): value for path, value in (parse_override(o) for o in items)}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG), help="config YAML (default: %(default)s)")
+    p.add_argument(
+        "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. -o heuristics.c4_min_sentences=3 (repeatable; value parsed as YAML)",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from infra.prefect_server import configure_prefect_env
+
+    configure_prefect_env()
+    overrides = _overrides_dict(args.override)
+    config = load_config(args.config, overrides)  # fail fast with one clear line
+    stages = [s for s in (args.stages or "").split(",") if s] or None
+    if stages:
+        unknown = [s for s in stages if s not in config.pipeline_stages() and s not in _stage_names()]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {unknown}; known: {_stage_names()}")
+    if args.from_ref:
+        from infra.executor import parse_from
+
+        run, _ = parse_from(args.from_ref)
+        if not (Path(config.run_root) / run).is_dir():
+            print(f"error: --from {args.from_ref!r}: run {run!r} does not exist under {config.run_root}", file=sys.stderr)
+            return 2
+    from flows.pipeline import pipeline
+
+    result = pipeline(
+        stages=stages, run_id=args.run_id, from_run=args.from_ref, config_file=args.config,
+        overrides=overrides, force=args.force,
+    )
+    print(f"run {result['run_id']} under {result['run_root']}:")
+    for stage, info in result["stages"].items():
+        print(f"  {stage:<16} {info['status']:<10} {info['dir']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from infra.lineage import LineageCatalog
+    from infra.prefect_server import configure_prefect_env
+
+    configure_prefect_env()
+    overrides = _overrides_dict(args.override)
+    config = load_config(args.config, overrides)
+    from flows.pipeline import pipeline
+
+    result = pipeline(config_file=args.config, overrides=overrides, run_id=args.run_id)
+    run_root = Path(config.run_root).resolve()
+    run_dir = run_root / result["run_id"]
+    print("\n=== Refinery demo finished ===")
+    print(f"outputs:  {run_dir}")
+    for stage, info in result["stages"].items():
+        print(f"  {stage:<16} {info['status']:<10} {info['dir']}")
+    catalog = LineageCatalog(run_root)
+    print(f"lineage catalog: {catalog.path}")
+    for r in catalog.stage_runs(result["run_id"]):
+        outs = ", ".join(f"{k} [{v['hash'].split(':')[-1][:10]}]" for k, v in r["outputs"].items())
+        ins = ", ".join(sorted({v.get("stage") or name for name, v in r["inputs"].items()}))
+        print(f"  {r['stage']:<16} <- {ins or '-'}  -> {outs}")
+    funnel = [r for r in catalog.stage_runs(result["run_id"]) if "kept" in r["metrics"]]
+    if funnel:
+        print("funnel (documents kept per stage):")
+        for r in funnel:
+            print(f"  {r['stage']:<16} {r['metrics']['rows_in']:>7} in  {r['metrics']['kept']:>7} kept")
+    print(f"UI: run `refinery serve` and open http://{config.prefect.host}:{config.prefect.port} "
+          f"(flow runs, logs, artifacts; PREFECT_HOME={os.environ['PREFECT_HOME']})")
+    print(f"lineage: refinery lineage show {result['run_id']}  |  refinery lineage diff RUN_A RUN_B")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from infra.prefect_server import configure_prefect_env, prefect_server
+
+    configure_prefect_env()
+    config = load_config(args.config, _overrides_dict(args.override))
+    host, port = args.host or config.prefect.host, args.port or config.prefect.port
+    with prefect_server(host, port) as api_url:
+        from flows.serve import build_deployments
+        from prefect import serve
+
+        deployments = build_deployments(args.config, config)
+        print(f"Prefect UI: http://{host}:{port}  (API {api_url}); serving {len(deployments)} deployments. Ctrl-C stops.")
+        if args.check:
+            return 0
+        serve(*deployments, print_starting_message=False)
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    from infra.registry import all_stages
+
+    for name, stage in all_stages().items():
+        inputs = ", ".join([*stage.inputs, *(f"{s}?" for s in stage.optional_inputs)]) or "external files"
+        print(f"{name:<16} {stage.description}\n{'':<16} inputs: {inputs}")
+        if args.verbose:
+            for field, info in stage.config_model.model_fields.items():
+                default = info.get_default(call_default_factory=True)
+                print(f"{'':<18}{name}.{field} = {default!r}  {info.description or ''}")
+    return 0
+
+
+def cmd_lineage_show(args: argparse.Namespace) -> int:
+    from infra.config import load_config as _load
+    from infra.lineage import LineageCatalog, label
+
+    catalog = LineageCatalog(Path(_load(args.config, _overrides_dict(args.override)).run_root).resolve())
+    ref = args.ref
+    if "/" not in ref and ref in catalog.runs():
+        for r in catalog.stage_runs(ref):
+            cached = f" (reused {r['cached_from']})" if r["cached_from"] else ""
+            print(f"{ref}/{r['stage']}{cached}")
+            for name, inp in r["inputs"].items():
+                src = f"{inp['run_id']}/{inp['stage']}/{inp['output']}" if inp.get("stage") else inp["uri"]
+                print(f"   <- {name}: {src}  [{inp['hash'].split(':')[-1][:12]}]")
+            for name, out in r["outputs"].items():
+                print(f"   -> {name}: {out['path']}  [{out['hash'].split(':')[-1][:12]}]")
+        return 0
+    matches = catalog.resolve(ref)
+    if not matches:
+        print(f"error: no artifact or run matches {ref!r} (try RUN_ID, RUN/STAGE[/OUTPUT], a path or a hash prefix)",
+              file=sys.stderr)
+        return 2
+    for art in matches:
+        print(label(art))
+        print("  upstream (where it came from):")
+        for level, a in catalog.tree(art["uri"], "up") or [(1, None)]:
+            print("    " + "  " * level + (f"<- {label(a)}  via {a['via_stage']}" if a else "(none)"))
+        print("  downstream (what was built from it):")
+        for level, a in catalog.tree(art["uri"], "down") or [(1, None)]:
+            print("    " + "  " * level + (f"-> {label(a)}" if a else "(none)"))
+    return 0
+
+
+def cmd_lineage_diff(args: argparse.Namespace) -> int:
+    from infra.lineage import LineageCatalog, diff_runs
+
+    catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
+    try:
+        lines = diff_runs(catalog, args.run_a, args.run_b)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_lineage_runs(args: argparse.Namespace) -> int:
+    from infra.lineage import LineageCatalog
+
+    catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
+    for run in catalog.runs():
+        stages = catalog.stage_runs(run)
+        print(f"{run}  {', '.join(s['stage'] + ('*' if s['cached_from'] else '') for s in stages)}")
+    return 0
+
+
+def _stage_names() -> list[str]:
+    from infra.registry import all_stages
+
+    return list(all_stages())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refinery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the pipeline or chosen stages through Prefect",
+                       description="Run stages in pipeline order. Unchanged stages (same input hashes and config) "
+                                   "are skipped or reuse an earlier run's outputs.")
+    _add_config_args(p)
+    p.add_argument("--stages", help="comma-separated stages to run (default: the config's pipeline)")
+    p.add_argument("--from", dest="from_ref", metavar="RUN[/STAGE]",
+                   help="use this earlier run's outputs as inputs (RUN/STAGE feeds the first selected stage)")
+    p.add_argument("--run-id", help="write into this run id (default: a new one)")
+    p.add_argument("--force", action="store_true", help="rerun even if the cache says the stage is unchanged")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled sample and print where everything is")
+    _add_config_args(p)
+    p.add_argument("--run-id", help="run id (default: a new one)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="start the Prefect UI/server and serve every stage and the pipeline as deployments")
+    _add_config_args(p)
+    p.add_argument("--host", help="bind address (default: prefect.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: prefect.port, 4200)")
+    p.add_argument("--check", action="store_true", help="start the server, build the deployments, and exit")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("lineage", help="inspect data and checkpoint lineage across runs")
+    lsub = p.add_subparsers(dest="lineage_command", metavar="ACTION", required=True)
+    q = lsub.add_parser("show", help="upstream and downstream trees of an artifact (RUN/STAGE[/OUTPUT], path, hash) or a run")
+    _add_config_args(q)
+    q.add_argument("ref")
+    q.set_defaults(func=cmd_lineage_show)
+    q = lsub.add_parser("diff", help="what changed between two runs: config keys, input and output hashes, metrics")
+    _add_config_args(q)
+    q.add_argument("run_a")
+    q.add_argument("run_b")
+    q.set_defaults(func=cmd_lineage_diff)
+    q = lsub.add_parser("runs", help="list runs in the catalog (* = stage reused from cache)")
+    _add_config_args(q)
+    q.set_defaults(func=cmd_lineage_runs)
+
+    p = sub.add_parser("stages", help="list stages, their inputs, and (with -v) their config keys")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_stages)
+
+    for module in CLI_EXTENSIONS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a failed stage: the log above has the details
+        from infra.executor import StageInputError
+        from infra.runstore import RunStoreError
+
+        if isinstance(exc, (StageInputError, RunStoreError)) or type(exc).__name__ == "StageFailed":
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

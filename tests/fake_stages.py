@@ -1,0 +1,44 @@
+"""Two tiny stages without Spark, used to test the executor, cache, lineage and flows quickly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from infra.stage import Stage, StageConfig, StageContext, StageResult
+
+
+class CountConfig(StageConfig):
+    source: str = Field("", description="text file to read")
+    min_len: int = Field(0, description="lines shorter than this are dropped")
+    fail: bool = Field(False, description="raise after writing part of the output (a killed stage)")
+
+
+def count_lines(ctx: StageContext) -> StageResult:
+    lines = Path(ctx.external_inputs["source"]).read_text().splitlines()
+    kept = [line for line in lines if len(line) >= ctx.config.min_len]
+    out = ctx.output("data")
+    out.mkdir()
+    (out / "lines.txt").write_text("\n".join(kept))
+    if ctx.config.fail:
+        raise RuntimeError("injected failure")
+    return StageResult(metrics={"rows_in": len(lines), "kept": len(kept)})
+
+
+class UpperConfig(StageConfig):
+    suffix: str = Field("", description="appended to each line")
+
+
+def upper(ctx: StageContext) -> StageResult:
+    src = ctx.input("alpha").path("data") / "lines.txt"
+    text = "\n".join(line.upper() + ctx.config.suffix for line in src.read_text().splitlines())
+    ctx.output("data").mkdir()
+    (ctx.output("data") / "upper.txt").write_text(text)
+    return StageResult(metrics={"lines": len(text.splitlines())}, tables={"t": [{"a": 1}]}, report_md="done")
+
+
+STAGES = [
+    Stage("alpha", "count lines of a file", CountConfig, count_lines, external_inputs=lambda c: {"source": c.source}),
+    Stage("beta", "upper-case alpha's lines", UpperConfig, upper, inputs=("alpha",)),
+]

@@ -1,0 +1,54 @@
+"""Config: one YAML for all stages, dotted overrides, one clear error naming the bad key."""
+
+import pytest
+
+from infra.config import ConfigError, apply_overrides, load_config, parse_override
+
+
+def test_demo_config_validates_and_has_every_stage_section():
+    from infra.registry import all_stages
+
+    config = load_config()
+    for name in all_stages():
+        assert hasattr(config, name), name
+    assert config.spark.master.startswith("local")
+
+
+def test_override_parses_yaml_values():
+    assert parse_override("ingest.max_record_bytes=1000") == (["ingest", "max_record_bytes"], 1000)
+    assert parse_override("spark.conf={a: b}") == (["spark", "conf"], {"a": "b"})
+    config = load_config(overrides=["ingest.keep_non_html=true", "spark.master=local[1]"])
+    assert config.ingest.keep_non_html is True and config.spark.master == "local[1]"
+
+
+def test_unknown_key_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"unknown key 'ingest.bogus'"):
+        load_config(overrides=["ingest.bogus=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'nosuchstage'"):
+        load_config(overrides={"nosuchstage.x": 1})
+
+
+def test_bad_value_names_the_key_and_value():
+    with pytest.raises(ConfigError, match=r"ingest.max_record_bytes: .*'abc'"):
+        load_config(overrides=["ingest.max_record_bytes=abc"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_override("no-equals-sign")
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spark: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_cannot_descend_into_a_scalar():
+    with pytest.raises(ConfigError, match="is not a section"):
+        apply_overrides({"run_root": "x"}, ["run_root.sub=1"])
+
+
+def test_unknown_pipeline_stage_is_rejected():
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_config(overrides={"pipeline.stages": ["ingest", "nope"]})

@@ -1,0 +1,128 @@
+"""Executor: atomic outputs, manifests, content-hash cache (skip / reuse / rerun), --from, lineage."""
+
+import json
+
+import pytest
+
+from infra import config as config_mod
+from infra import registry
+from infra.executor import StageInputError, execute_stage
+from infra.lineage import LineageCatalog, diff_runs
+from infra.runstore import RunStoreError, read_manifest
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    monkeypatch.setattr(registry, "STAGE_MODULES", ("fake_stages",))
+    registry.all_stages.cache_clear()
+    config_mod.config_model.cache_clear()
+    src = tmp_path / "input.txt"
+    src.write_text("a\nbb\nccc\n")
+
+    def build(**overrides):
+        data = {"run_root": str(tmp_path / "runs"), "alpha": {"source": str(src)}, "pipeline": {"stages": []}}
+        for key, value in overrides.items():
+            section, field = key.split("__")
+            data.setdefault(section, {})[field] = value
+        return config_mod.validate_config(data)
+
+    yield build, src, tmp_path / "runs"
+    registry.all_stages.cache_clear()
+    config_mod.config_model.cache_clear()
+
+
+def test_manifest_records_inputs_outputs_config_and_code(fake):
+    build, src, root = fake
+    m = execute_stage("alpha", build(alpha__min_len=2), "r1")
+    assert m["metrics"] == {"rows_in": 3, "kept": 2}
+    assert m["inputs"]["source"]["hash"].startswith("sha256:") and m["inputs"]["source"]["uri"] == src.as_uri()
+    assert (root / "r1" / "alpha" / "data" / "lines.txt").read_text() == "bb\nccc"
+    assert m["outputs"]["data"]["hash"].startswith("sha256:")
+    assert m["config"] == {"source": str(src), "min_len": 2, "fail": False}
+    assert set(m["code_version"]) == {"git_sha", "dirty", "package_version"}
+    assert json.loads((root / "r1" / "alpha" / "manifest.json").read_text())["cache_key"] == m["cache_key"]
+
+
+def test_unchanged_stage_is_skipped_changed_input_reruns(fake):
+    build, src, root = fake
+    first = execute_stage("alpha", build(), "r1")
+    again = execute_stage("alpha", build(), "r1")
+    assert again.get("skipped") and again["cache_key"] == first["cache_key"]
+    src.write_text("a\nbb\nccc\ndddd\n")  # same path, new content: must rerun
+    rerun = execute_stage("alpha", build(), "r1")
+    assert not rerun.get("skipped") and rerun["metrics"]["rows_in"] == 4
+    assert rerun["cache_key"] != first["cache_key"]
+
+
+def test_other_run_with_same_inputs_reuses_outputs(fake):
+    build, _, root = fake
+    first = execute_stage("alpha", build(), "r1")
+    second = execute_stage("alpha", build(), "r2")
+    assert second["cached_from"] == "r1/alpha"
+    assert second["outputs"]["data"]["path"] == first["outputs"]["data"]["path"]
+    forced = execute_stage("alpha", build(), "r3", force=True)
+    assert forced["cached_from"] is None and "r3" in forced["outputs"]["data"]["path"]
+
+
+def test_killed_stage_leaves_nothing_a_later_stage_accepts(fake):
+    build, _, root = fake
+    execute_stage("alpha", build(), "r1")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        execute_stage("alpha", build(alpha__fail=True, alpha__min_len=3), "r1")
+    # the earlier good result is intact, and no temp dir is left behind
+    assert read_manifest(root, "r1", "alpha")["metrics"]["kept"] == 3
+    assert sorted(p.name for p in (root / "r1").iterdir()) == ["alpha"]
+    with pytest.raises(RuntimeError):
+        execute_stage("alpha", build(alpha__fail=True), "r9")
+    with pytest.raises(StageInputError, match="needs 'alpha'.*no completed stage"):
+        execute_stage("beta", build(), "r9")
+
+
+def test_rerun_downstream_stage_on_earlier_run(fake):
+    build, _, root = fake
+    execute_stage("alpha", build(), "r1")
+    m = execute_stage("beta", build(beta__suffix="!"), "r2", from_ref="r1")
+    assert m["inputs"]["alpha/data"]["run_id"] == "r1"
+    assert (root / "r2" / "beta" / "data" / "upper.txt").read_text().splitlines() == ["A!", "BB!", "CCC!"]
+    m2 = execute_stage("beta", build(), "r3", from_ref="r1/alpha")
+    assert m2["inputs"]["alpha/data"]["stage"] == "alpha"
+    with pytest.raises(StageInputError, match="run 'nope' does not exist"):
+        execute_stage("beta", build(), "r4", from_ref="nope")
+    with pytest.raises(StageInputError, match="expected RUN_ID or RUN_ID/STAGE"):
+        execute_stage("beta", build(), "r4", from_ref="a/b/c")
+
+
+def test_missing_external_input_is_a_clear_error(fake, tmp_path):
+    build, _, _ = fake
+    with pytest.raises(StageInputError, match=r"alpha.source: input path '.*missing.txt' does not exist"):
+        execute_stage("alpha", build(alpha__source=str(tmp_path / "missing.txt")), "r1")
+
+
+def test_lineage_upstream_downstream_and_diff(fake):
+    build, src, root = fake
+    execute_stage("alpha", build(), "r1")
+    execute_stage("beta", build(), "r1")
+    execute_stage("beta", build(beta__suffix="?"), "r2", from_ref="r1")
+    catalog = LineageCatalog(root)
+    beta_r2 = catalog.resolve("r2/beta/data")
+    assert len(beta_r2) == 1
+    up = [a for _, a in catalog.tree(beta_r2[0]["uri"], "up")]
+    assert [a["stage"] for a in up if a["kind"] == "stage_output"] == ["alpha"]
+    assert any(a["kind"] == "external" and a["uri"] == src.as_uri() for a in up)
+    down = [a for _, a in catalog.tree(src.as_uri(), "down")]
+    assert {(a["run_id"], a["stage"]) for a in down} == {("r1", "alpha"), ("r1", "beta"), ("r2", "beta")}
+    lines = diff_runs(catalog, "r1", "r2")
+    assert "alpha: only in r1" in lines
+    assert "  config beta.suffix: '' -> '?'" in lines
+    with pytest.raises(KeyError):
+        diff_runs(catalog, "r1", "nope")
+
+
+def test_truncated_upstream_output_is_refused(fake):
+    build, _, root = fake
+    execute_stage("alpha", build(), "r1")
+    (root / "r1" / "alpha" / "data" / "lines.txt").write_text("x")
+    with pytest.raises(StageInputError, match="incomplete or modified"):
+        execute_stage("beta", build(), "r1")
+    with pytest.raises(RunStoreError):
+        read_manifest(root, "r1", "alpha")
