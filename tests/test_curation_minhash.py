@@ -1,0 +1,89 @@
+"""MinHash core on real text: normalisation, shingles, signature accuracy, LSH keys, S-curve."""
+
+from __future__ import annotations
+
+import gzip
+import random
+
+import numpy as np
+import pytest
+
+from curation.minhash import (
+    EMPTY,
+    MinHashParams,
+    band_keys,
+    batch_signatures,
+    estimated_jaccard,
+    jaccard,
+    normalize_text,
+    s_curve,
+    shingle_hashes,
+    signatures,
+)
+
+
+@pytest.fixture(scope="module")
+def wiki_docs(shared_data):
+    words = gzip.open(shared_data / "wikitext2_valid_test" / "valid.txt.gz", "rt").read().split()
+    return [" ".join(words[i : i + 300]) for i in range(0, 300 * 120, 300)]
+
+
+def test_normalize_text_unicode_edge_cases():
+    # NFKC ligature and full-width forms, combining vs precomposed accents, case, digits, punctuation
+    assert normalize_text("The ﬁnal ＡＢＣ") == normalize_text("the final abc") == "the final abc"
+    assert normalize_text("Cafe\u0301 déjà") == normalize_text("CAFÉ deja") == "cafe deja"
+    assert normalize_text("Straße, 2024!") == "strasse 0000"
+    assert normalize_text("a\u00a0b\u2003c\n\td") == "a b c d"  # exotic spaces
+    assert normalize_text("日本語のテキスト。") == "日本語のテキスト"
+    assert normalize_text("") == normalize_text("  \n ") == normalize_text("!!! ...") == ""
+    assert normalize_text("bad \ud800 surrogate") == "bad surrogate"
+
+
+def test_shingles_short_and_empty_documents():
+    assert len(shingle_hashes("")) == 0 and len(shingle_hashes("?!")) == 0
+    short = shingle_hashes("only three words")  # shorter than the 5-gram: one shingle of all words
+    assert len(short) == 1
+    assert not np.array_equal(short, shingle_hashes("only three other"))
+    assert len(shingle_hashes("one two three four five six")) == 2
+    assert not np.array_equal(shingle_hashes("a b c d e"), shingle_hashes("e d c b a"))  # order matters
+    sigs = batch_signatures(["", "only three words", "only three words"])
+    assert (sigs[0] == EMPTY).all()
+    assert np.array_equal(sigs[1], sigs[2]) and not (sigs[1] == EMPTY).any()
+
+
+def test_estimated_jaccard_is_unbiased_on_real_text(wiki_docs):
+    rng = random.Random(0)
+    errors, variances = [], []
+    for doc in wiki_docs:
+        words = doc.split()
+        for _ in range(rng.randint(2, 40)):
+            words[rng.randrange(len(words))] = f"edit{rng.randrange(10**6)}"
+        a, b = shingle_hashes(doc), shingle_hashes(" ".join(words))
+        true_j = jaccard(a, b)
+        sa, sb = signatures([a, b])
+        errors.append(estimated_jaccard(sa, sb) - true_j)
+        variances.append(true_j * (1 - true_j) / 112)
+    errors = np.array(errors)
+    assert abs(errors.mean()) < 0.015
+    assert np.sqrt((errors**2).mean()) < 1.3 * np.sqrt(np.mean(variances))  # within the theoretical spread
+
+
+def test_batch_equals_single_and_band_keys(wiki_docs):
+    params = MinHashParams()
+    batch = batch_signatures(wiki_docs[:20], params)
+    for i in (0, 7, 19):
+        assert np.array_equal(batch[i], batch_signatures([wiki_docs[i]], params)[0])
+    keys = band_keys(batch, params)
+    assert keys.shape == (20, 14) and (keys >= 0).all()
+    # unrelated documents share no bucket; a copy shares all of them
+    assert len(set(map(tuple, keys.T.tolist()))) == 14
+    assert (band_keys(batch_signatures([wiki_docs[0]] * 2, params), params)[0] == keys[0]).all()
+    assert not any((keys[0] == keys[j]).any() for j in range(1, 20))
+
+
+def test_s_curve_fineweb_setting():
+    curve = s_curve(14, 8)
+    assert curve["0.50"] < 0.06 and curve["1.00"] == 1.0
+    assert 0.90 < curve["0.80"] < 0.95 and curve["0.90"] > 0.999
+    values = list(curve.values())
+    assert values == sorted(values)
