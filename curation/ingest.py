@@ -52,9 +52,13 @@ def find_archives(paths: list[str]) -> list[Path]:
     return sorted(set(found))
 
 
-def make_doc_id(url: str, payload_digest: str) -> str:
-    """Stable id: the same URL with the same payload always gets the same id."""
-    return hashlib.sha256(f"{url}\n{payload_digest}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+def make_doc_id(record_id: str | None, url: str, payload_digest: str) -> str:
+    """Stable id of a source record: its WARC-Record-ID, else (ARC) its URL + payload digest.
+
+    Two fetches of the same page are two records with two ids; exact dedup merges them later.
+    """
+    key = record_id or f"{url}\n{payload_digest}"
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def sniff_charset(content: bytes, declared: str | None) -> str | None:
@@ -132,8 +136,12 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
                 except Exception as exc:  # truncated gzip member, bad chunking, ...
                     yield row(**common, drop_reason=f"record_read_error: {type(exc).__name__}")
                     return
+                if len(content) <= max_record_bytes and getattr(record.raw_stream, "limit", 0) > 0:
+                    # the file ended before the record's declared Content-Length: a cut download
+                    yield row(**common, drop_reason="truncated_record")
+                    continue
                 digest = headers.get_header("WARC-Payload-Digest") or "sha1:" + hashlib.sha1(content).hexdigest()
-                doc_id = make_doc_id(url, digest)
+                doc_id = make_doc_id(record_id, url, digest)
                 if record.rec_type == "conversion":  # WET: text already extracted
                     yield row(**common, doc_id=doc_id, content_type="text/plain", content=content,
                               content_length=len(content), declared_charset="utf-8", detected_charset="utf-8")
