@@ -1,0 +1,241 @@
+"""``extract``: raw HTML → main text with trafilatura (precision mode), under a per-document time limit.
+
+Core: :func:`extract_html` turns one page's bytes into an :class:`Extracted` (text, title, date,
+the page's declared language as ``lang_hint``, timing) or a drop reason; :func:`extract_record`
+handles one ingest row (WET conversion records are already text and pass through). Shell: a
+``mapInArrow`` over the ingest output that keeps every column except the raw ``content`` bytes
+(``source``/``warc_file``/``warc_offset`` point back at them) and adds ``text``, ``title``, ``date``,
+``lang_hint`` and ``signals`` (struct: ``extract_seconds``, ``text_chars``, ``text_html_ratio``).
+
+Time limit: trafilatura has no timeout, so :func:`time_limit` arms ``SIGALRM`` with
+``signal.setitimer``. PySpark runs ``mapInArrow`` functions in the Python worker's main thread
+(checked: ``threading.current_thread() is threading.main_thread()``), where that works. The alarm
+interrupts Python code; a single long call inside lxml's C parser is interrupted when it returns,
+which is why pages above ``max_html_bytes`` are dropped before parsing.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from pydantic import Field
+
+from infra.stage import Stage, StageConfig, StageContext, StageResult
+
+EXTRACT_COLUMNS = ("text", "title", "date", "lang_hint")
+SIGNAL_FIELDS = (("extract_seconds", float), ("text_chars", int), ("text_html_ratio", float))
+_CONTROL_BYTES = bytes(set(range(32)) - {9, 10, 12, 13})
+
+
+class ExtractConfig(StageConfig):
+    """trafilatura options and the limits that keep one bad page from stalling a partition."""
+
+    favor_precision: bool = Field(True, description="trafilatura favor_precision (less boilerplate)")
+    include_comments: bool = Field(False, description="append the page's comment section to the text")
+    include_tables: bool = Field(True, description="keep text inside <table> elements")
+    date_extensive_search: bool = Field(
+        False, description="htmldate's extensive search for the page date (about 1.5x slower extraction)"
+    )
+    timeout_s: float = Field(10.0, gt=0, description="per-document extraction time limit (seconds)")
+    max_html_bytes: int = Field(5_000_000, ge=1, description="pages larger than this are dropped unparsed")
+    min_text_chars: int = Field(1, ge=0, description="documents with less extracted text are dropped")
+    arrow_batch_rows: int = Field(64, ge=1, description="rows per Arrow batch sent to a Python worker")
+
+
+@dataclass
+class Extracted:
+    """One page's extraction: text and metadata, or a drop reason."""
+
+    text: str | None = None
+    title: str | None = None
+    date: str | None = None
+    lang_hint: str | None = None
+    drop_reason: str | None = None
+    seconds: float = 0.0
+
+
+class ExtractionTimeout(Exception):
+    """Raised inside an extraction that ran past its time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`ExtractionTimeout` in the block after ``seconds`` (main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise ExtractionTimeout(f"extraction took longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def clean_text(text: str | None) -> str | None:
+    """Replace lone surrogates (and anything else UTF-8 cannot encode) with U+FFFD."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def looks_binary(content: bytes, sample: int = 8192) -> bool:
+    """True for payloads that are not text: NUL bytes or > 10% control bytes in the first ``sample`` bytes."""
+    head = content[:sample]
+    if not head:
+        return False
+    if b"\x00" in head:
+        return True
+    return len(head) - len(head.translate(None, _CONTROL_BYTES)) > 0.1 * len(head)
+
+
+def decode_html(content: bytes, charset: str | None) -> str:
+    """Bytes → str with the detected charset (unknown or missing charset: UTF-8), bad bytes replaced."""
+    for cand in (charset, "utf-8"):
+        if not cand:
+            continue
+        try:
+            return content.decode(cand, errors="replace")
+        except LookupError:
+            continue
+    return content.decode("utf-8", errors="replace")
+
+
+def extract_html(content: bytes, url: str | None = None, charset: str | None = None, cfg: ExtractConfig | None = None) -> Extracted:
+    """Main text and metadata of one HTML page, or an :class:`Extracted` with a drop reason."""
+    cfg = cfg or ExtractConfig()
+    if len(content) > cfg.max_html_bytes:
+        return Extracted(drop_reason="extract_too_large")
+    if looks_binary(content):
+        return Extracted(drop_reason="extract_binary_content")
+    from trafilatura import bare_extraction
+    from trafilatura.utils import load_html
+
+    started = time.perf_counter()
+    try:
+        with time_limit(cfg.timeout_s):
+            tree = load_html(decode_html(content, charset))
+            if tree is None:
+                return Extracted(drop_reason="extract_unparsable", seconds=time.perf_counter() - started)
+            lang_hint = tree.get("lang") or tree.get("xml:lang")
+            doc = bare_extraction(
+                tree, url=url, favor_precision=cfg.favor_precision, include_comments=cfg.include_comments,
+                include_tables=cfg.include_tables, with_metadata=True,
+                date_extraction_params={"extensive_search": cfg.date_extensive_search, "original_date": True},
+            )
+    except ExtractionTimeout:
+        return Extracted(drop_reason="extract_timeout", seconds=time.perf_counter() - started)
+    except Exception as exc:  # a trafilatura/lxml bug on one page must not end the run
+        return Extracted(drop_reason=f"extract_error:{type(exc).__name__}", seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    text = doc.text if doc is not None else None
+    if text and cfg.include_comments and doc.comments:
+        text = f"{text}\n{doc.comments}"
+    text = clean_text(text)
+    if not text or len(text.strip()) < max(cfg.min_text_chars, 1):
+        return Extracted(drop_reason="extract_no_text", seconds=seconds)
+    return Extracted(
+        text=text, title=clean_text(doc.title), date=doc.date, seconds=seconds,
+        lang_hint=clean_text(lang_hint.strip()[:32]) if lang_hint and lang_hint.strip() else None,
+    )
+
+
+def extract_record(row: dict[str, Any], cfg: ExtractConfig) -> dict[str, Any]:
+    """New columns (text, title, date, lang_hint, signals, drop_reason) for one ingest row."""
+    content: bytes = row.get("content") or b""
+    if row.get("record_type") == "conversion":  # WET: already extracted UTF-8 text
+        text = clean_text(content.decode("utf-8", errors="replace"))
+        result = Extracted(text=text) if text and text.strip() else Extracted(drop_reason="extract_no_text")
+    else:
+        result = extract_html(content, row.get("url"), row.get("detected_charset"), cfg)
+    text_chars = len(result.text) if result.text else 0
+    return {
+        "text": result.text, "title": result.title, "date": result.date, "lang_hint": result.lang_hint,
+        "signals": {
+            "extract_seconds": round(result.seconds, 6), "text_chars": text_chars,
+            "text_html_ratio": text_chars / len(content) if content else 0.0,
+        },
+        "drop_reason": result.drop_reason,
+    }
+
+
+def output_schema(input_schema):
+    """Ingest columns minus ``content``, plus the extraction columns; ``drop_reason`` last."""
+    from pyspark.sql import types as T
+
+    keep = [f for f in input_schema.fields if f.name not in ("content", "drop_reason")]
+    signals = T.StructType([
+        T.StructField(name, T.DoubleType() if kind is float else T.LongType()) for name, kind in SIGNAL_FIELDS
+    ])
+    return T.StructType(
+        keep + [T.StructField(c, T.StringType()) for c in EXTRACT_COLUMNS]
+        + [T.StructField("signals", signals), T.StructField("drop_reason", T.StringType())]
+    )
+
+
+def extract_dataframe(df, cfg: ExtractConfig):
+    """Map :func:`extract_record` over an ingest DataFrame (only rows ingest kept)."""
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    schema = output_schema(df.schema)
+    arrow_schema = to_arrow_schema(schema)
+    added = (*EXTRACT_COLUMNS, "signals", "drop_reason")
+    passthrough = [f.name for f in schema.fields if f.name not in added]
+
+    def extract_batches(batches):
+        for batch in batches:
+            rows = batch.select(["content", "url", "detected_charset", "record_type"]).to_pylist()
+            results = [extract_record(r, cfg) for r in rows]
+            arrays = [batch.column(name) for name in passthrough]
+            for name in added:
+                arrays.append(pa.array([r[name] for r in results], type=arrow_schema.field(name).type))
+            yield pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
+
+    return df.mapInArrow(extract_batches, schema)
+
+
+def run(ctx: StageContext) -> StageResult:
+    from curation.ledger import funnel_rows, write_decisions
+
+    cfg: ExtractConfig = ctx.config
+    spark = ctx.spark()
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
+    pages = spark.read.parquet(str(ctx.input("ingest").path("data")))
+    counts = write_decisions(extract_dataframe(pages, cfg), ctx.output("data"), ctx.output("rejected"))
+    ingest_metrics = ctx.input("ingest").manifest["metrics"]
+    funnel = [
+        {"step": "records", "documents": ingest_metrics["rows_in"]},
+        {"step": "ingested (HTML responses)", "documents": ingest_metrics["kept"]},
+        {"step": "extracted", "documents": counts["kept"]},
+    ]
+    return StageResult(
+        metrics={**counts, "funnel": funnel},
+        tables={"funnel": funnel_rows("extract", counts), "pipeline_funnel": funnel},
+    )
+
+
+STAGES = [
+    Stage(
+        name="extract",
+        description="HTML → main text with trafilatura (precision mode, per-page time limit, charset-aware)",
+        config_model=ExtractConfig,
+        run=run,
+        inputs=("ingest",),
+        uses_spark=True,
+    )
+]

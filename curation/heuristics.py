@@ -1,0 +1,236 @@
+"""``heuristics``: Gopher quality, Gopher repetition, C4 and FineWeb filters, with signals kept apart from decisions.
+
+Two passes, so a changed threshold never recomputes a signal:
+
+1. **signals** (expensive, threshold-free): :func:`curation.filters.all_signals` over every input
+   document, merged into the ``signals`` struct next to the extraction signals. The scored table is
+   cached at ``<run_root>/cache/heuristics_signals/<key>/`` where ``key`` = sha256 of (the langid
+   ``data`` output's content hash, :data:`curation.filters.SIGNALS_VERSION`). It is written to a
+   temp dir and renamed into place (atomic), and shared by every run whose input has that hash.
+2. **decisions** (cheap): :func:`curation.filters.first_failure` with the rules built from this
+   config; the first failed rule is the ``drop_reason`` (``"<filter>:<rule>"``).
+
+``refinery run --stages heuristics -o heuristics.gopher_quality.max_avg_word_length=12`` changes the
+stage's cache key, so the stage reruns, finds the signals cache and only redoes pass 2 (the
+manifest's ``signals_cache`` metric says ``hit``). Deleting ``<run_root>/cache`` is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from pydantic import Field
+
+from infra.stage import Stage, StageConfig, StageContext, StageResult
+
+CACHE_DIR = "cache/heuristics_signals"
+
+
+class GopherQualityThresholds(StageConfig):
+    """Gopher quality rules (Rae et al. 2021, DataTrove defaults); null disables a rule."""
+
+    min_doc_words: int | None = Field(50, description="drop documents with fewer words")
+    max_doc_words: int | None = Field(100_000, description="drop documents with more words")
+    min_avg_word_length: float | None = Field(3, description="drop when the mean word length is below")
+    max_avg_word_length: float | None = Field(10, description="drop when the mean word length is above")
+    max_hash_word_ratio: float | None = Field(0.1, description="max '#' symbols per word")
+    max_ellipsis_word_ratio: float | None = Field(0.1, description="max '...'/'…' per word")
+    max_bullet_lines_ratio: float | None = Field(0.9, description="max share of lines starting with a bullet")
+    max_ellipsis_lines_ratio: float | None = Field(0.3, description="max share of lines ending with an ellipsis")
+    min_alpha_words_ratio: float | None = Field(0.8, description="min share of words with a letter")
+    min_stop_words: int | None = Field(2, description="min count of English stop words (the, be, to, of, ...)")
+
+
+class GopherRepetitionThresholds(StageConfig):
+    """Gopher repetition rules (Gopher Table A1, DataTrove defaults); null disables a rule."""
+
+    max_dup_para_frac: float | None = Field(0.3, description="max share of duplicate paragraphs")
+    max_dup_para_char_frac: float | None = Field(0.2, description="max share of chars in duplicate paragraphs")
+    max_dup_line_frac: float | None = Field(0.3, description="max share of duplicate lines")
+    max_dup_line_char_frac: float | None = Field(0.2, description="max share of chars in duplicate lines")
+    max_top_2gram_char_frac: float | None = Field(0.20, description="max char share of the most frequent 2-gram")
+    max_top_3gram_char_frac: float | None = Field(0.18, description="max char share of the most frequent 3-gram")
+    max_top_4gram_char_frac: float | None = Field(0.16, description="max char share of the most frequent 4-gram")
+    max_dup_5gram_char_frac: float | None = Field(0.15, description="max char share in duplicated 5-grams")
+    max_dup_6gram_char_frac: float | None = Field(0.14, description="max char share in duplicated 6-grams")
+    max_dup_7gram_char_frac: float | None = Field(0.13, description="max char share in duplicated 7-grams")
+    max_dup_8gram_char_frac: float | None = Field(0.12, description="max char share in duplicated 8-grams")
+    max_dup_9gram_char_frac: float | None = Field(0.11, description="max char share in duplicated 9-grams")
+    max_dup_10gram_char_frac: float | None = Field(0.10, description="max char share in duplicated 10-grams")
+
+
+class C4Thresholds(StageConfig):
+    """C4 rules (Raffel et al. 2020, DataTrove's C4QualityFilter); sentences are counted on the lines C4 keeps."""
+
+    lorem_ipsum: bool = Field(True, description="drop documents containing 'lorem ipsum'")
+    curly_bracket: bool = Field(True, description="drop documents containing '{'")
+    min_sentences: int | None = Field(5, description="min sentences after C4's line rules")
+
+
+class FineWebThresholds(StageConfig):
+    """FineWeb quality rules (Penedo et al. 2024, DataTrove defaults); null disables a rule."""
+
+    min_line_punct_ratio: float | None = Field(0.12, description="drop when <= this share of lines ends in . ! ? \" '")
+    max_short_line_ratio: float | None = Field(0.67, description="drop when >= this share of lines is <= 30 chars")
+    max_dup_line_char_frac: float | None = Field(0.01, description="drop when >= this share of chars is in duplicate lines")
+    max_newline_word_ratio: float | None = Field(0.3, description="drop when newlines per word exceed this")
+
+
+class HeuristicsConfig(StageConfig):
+    """Thresholds per filter (applied in this order; the first failed rule is the drop reason)."""
+
+    gopher_quality: GopherQualityThresholds = Field(default_factory=GopherQualityThresholds, description="Gopher quality")
+    gopher_repetition: GopherRepetitionThresholds = Field(
+        default_factory=GopherRepetitionThresholds, description="Gopher repetition"
+    )
+    c4: C4Thresholds = Field(default_factory=C4Thresholds, description="C4 quality")
+    fineweb: FineWebThresholds = Field(default_factory=FineWebThresholds, description="FineWeb quality")
+    arrow_batch_rows: int = Field(256, ge=1, description="rows per Arrow batch sent to a Python worker")
+
+
+def rules_for(cfg: HeuristicsConfig):
+    """The ordered rule list of a config."""
+    from curation.filters import build_rules
+
+    return build_rules(cfg.model_dump(include={"gopher_quality", "gopher_repetition", "c4", "fineweb"}))
+
+
+def signals_cache_key(input_hash: str) -> str:
+    from curation.filters import SIGNALS_VERSION
+
+    payload = json.dumps({"input": input_hash, "signals_version": SIGNALS_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _merge_signals(batch, new: dict[str, list[float]]):
+    """The batch's ``signals`` struct (if any) with ``new`` fields appended, as one StructArray."""
+    import pyarrow as pa
+
+    fields, arrays = [], []
+    if "signals" in batch.schema.names:
+        old = batch.column("signals")
+        fields += [old.type.field(i).name for i in range(old.type.num_fields)]
+        arrays += old.flatten()
+    for name, values in new.items():
+        fields.append(name)
+        arrays.append(pa.array(values, pa.float64()))
+    return pa.StructArray.from_arrays(arrays, names=fields)
+
+
+def signals_dataframe(df):
+    """Add every heuristic signal to the ``signals`` struct (no decision yet)."""
+    from pyspark.sql import types as T
+
+    from curation.filters import signal_names
+
+    names = signal_names()
+    old = [f for f in df.schema["signals"].dataType.fields] if "signals" in df.columns else []
+    signals_type = T.StructType(old + [T.StructField(n, T.DoubleType()) for n in names])
+    schema = T.StructType([f for f in df.schema.fields if f.name != "signals"] + [T.StructField("signals", signals_type)])
+
+    def score_batches(batches):
+        import pyarrow as pa
+
+        from curation.filters import all_signals
+
+        for batch in batches:
+            found = [all_signals(text or "") for text in batch.column("text").to_pylist()]
+            cols = [n for n in batch.schema.names if n != "signals"]
+            merged = _merge_signals(batch, {n: [f[n] for f in found] for n in names})
+            yield pa.RecordBatch.from_arrays([batch.column(c) for c in cols] + [merged], names=cols + ["signals"])
+
+    return df.mapInArrow(score_batches, schema)
+
+
+def decide_dataframe(scored, rules):
+    """Set ``drop_reason`` to the first failed rule (signals untouched)."""
+    from pyspark.sql import types as T
+
+    schema = T.StructType(
+        [f for f in scored.schema.fields if f.name != "drop_reason"] + [T.StructField("drop_reason", T.StringType())]
+    )
+
+    def decide_batches(batches):
+        import pyarrow as pa
+
+        from curation.filters import first_failure
+
+        for batch in batches:
+            reasons = [first_failure(s or {}, rules) for s in batch.column("signals").to_pylist()]
+            cols = [n for n in batch.schema.names if n != "drop_reason"]
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(c) for c in cols] + [pa.array(reasons, pa.string())], names=cols + ["drop_reason"]
+            )
+
+    return scored.mapInArrow(decide_batches, schema)
+
+
+def cached_signals(spark, input_path: Path, cache_dir: Path, log) -> str:
+    """Make sure ``cache_dir`` holds the scored input; return ``"hit"`` or ``"miss"``."""
+    if (cache_dir / "_SUCCESS").is_file():
+        log.info("heuristics: reusing signals from %s", cache_dir)
+        return "hit"
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir.parent / f".tmp-{cache_dir.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        signals_dataframe(spark.read.parquet(str(input_path))).write.mode("error").parquet(str(tmp))
+        try:
+            os.rename(tmp, cache_dir)
+        except OSError:  # a concurrent run finished the same cache first
+            if not (cache_dir / "_SUCCESS").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("heuristics: signals computed and cached in %s", cache_dir)
+    return "miss"
+
+
+def filter_funnel(counts: dict, filters: tuple[str, ...]) -> list[dict]:
+    """Documents left after each filter, in order."""
+    left, rows = counts["rows_in"], []
+    for filt in filters:
+        left -= sum(n for reason, n in counts["drop_reasons"].items() if reason.split(":", 1)[0] == filt)
+        rows.append({"step": f"after {filt}", "documents": left})
+    return rows
+
+
+def run(ctx: StageContext) -> StageResult:
+    from curation.filters import FILTERS
+    from curation.ledger import funnel_rows, write_decisions
+
+    cfg: HeuristicsConfig = ctx.config
+    spark = ctx.spark()
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
+    upstream = ctx.input("langid")
+    cache_dir = ctx.run_root / CACHE_DIR / signals_cache_key(upstream.manifest["outputs"]["data"]["hash"])
+    cache = cached_signals(spark, upstream.path("data"), cache_dir, ctx.log)
+    decided = decide_dataframe(spark.read.parquet(str(cache_dir)), rules_for(cfg))
+    counts = write_decisions(decided, ctx.output("data"), ctx.output("rejected"))
+    steps = filter_funnel(counts, FILTERS)
+    funnel = [*upstream.manifest["metrics"].get("funnel", []), *steps]
+    by_filter = {row["step"].removeprefix("after "): row["documents"] for row in steps}
+    return StageResult(
+        metrics={**counts, "signals_cache": cache, "signals_cache_dir": str(cache_dir), "kept_after": by_filter,
+                 "funnel": funnel},
+        tables={"funnel": funnel_rows("heuristics", counts), "pipeline_funnel": funnel},
+        report_md="\n".join(
+            ["| step | documents |", "|---|---|", *(f"| {r['step']} | {r['documents']} |" for r in funnel)]
+        ),
+    )
+
+
+STAGES = [
+    Stage(
+        name="heuristics",
+        description="Gopher quality/repetition, C4 and FineWeb filters; signals cached, thresholds re-applied cheaply",
+        config_model=HeuristicsConfig,
+        run=run,
+        inputs=("langid",),
+        uses_spark=True,
+    )
+]
