@@ -12,6 +12,9 @@ from infra.stage import Stage
 
 STAGE_MODULES: tuple[str, ...] = (
     "curation.ingest",
+    "curation.extract",
+    "curation.langid",
+    "curation.heuristics",
 )
 
 
