@@ -16,6 +16,7 @@ which is why pages above ``max_html_bytes`` are dropped before parsing.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -29,6 +30,7 @@ from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 EXTRACT_COLUMNS = ("text", "title", "date", "lang_hint")
 SIGNAL_FIELDS = (("extract_seconds", float), ("text_chars", int), ("text_html_ratio", float))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL_BYTES = bytes(set(range(32)) - {9, 10, 12, 13})
 
 
@@ -83,14 +85,8 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 def clean_text(text: str | None) -> str | None:
-    """Replace lone surrogates (and anything else UTF-8 cannot encode) with U+FFFD."""
-    if text is None:
-        return None
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    """Replace each surrogate code point (the only str content UTF-8 cannot encode) with U+FFFD."""
+    return None if text is None else _SURROGATE.sub("\ufffd", text)
 
 
 def looks_binary(content: bytes, sample: int = 8192) -> bool:
