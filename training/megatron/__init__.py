@@ -1,0 +1,1 @@
+"""Megatron-core pretraining pieces: CPU compat layer, model build, dist checkpoints, HF conversion."""
