@@ -1,0 +1,205 @@
+"""Megatron-core pretraining over gloo on CPU (torchrun): TP/PP loss equivalence, resume (same TP and
+resharded), truncated-checkpoint fallback, spike rollback, and the stage's HF export.
+
+Data: a BPE tokenizer trained on tinyshakespeare and two megatron-core indexed shards of its
+paragraphs (a 0.6/0.4 blend). Weights: a small random HF Llama (GQA) loaded at every layout, so
+each run starts from identical weights.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+LOG = logging.getLogger("test.pretrain")
+STEPS = 6
+
+
+def make_corpus(shared_data: Path, out: Path, vocab_size: int = 384, max_chars: int = 200_000):
+    """(shards dir with blend.json, HF tokenizer dir) from tinyshakespeare."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = gzip.open(shared_data / "tinyshakespeare" / "input.txt.gz", "rt").read()[:max_chars]
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_dir = out / "tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>").save_pretrained(tok_dir)
+    eos = tok.token_to_id("<eos>")
+    shards = out / "shards"
+    shards.mkdir(parents=True)
+    for name, part in {"a": docs[: len(docs) // 2], "b": docs[len(docs) // 2:]}.items():
+        builder = IndexedDatasetBuilder(str(shards / f"shakespeare_{name}-00000.bin"), dtype=np.uint16)
+        for d in part:
+            ids = tok.encode(d).ids + [eos]
+            builder.add_document(torch.tensor(ids), [len(ids)])
+        builder.finalize(str(shards / f"shakespeare_{name}-00000.idx"))
+    blend = {"prefixes": [[0.6, "shakespeare_a-00000"], [0.4, "shakespeare_b-00000"]], "split": "98,1,1",
+             "vocab_size": tok.get_vocab_size(), "eos_id": eos, "dtype": "uint16"}
+    (shards / "blend.json").write_text(json.dumps(blend))
+    return shards, tok_dir
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data, tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("corpus")
+    shards, tok_dir = make_corpus(shared_data, root)
+    torch.manual_seed(0)
+    init = root / "init_model"
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    model.save_pretrained(init)
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, init / f.name)
+    return {"shards": shards, "tokenizer": tok_dir, "init": init}
+
+
+def train(corpus, out: Path, **overrides) -> tuple[list[dict], list[dict]]:
+    """Run the torchrun job into ``out``; returns (step records, events)."""
+    from training.pretrain_stage import PretrainConfig, launch, read_metrics
+
+    spike = overrides.pop("spike", {"enabled": False})
+    cfg = PretrainConfig(**{
+        "train_steps": STEPS, "save_interval": 3, "keep_checkpoints": 3, "warmup_steps": 2, "lr": 3e-3,
+        "global_batch_size": 8, "micro_batch_size": 2, "seq_length": 64, "spike": spike, **overrides,
+    })
+    nproc = overrides.get("nproc_per_node", cfg.tp * cfg.pp)
+    job = {"config": cfg.model_dump(mode="json"), "shards": str(corpus["shards"]), "init_from_dir": str(corpus["init"]),
+           "save_dir": str(out / "checkpoints"), "tensorboard_dir": str(out / "tb"),
+           "metrics_path": str(out / "metrics.jsonl"), "cache_dir": str(out / ".cache")}
+    launch(job, out / ".job", nproc, [], LOG)
+    return read_metrics(out / "metrics.jsonl")
+
+
+def losses(steps: list[dict]) -> dict[int, float]:
+    return {s["step"]: s["loss"] for s in steps}
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], rel: float = 1e-4):
+    assert a.keys() == b.keys() and len(a) >= 1
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(b[step]), f"step {step}: {a[step]} vs {b[step]}"
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory):
+    """TP=PP=DP=1 through the pretrain stage itself: training, checkpoints at 3 and 6, HF export, plot."""
+    from infra.stage import StageContext, StageInput
+    from training.pretrain_stage import PretrainConfig, read_metrics, run
+
+    root = tmp_path_factory.mktemp("baseline")
+    out = root / "out"
+    out.mkdir()
+    cfg = PretrainConfig(train_steps=STEPS, save_interval=3, keep_checkpoints=3, warmup_steps=2, lr=3e-3,
+                         global_batch_size=8, micro_batch_size=2, seq_length=64, init_from=str(corpus["init"]),
+                         spike={"enabled": False})
+
+    def upstream(stage, name, path):
+        return StageInput(stage=stage, run_id="t", dir=path.parent, manifest={"outputs": {name: {"path": str(path)}}})
+
+    ctx = StageContext(
+        run_id="t", stage="pretrain", config=cfg, root_config=None, external_inputs={}, out_dir=out, run_root=root,
+        log=LOG, inputs={"tokenize": upstream("tokenize", "shards", corpus["shards"]),
+                         "tokenizer": upstream("tokenizer", "tokenizer", corpus["tokenizer"])},
+    )
+    result = run(ctx)
+    steps, events = read_metrics(out / "metrics" / "metrics.jsonl")
+    return {"out": out, "result": result, "losses": losses(steps), "steps": steps}
+
+
+def test_stage_trains_checkpoints_and_exports_loadable_hf_model(baseline, corpus):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, result = baseline["out"], baseline["result"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_0000000", "iter_0000003", "iter_0000006"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / result.images["loss_curve"]).stat().st_size > 1000
+    assert result.metrics["steps"] == STEPS and result.metrics["spikes_rolled_back"] == 0
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    trained = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    initial = AutoModelForCausalLM.from_pretrained(corpus["init"]).eval()
+    ids = tokenizer("ROMEO: What, shall this speech be spoke for our excuse?\nJULIET: Good night, good night!",
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss_trained = trained(ids, labels=ids).loss.item()
+        loss_initial = initial(ids, labels=ids).loss.item()
+    assert loss_trained < loss_initial - 0.05, (loss_trained, loss_initial)
+
+
+def test_tensor_parallel_2_matches_tp1(baseline, corpus, tmp_path):
+    steps, _ = train(corpus, tmp_path, tp=2)
+    assert_close(losses(steps), baseline["losses"])
+
+
+def test_pipeline_parallel_2_matches_pp1(baseline, corpus, tmp_path):
+    steps, _ = train(corpus, tmp_path, pp=2)
+    assert_close(losses(steps), baseline["losses"])
+
+
+def test_resume_skips_truncated_checkpoint_and_matches_uninterrupted_run(baseline, corpus, tmp_path):
+    from training.megatron.checkpoint import CheckpointError, validate
+
+    ckpts = tmp_path / "checkpoints"
+    for name in ("iter_0000003", "iter_0000006"):
+        shutil.copytree(baseline["out"] / "checkpoints" / name, ckpts / name)
+    victim = max((ckpts / "iter_0000006").rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        validate(ckpts / "iter_0000006")
+    steps, events = train(corpus, tmp_path)
+    rejected = [e for e in events if e["event"] == "rejected_checkpoint"]
+    assert len(rejected) == 1 and "iter_0000006" in rejected[0]["reason"] and "truncated" in rejected[0]["reason"]
+    assert [e["checkpoint"] for e in events if e["event"] == "resumed"] == [str(ckpts / "iter_0000003")]
+    resumed = losses(steps)
+    assert sorted(resumed) == [4, 5, 6]
+    assert_close(resumed, {s: baseline["losses"][s] for s in resumed}, rel=1e-6)
+
+
+def test_resume_at_tensor_parallel_2_from_tp1_checkpoint(baseline, corpus, tmp_path):
+    shutil.copytree(baseline["out"] / "checkpoints" / "iter_0000003", tmp_path / "checkpoints" / "iter_0000003")
+    steps, events = train(corpus, tmp_path, tp=2)
+    assert any(e["event"] == "resumed" for e in events)
+    resumed = losses(steps)
+    assert sorted(resumed) == [4, 5, 6]
+    assert_close(resumed, {s: baseline["losses"][s] for s in resumed})
+
+
+def test_spike_is_rolled_back_skipped_and_recorded(corpus, tmp_path):
+    from training.megatron.checkpoint import latest_valid, read_metadata
+
+    gbs, bad_step = 8, 12
+    steps, events = train(
+        corpus, tmp_path, train_steps=20, save_interval=5, warmup_steps=3,
+        spike={"enabled": True, "window": 16, "sigma": 6.0, "min_history": 6, "lr_cut": 0.5, "lr_cut_steps": 3},
+        fault_injection=[{"step": bad_step, "kind": "scale_loss", "factor": 200.0}],
+    )
+    spikes = [e for e in events if e["event"] == "spike"]
+    assert len(spikes) == 1
+    spike = spikes[0]
+    assert spike["step"] == bad_step and spike["rolled_back_to"] == 10
+    assert spike["skipped_samples"] == [[bad_step * gbs, (bad_step + 1) * gbs]]
+    by_step = {s["step"]: s for s in steps}  # the last record per step wins (replayed steps 11, 12)
+    assert by_step[bad_step + 1]["first_sample"] == (bad_step + 1) * gbs  # the bad window was skipped
+    assert by_step[20]["loss"] < by_step[1]["loss"] and by_step[20]["loss"] < 10
+    final, _ = latest_valid(tmp_path / "checkpoints")
+    ledger = read_metadata(final)["skip_ledger"]
+    assert [e["skipped_samples"] for e in ledger] == [spike["skipped_samples"]]
