@@ -1,0 +1,158 @@
+"""``dpo``: direct preference optimisation and its family (dpo | ipo | simpo | orpo | kto).
+
+The reference model is the starting policy: its log-probs of every chosen/rejected answer the
+run will see are computed once before training and cached (SimPO and ORPO need none for the
+loss; the held-out metrics still compare with the reference). Metrics, held-out, before/after:
+log-prob accuracy (log π(y_c) > log π(y_r)), the chosen-minus-rejected log-prob margin, chosen
+and rejected log-prob means, and the implicit-reward accuracy β·(Δ_c − Δ_r) > 0 (Δ = log π − log π_ref;
+before training every implicit reward is 0, so that accuracy starts at 0).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from infra.stage import Stage, StageContext, StageResult
+from training.learner import LearnerConfig, external_inputs, run_stage
+
+AVERAGED = ("ipo", "simpo", "orpo")  # losses on length-averaged log-probs (as TRL computes them)
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+class DPOConfig(LearnerConfig):
+    """The preference loss and its parameters; optimisation fields come from LearnerConfig."""
+
+    data: list[str] = Field(
+        default_factory=lambda: ["tests/data/post/pref_gsm8k.jsonl"],
+        description="preference jsonl files (prompt/chosen/rejected or HH-RLHF transcripts)",
+    )
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = Field("dpo", description="DPO-family loss")
+    beta: float = Field(0.1, gt=0, description="β: inverse temperature of the implicit reward (SimPO: reward scale)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε of conservative DPO / SimPO")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin γ")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO weight of chosen (desirable) answers")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of rejected (undesirable) answers")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate")
+
+
+class DPOTask:
+    def __init__(self, config: dict, data_paths: list[str]):
+        self.cfg = DPOConfig.model_validate(config)
+        self.paths = data_paths
+        self.ref: dict[int, tuple[float, float, float, float]] = {}  # id(pair) → ref (sum_c, sum_r, avg_c, avg_r)
+
+    def prepare(self, tokenizer):
+        from training.data import load_preference_pairs
+
+        self.pad_id = tokenizer.pad_token_id
+        return load_preference_pairs(self.paths, tokenizer, self.cfg.max_len, self.cfg.heldout_fraction)
+
+    def load_model(self, model_dir, tokenizer):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    def logps(self, model, pairs):
+        """Summed and length-averaged log-probs of chosen and rejected answers: (sum_c, sum_r, avg_c, avg_r)."""
+        from training.data import collate_pairs
+        from training.losses import token_logps
+
+        batch = collate_pairs(pairs, self.pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        tok, mask = token_logps(logits, batch["labels"])
+        total = tok.sum(-1)
+        avg = total / mask.sum(-1).clamp(min=1)
+        n = len(pairs)
+        return total[:n], total[n:], avg[:n], avg[n:]
+
+    def setup(self, model, train_items, eval_items) -> None:
+        """Cache the reference log-probs (once, before any update) of every pair this rank will see."""
+        import torch
+        from tqdm import tqdm
+
+        todo = (eval_items if self.cfg.loss in REFERENCE_FREE else [*train_items, *eval_items])
+        bs = self.cfg.eval_batch_size
+        model.eval()
+        with torch.no_grad():
+            for i in tqdm(range(0, len(todo), bs), desc="reference log-probs", mininterval=10):
+                chunk = todo[i:i + bs]
+                for j, values in enumerate(zip(*(t.tolist() for t in self.logps(model, chunk)))):
+                    self.ref[id(chunk[j])] = values
+
+    def _ref(self, pairs, averaged: bool):
+        import torch
+
+        cols = (2, 3) if averaged else (0, 1)
+        return tuple(torch.tensor([self.ref[id(p)][c] for p in pairs]) for c in cols)
+
+    def loss(self, model, pairs, dist):
+        import torch
+
+        from training import losses
+
+        cfg = self.cfg
+        sum_c, sum_r, avg_c, avg_r = self.logps(model, pairs)
+        c, r = (avg_c, avg_r) if cfg.loss in AVERAGED else (sum_c, sum_r)
+        if cfg.loss in REFERENCE_FREE:
+            loss, rc, rr = (
+                losses.simpo_loss(c, r, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing) if cfg.loss == "simpo"
+                else losses.orpo_loss(c, r, cfg.beta)
+            )
+        else:
+            ref_c, ref_r = self._ref(pairs, averaged=cfg.loss in AVERAGED)
+            if cfg.loss == "dpo":
+                loss, rc, rr = losses.dpo_loss(c, r, ref_c, ref_r, cfg.beta, cfg.label_smoothing)
+            elif cfg.loss == "ipo":
+                loss, rc, rr = losses.ipo_loss(c, r, ref_c, ref_r, cfg.beta)
+            else:
+                # z0 from this step's global batch: mean log-ratio over all answers of all ranks
+                local = torch.stack([(c - ref_c).sum() + (r - ref_r).sum(), torch.tensor(2.0 * len(pairs))]).detach()
+                total = dist.sum(local.double())
+                kl = (total[0] / total[1]).clamp(min=0).float()
+                loss, rc, rr = losses.kto_loss(c, r, ref_c, ref_r, kl, cfg.beta,
+                                               cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        n = len(pairs)
+        stats = {
+            "reward_accuracy": (float((rc > rr).sum()), n), "reward_margin": (float((rc - rr).sum()), n),
+            "logps_chosen": (float(sum_c.sum()), n), "logps_rejected": (float(sum_r.sum()), n),
+        }
+        return loss.sum(), n, stats
+
+    def evaluate(self, model, pairs) -> dict:
+        import torch
+
+        acc = margin = chosen = rejected = reward_acc = reward_margin = 0.0
+        with torch.no_grad():
+            for i in range(0, len(pairs), self.cfg.eval_batch_size):
+                chunk = pairs[i:i + self.cfg.eval_batch_size]
+                sum_c, sum_r, _, _ = self.logps(model, chunk)
+                ref_c, ref_r = self._ref(chunk, averaged=False)
+                implicit = self.cfg.beta * ((sum_c - ref_c) - (sum_r - ref_r))
+                acc += float((sum_c > sum_r).sum())
+                margin += float((sum_c - sum_r).sum())
+                chosen += float(sum_c.sum())
+                rejected += float(sum_r.sum())
+                reward_acc += float((implicit > 0).sum())
+                reward_margin += float(implicit.sum())
+        n = len(pairs)
+        return {"logp_accuracy": (acc, n), "logp_margin": (margin, n), "logps_chosen": (chosen, n),
+                "logps_rejected": (rejected, n), "reward_accuracy": (reward_acc, n), "reward_margin": (reward_margin, n)}
+
+
+def run(ctx: StageContext) -> StageResult:
+    return run_stage(ctx, "dpo", upstream="sft")
+
+
+STAGES = [
+    Stage(
+        name="dpo",
+        description="DPO family (dpo | ipo | simpo | orpo | kto) with cached reference log-probs → hf/",
+        config_model=DPOConfig,
+        run=run,
+        optional_inputs=("sft",),
+        external_inputs=external_inputs,
+    )
+]

@@ -1,0 +1,405 @@
+"""The learner shared by the sft / reward / dpo stages: one small loop, two backends.
+
+``backend: torch`` runs in the stage process (AdamW, cosine schedule with warmup, grad clipping).
+``backend: deepspeed`` launches ``deepspeed --num_gpus N --module training.learner JOB`` as a
+subprocess (``DS_ACCELERATOR=cpu`` here, GPUs elsewhere) with ZeRO stage 2 or 3; the same loop
+runs on every rank. Each step's global batch is split across ranks and every loss is normalised
+by the global count (tokens or pairs), so both backends give the same loss on the same seed.
+
+A task (training.sft / reward / dpo) supplies: ``prepare(tokenizer) -> (train, heldout, metrics)``,
+``load_model(model_dir, tokenizer)``, ``setup(model, items)`` (e.g. cache reference log-probs),
+``loss(model, items, dist) -> (loss_sum, count, stats)`` and ``evaluate(model, items) -> stats``,
+where stats map a name to a local (sum, count) pair that the learner reduces across ranks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from infra.stage import StageConfig, StageContext, StageResult
+
+TASKS = {"sft": "training.sft:SFTTask", "reward": "training.reward:RewardTask", "dpo": "training.dpo:DPOTask"}
+RESULT_FILE = "result.json"
+
+
+class LearnerError(RuntimeError):
+    """The learner could not run (bad model source, failed DeepSpeed launch)."""
+
+
+class LearnerConfig(StageConfig):
+    """Fields every post-training stage shares: model source, backend, optimisation, data split."""
+
+    model: str = Field(
+        "upstream",
+        description="'upstream' (hf/ of the upstream stage: sft<-pretrain, reward/dpo<-sft), 'smollm2', or a local HF dir",
+    )
+    backend: Literal["torch", "deepspeed"] = Field("torch", description="plain torch in-process, or DeepSpeed ZeRO")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (deepspeed backend only)")
+    num_procs: int = Field(2, ge=1, description="DeepSpeed ranks (CPU processes here, GPUs elsewhere)")
+    max_steps: int = Field(10, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="global batch (rows / pairs) per step, split across ranks")
+    eval_batch_size: int = Field(8, ge=1, description="rows / pairs per evaluation forward")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (cosine decay to 0 after warmup)")
+    warmup_steps: int = Field(1, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices (not norms/biases)")
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    max_len: int = Field(256, ge=8, description="max tokens per sequence (see training.data truncation policy)")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="share of examples held out (by content hash)")
+    max_examples: int = Field(0, ge=0, description="use at most this many training examples (0 = all)")
+    max_eval_examples: int = Field(64, ge=0, description="evaluate on at most this many held-out examples")
+    seed: int = Field(0, description="seed for init, data order and the train/held-out split of ties")
+    log_every: int = Field(1, ge=1, description="log a training line every N steps")
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        if self.backend == "deepspeed" and self.batch_size % self.num_procs:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_procs {self.num_procs}")
+        return self
+
+
+# ---- model source ------------------------------------------------------------------------------------
+
+
+def model_source(cfg: LearnerConfig) -> dict[str, str]:
+    """External-input entry for a non-upstream model (hashed into the cache key and the lineage)."""
+    if cfg.model == "upstream":
+        return {}
+    from training.models import resolve_model
+
+    return {"model": str(resolve_model(cfg.model))}
+
+
+def external_inputs(cfg) -> dict[str, str]:
+    """Data files (``data_0``, ``data_1``, ...) and a non-upstream model: hashed, recorded in lineage."""
+    return {**{f"data_{i}": p for i, p in enumerate(cfg.data)}, **model_source(cfg)}
+
+
+def resolve_model_dir(ctx: StageContext, cfg: LearnerConfig, upstream: str) -> Path:
+    """The HF directory to start from; 'upstream' without the upstream stage is a clear error."""
+    from training.models import resolve_model
+
+    if cfg.model != "upstream":
+        return ctx.external_inputs["model"]
+    if upstream not in ctx.inputs:
+        raise LearnerError(
+            f"{ctx.stage}.model is 'upstream' but no {upstream!r} output was found in this run (or --from); "
+            f"run {upstream} first, or set {ctx.stage}.model: smollm2 (or a local HF model directory)"
+        )
+    return resolve_model(ctx.input(upstream).path("hf"))
+
+
+# ---- distributed helpers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    def sum(self, values):
+        """Element-wise sum of a tensor over ranks (identity on one process)."""
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            values = values.clone()
+            tdist.all_reduce(values)
+        return values
+
+
+def reduce_stats(dist: Dist, stats: dict[str, tuple]) -> dict[str, float]:
+    """{name: (sum, count)} local → {name: global sum / global count}."""
+    import torch
+
+    if not stats:
+        return {}
+    names = sorted(stats)
+    flat = torch.tensor([float(v) for n in names for v in stats[n]], dtype=torch.float64)
+    flat = dist.sum(flat)
+    return {n: (flat[2 * i] / flat[2 * i + 1]).item() if flat[2 * i + 1] else float("nan") for i, n in enumerate(names)}
+
+
+def step_schedule(n_items: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Global item indices for every step: seeded permutations, epoch after epoch."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        perm = list(range(n_items))
+        rng.shuffle(perm)
+        order += perm
+    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def cosine_lr(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warmup from 0 then cosine decay to 0 (HF get_cosine_schedule_with_warmup)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ---- backends ----------------------------------------------------------------------------------------
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+class TorchBackend:
+    """AdamW + LambdaLR + clip_grad_norm_ on one process."""
+
+    def __init__(self, model, cfg: LearnerConfig):
+        import torch
+
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: cosine_lr(s, cfg.warmup_steps, cfg.max_steps)
+        )
+        self.clip = cfg.grad_clip
+
+    def step(self, loss) -> float:
+        import torch
+
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def gathered(self):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+class DeepSpeedBackend:
+    """deepspeed.initialize with ZeRO-2/3, the same AdamW and schedule as TorchBackend."""
+
+    def __init__(self, model, cfg: LearnerConfig, dist: Dist):
+        import deepspeed
+        import torch
+
+        ds_config = {
+            "train_batch_size": cfg.batch_size,
+            "train_micro_batch_size_per_gpu": cfg.batch_size // dist.world,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=_param_groups(model, cfg.weight_decay),
+            optimizer=lambda groups: torch.optim.AdamW(groups, lr=cfg.lr),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: cosine_lr(s, cfg.warmup_steps, cfg.max_steps)
+            ),
+            config=ds_config,
+        )
+        self.model = self.engine
+        self.zero_stage = cfg.zero_stage
+
+    def step(self, loss) -> float:
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def gathered(self):
+        """Full parameters on every rank for saving (ZeRO-3 partitions them)."""
+        from contextlib import nullcontext
+
+        if self.zero_stage < 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+
+
+def make_task(name: str, config: dict, data_paths: list[str]):
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(config, data_paths)
+
+
+def _init_dist(backend: str) -> Dist:
+    if backend != "deepspeed":
+        return Dist()
+    import deepspeed
+    import torch.distributed as tdist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    return Dist(rank=tdist.get_rank(), world=tdist.get_world_size())
+
+
+def train(job: dict, log: logging.Logger) -> dict:
+    """Run one training job (every rank); rank 0 writes ``hf/`` and returns the metrics."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from training.data import prepare_tokenizer
+
+    task = make_task(job["task"], job["config"], job["data"])
+    cfg: LearnerConfig = task.cfg
+    dist = _init_dist(cfg.backend)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    prepare_tokenizer(tokenizer)
+    train_items, eval_items, metrics = task.prepare(tokenizer)
+    if cfg.max_examples:
+        train_items = train_items[: cfg.max_examples]
+    eval_items = eval_items[: cfg.max_eval_examples]
+    if not train_items:
+        raise LearnerError("no training examples left after the held-out split")
+    metrics.update(train_items=len(train_items), eval_items=len(eval_items))
+    schedule = [ids[dist.rank::dist.world] for ids in step_schedule(len(train_items), cfg.batch_size, cfg.max_steps, cfg.seed)]
+    my_eval = eval_items[dist.rank::dist.world]
+
+    model = task.load_model(job["model_dir"], tokenizer)
+    needed = [train_items[i] for i in sorted({i for ids in schedule for i in ids})]
+    task.setup(model, needed, my_eval)
+    before = reduce_stats(dist, task.evaluate(model, my_eval)) if eval_items else {}
+    backend = TorchBackend(model, cfg) if cfg.backend == "torch" else DeepSpeedBackend(model, cfg, dist)
+
+    rows, recent = [], deque(maxlen=10)
+    t_loop = time.time()
+    bar = tqdm(schedule, desc=f"{job['task']} steps", disable=dist.rank != 0, mininterval=10, file=sys.stdout)
+    for step, ids in enumerate(bar, start=1):
+        backend.model.train()
+        loss_sum, count, stats = task.loss(backend.model, [train_items[i] for i in ids], dist)
+        global_count = dist.sum(torch.tensor(float(count), dtype=torch.float64)).item()
+        lr = backend.lr()
+        grad_norm = backend.step(loss_sum * (dist.world / global_count))
+        row = {"step": step, "lr": lr, "grad_norm": grad_norm,
+               **reduce_stats(dist, {"loss": (loss_sum.item(), count), **stats})}
+        rows.append(row)
+        recent.append(row["loss"])
+        if dist.rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            log.info("step %d/%d %s", step, cfg.max_steps, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+    loop_seconds = time.time() - t_loop
+    backend.model.eval()
+    after = reduce_stats(dist, task.evaluate(backend.model, my_eval)) if eval_items else {}
+
+    out = Path(job["out_dir"])
+    with backend.gathered():
+        if dist.rank == 0:
+            model.save_pretrained(out / "hf", safe_serialization=True)
+            tokenizer.save_pretrained(out / "hf")
+    metrics.update({f"eval_{k}_before": v for k, v in before.items()})
+    metrics.update({f"eval_{k}_after": v for k, v in after.items()})
+    metrics.update(
+        backend=cfg.backend if cfg.backend == "torch" else f"deepspeed-zero{cfg.zero_stage}x{dist.world}",
+        steps=cfg.max_steps, train_loss_first=rows[0]["loss"], train_loss_last_10=sum(recent) / len(recent),
+        total_seconds=round(time.time() - t0, 1), train_steps_per_s=round(cfg.max_steps / max(1e-9, loop_seconds), 4),
+    )
+    return {"metrics": metrics, "train_log": rows}
+
+
+def run_learner(ctx: StageContext, task: str, cfg: LearnerConfig, model_dir: Path, data: list[Path]) -> dict:
+    """Train in-process (torch) or under the DeepSpeed launcher, streaming its output into ctx.log."""
+    job = {"task": task, "config": cfg.model_dump(mode="json"), "data": [str(p) for p in data],
+           "model_dir": str(model_dir), "out_dir": str(ctx.out_dir)}
+    ctx.log.info("%s: model %s, backend %s", task, model_dir, cfg.backend)
+    if cfg.backend == "torch":
+        return train(job, ctx.log)
+    work = ctx.out_dir / ".learner"
+    work.mkdir(parents=True, exist_ok=True)
+    job_path = work / "job.json"
+    job_path.write_text(json.dumps(job))
+    launch_deepspeed(job_path, cfg.num_procs, ctx.log)
+    result = json.loads((work / RESULT_FILE).read_text())
+    import shutil
+
+    shutil.rmtree(work)
+    return result
+
+
+def run_stage(ctx: StageContext, task: str, upstream: str) -> StageResult:
+    """The whole run() of a post-training stage: resolve model and data, train, report."""
+    cfg = ctx.config
+    model_dir = resolve_model_dir(ctx, cfg, upstream)
+    data = [ctx.external_inputs[f"data_{i}"] for i in range(len(cfg.data))]
+    result = run_learner(ctx, task, cfg, model_dir, data)
+    metrics = {"model_source": cfg.model if cfg.model != "upstream" else f"upstream:{upstream}", **result["metrics"]}
+    lines = [f"## {ctx.stage}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    return StageResult(metrics=metrics, tables={"train_log": result["train_log"]}, report_md="\n".join(lines))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_deepspeed(job_path: Path, num_procs: int, log: logging.Logger) -> None:
+    """``deepspeed --num_gpus N --module training.learner JOB`` with DS_ACCELERATOR=cpu unless set."""
+    repo = Path(__file__).resolve().parent.parent
+    threads = max(1, (os.cpu_count() or 1) // num_procs)
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+           "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_procs), "--master_port",
+           str(_free_port()), "--no_local_rank", "--module", "training.learner", str(job_path)]
+    log.info("launching: %s", " ".join(cmd))
+    tail: deque[str] = deque(maxlen=30)
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            tail.append(line)
+            log.info("%s", line)
+    if proc.wait() != 0:
+        raise LearnerError(f"deepspeed learner exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rank entry under the DeepSpeed launcher: run the job, rank 0 writes result.json next to it."""
+    import torch.distributed as tdist
+
+    job_path = Path((argv or sys.argv[1:])[0])
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = train(json.loads(job_path.read_text()), logging.getLogger("refinery.learner"))
+    if tdist.get_rank() == 0:
+        tmp = job_path.with_name(RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, job_path.with_name(RESULT_FILE))
+    tdist.barrier()
+    tdist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""``reward``: a Bradley–Terry reward model on the policy backbone.
+
+The HF checkpoint is loaded as ``AutoModelForSequenceClassification`` (num_labels=1: the
+backbone of the causal LM plus a new scalar ``score`` head; the reward is the score at the last
+non-pad token, as transformers computes it, so ``hf/`` scores the same when loaded elsewhere).
+Loss: −log σ(r_c − r_r − margin) + c·(r_c + r_r)². Metric: held-out pairwise accuracy.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from infra.stage import Stage, StageContext, StageResult
+from training.learner import LearnerConfig, external_inputs, run_stage
+
+HH_RLHF = "../shared/data/hh_rlhf_harmless_test/harmless-base_test.jsonl.gz"
+
+
+class RewardConfig(LearnerConfig):
+    """Preference data and the Bradley–Terry options; optimisation fields come from LearnerConfig."""
+
+    data: list[str] = Field(
+        default_factory=lambda: ["tests/data/post/pref_gsm8k.jsonl"],
+        description=f"preference jsonl files (prompt/chosen/rejected or HH-RLHF transcripts, e.g. {HH_RLHF})",
+    )
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    margin: float = Field(0.0, description="margin m in −log σ(r_c − r_r − m)")
+    center_coef: float = Field(0.0, ge=0, description="weight of the centering term (r_c + r_r)²")
+
+
+class RewardTask:
+    def __init__(self, config: dict, data_paths: list[str]):
+        self.cfg = RewardConfig.model_validate(config)
+        self.paths = data_paths
+
+    def prepare(self, tokenizer):
+        from training.data import load_preference_pairs
+
+        self.pad_id = tokenizer.pad_token_id
+        return load_preference_pairs(self.paths, tokenizer, self.cfg.max_len, self.cfg.heldout_fraction)
+
+    def load_model(self, model_dir, tokenizer):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    def setup(self, model, train_items, eval_items) -> None:
+        """Nothing to precompute for the reward model."""
+
+    def rewards(self, model, pairs):
+        """(r_chosen, r_rejected) for a list of EncodedPair."""
+        from training.data import collate_pairs
+
+        batch = collate_pairs(pairs, self.pad_id)
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        scores = scores.squeeze(-1).float()
+        return scores[: len(pairs)], scores[len(pairs):]
+
+    def loss(self, model, pairs, dist):
+        from training.losses import bradley_terry_loss
+
+        chosen, rejected = self.rewards(model, pairs)
+        loss = bradley_terry_loss(chosen, rejected, self.cfg.margin, self.cfg.center_coef) * len(pairs)
+        n = len(pairs)
+        return loss, n, {"accuracy": (float((chosen > rejected).sum()), n),
+                         "reward_margin": (float((chosen - rejected).sum()), n)}
+
+    def evaluate(self, model, pairs) -> dict:
+        import torch
+
+        correct = margin = 0.0
+        with torch.no_grad():
+            for i in range(0, len(pairs), self.cfg.eval_batch_size):
+                chosen, rejected = self.rewards(model, pairs[i:i + self.cfg.eval_batch_size])
+                correct += float((chosen > rejected).sum())
+                margin += float((chosen - rejected).sum())
+        return {"accuracy": (correct, len(pairs)), "reward_margin": (margin, len(pairs))}
+
+
+def run(ctx: StageContext) -> StageResult:
+    return run_stage(ctx, "reward", upstream="sft")
+
+
+STAGES = [
+    Stage(
+        name="reward",
+        description="Bradley–Terry reward model (sequence classification, num_labels=1) → hf/",
+        config_model=RewardConfig,
+        run=run,
+        optional_inputs=("sft",),
+        external_inputs=external_inputs,
+    )
+]
