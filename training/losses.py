@@ -134,3 +134,164 @@ def bradley_terry_loss(
     return loss.mean()
 
 # ---- policy-gradient losses: PPO, GRPO family (owner: post-training II) ------------------------
+# Shapes: B completions × T completion tokens; ``mask`` (B, T) is 1 on real completion tokens.
+# Log-probs are per-token log π(o_t | q, o_<t) of the sampled tokens.
+
+PG_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages, one per completion; ``rewards`` (B·G,) ordered group by group.
+
+    A_i = r_i − mean_g(r)                      (scale_std=False: Dr. GRPO)
+    A_i = (r_i − mean_g(r)) / (std_g(r) + eps)  (scale_std=True: GRPO)
+    A group whose rewards are all equal gets A = 0 (never NaN, also for G = 1).
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_std:
+        std = grouped.std(dim=1, keepdim=True, correction=1 if group_size > 1 else 0)
+        centered = centered / (std + eps)
+    return centered.view(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π‖π_ref) (Schulman): e^(ref − logp) − (ref − logp) − 1, always ≥ 0."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def truncated_is_weights(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance sampling (TIS): w_t = min(exp(logp_trainer_old − logp_rollout), C), no gradient.
+
+    Corrects for the rollout engine sampling from a slightly different distribution than the
+    trainer computes (kernels, precision); C bounds the variance.
+    """
+    return torch.exp(trainer_logps.detach() - rollout_logps.detach()).clamp(max=cap)
+
+
+def clipped_surrogate(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO clipped objective as a per-token loss, and where the clip was active.
+
+    ρ_t = exp(logp − logp_old);  ℓ_t = −min(ρ_t·A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A_t)
+    ``advantages`` is (B,) (one per sequence, broadcast) or (B, T).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    ratio = torch.exp(logps - old_logps)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    return -torch.min(unclipped, clipped), (clipped < unclipped)
+
+
+def aggregate_token_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_completion_len: int | None = None,
+    batch_tokens: int | float | None = None,
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar; the names follow TRL's ``loss_type``.
+
+    grpo:    (1/B) Σ_i (1/|o_i|) Σ_t ℓ_it          per-sequence token mean, then mean (length-biased)
+    bnpo:    Σ_it ℓ_it / Σ_it m_it                 token mean over this (micro-)batch
+    dapo:    Σ_it ℓ_it / N_tokens                  token mean over the whole rollout batch
+             (``batch_tokens`` = its token count when the batch is split into micro-batches)
+    dr_grpo: Σ_it ℓ_it / (B · max_completion_len)  a constant normaliser: no length bias
+    """
+    mask = mask.to(per_token.dtype)
+    total = (per_token * mask).sum()
+    if aggregation == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if aggregation == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if aggregation == "dapo":
+        return total / max(float(batch_tokens if batch_tokens is not None else mask.sum()), 1.0)
+    if aggregation == "dr_grpo":
+        if not max_completion_len:
+            raise ValueError("dr_grpo aggregation needs max_completion_len")
+        return total / (per_token.shape[0] * max_completion_len)
+    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {PG_AGGREGATIONS}")
+
+
+def grpo_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    aggregation: str = "grpo", eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
+    max_completion_len: int | None = None, batch_tokens: int | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO family policy loss, aggregated by ``aggregation`` (see :func:`aggregate_token_loss`).
+
+    ℓ_it = w_it · clipped_surrogate(logp, logp_old, A_i) + β · k3(logp, logp_ref)
+    w = truncated IS weights (or 1). Returns (loss, {clip_frac, kl}) with the stats detached.
+    """
+    per_token, was_clipped = clipped_surrogate(logps, old_logps, advantages, eps_low, eps_high)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    m = mask.to(per_token.dtype)
+    stats = {"clip_frac": (was_clipped.to(m.dtype) * m).sum() / m.sum().clamp(min=1)}
+    if beta:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+        stats["kl"] = ((kl * m).sum() / m.sum().clamp(min=1)).detach()
+    loss = aggregate_token_loss(per_token, mask, aggregation, max_completion_len, batch_tokens)
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (PPO advantage whitening); masked-out entries become 0."""
+    m = mask.to(values.dtype)
+    n = m.sum().clamp(min=1)
+    mean = (values * m).sum() / n
+    var = (((values - mean) * m) ** 2).sum() / n
+    out = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def ppo_token_rewards(
+    scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO reward: r_t = −β·(logp_t − logp_ref_t)  (k1 KL), plus the sequence score at its last token.
+
+    Returns (rewards (B, T), k1 KL (B, T)); both 0 on masked positions.
+    """
+    m = mask.to(logps.dtype)
+    kl = (logps - ref_logps) * m
+    rewards = -kl_coef * kl
+    last = (m.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    return rewards * m, kl
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded (B, T) tensors.
+
+    δ_t = r_t + γ·V_{t+1} − V_t  (V past the last real token = 0);  A_t = δ_t + γλ·A_{t+1};  R_t = A_t + V_t
+    Returns (advantages, returns), 0 on masked positions.
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * m[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * m
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> torch.Tensor:
+    """PPO value loss with value clipping: ½·mean_t max((V − R)², (clip(V, V_old ± c) − R)²)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    per_token = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * aggregate_token_loss(per_token, mask, "bnpo")
