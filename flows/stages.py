@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import materialize
 
 from infra.config import DEFAULT_CONFIG, BaseRefineryConfig, load_config
-from infra.executor import MANIFEST_MARKER
+from infra.executor import RESULT_MARKER
 from infra.registry import all_stages
 from infra.runstore import new_run_id
 
@@ -57,7 +57,7 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
     if force:
         cmd.append("--force")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    manifest_path = None
+    result = None
     tail: list[str] = []
     try:
         with subprocess.Popen(
@@ -65,8 +65,8 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
         ) as proc:
             for line in proc.stdout:
                 line = line.rstrip()
-                if line.startswith(MANIFEST_MARKER):
-                    manifest_path = line[len(MANIFEST_MARKER):]
+                if line.startswith(RESULT_MARKER):
+                    result = json.loads(line[len(RESULT_MARKER):])
                     continue
                 if line:
                     logger.info(line)
@@ -74,10 +74,10 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
             rc = proc.wait()
     finally:
         os.unlink(config_json)
-    if rc != 0 or not manifest_path:
+    if rc != 0 or not result:
         errors = [t for t in tail if t.startswith("error:")]
         raise StageFailed(f"stage {stage!r} failed (exit {rc}): {(errors or tail or ['no output'])[-1]}")
-    return json.loads(Path(manifest_path).read_text())
+    return {**json.loads(Path(result["manifest"]).read_text()), "skipped": result["skipped"]}
 
 
 def publish(manifest: dict) -> None:

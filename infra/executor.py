@@ -35,7 +35,7 @@ from infra.runstore import (
 )
 from infra.stage import Stage, StageContext, StageInput, StageResult
 
-MANIFEST_MARKER = "REFINERY_MANIFEST "
+RESULT_MARKER = "REFINERY_RESULT "  # + JSON {"manifest": path, "skipped": bool}, the child's last line
 
 
 class StageInputError(RuntimeError):
@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageInputError, RunStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    print(MANIFEST_MARKER + manifest["manifest_path"], flush=True)
+    result = {"manifest": manifest["manifest_path"], "skipped": bool(manifest.get("skipped"))}
+    print(RESULT_MARKER + json.dumps(result), flush=True)
     return 0
 
 
