@@ -1,0 +1,323 @@
+"""``dedup``: URL, exact, line-level (ccNet-style) and MinHash-LSH fuzzy deduplication in Spark.
+
+Levels run in that order, each switchable, each only over documents still kept:
+
+* URL: normalised URL (:func:`normalize_url`); the newest ``fetch_date`` is kept (tie → smallest doc_id).
+* exact: hash of :func:`curation.minhash.normalize_text`; documents that normalise to nothing are dropped.
+* lines: a line (normalised) found in more than ``line_max_docs`` documents is removed from every
+  document; the document keeps its id and records ``lines_removed`` (empty after that → dropped).
+* fuzzy: MinHash signatures per partition (:mod:`curation.minhash`), exploded to (band, bucket);
+  each bucket links its members to its smallest doc_id (a star, never all pairs), links are
+  optionally verified by estimated Jaccard, and clusters are connected components computed in Spark
+  (:mod:`curation.components`).
+
+The kept document of a group is the one with the highest ``quality_score`` (when present), tie →
+smallest doc_id. Removed documents record ``dup_cluster`` and ``dup_representative``; kept cluster
+members record ``dup_cluster``. Only doc_id, url, fetch_date, text (+ quality_score) are read;
+every other column passes through.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import Field
+
+from infra.stage import Stage, StageConfig, StageContext, StageResult
+
+_TRACKING_PARAMS = ("utm_", "fbclid", "gclid", "mc_cid", "mc_eid", "sessionid", "phpsessid", "sid")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class DedupConfig(StageConfig):
+    """Which dedup levels run and their parameters."""
+
+    url: bool = Field(True, description="drop documents whose normalised URL was seen (keep the newest fetch)")
+    exact: bool = Field(True, description="drop exact duplicates of the normalised text")
+    lines: bool = Field(True, description="remove lines that occur in more than line_max_docs documents (ccNet)")
+    line_max_docs: int = Field(20, ge=1, description="a line found in more documents than this is removed")
+    fuzzy: bool = Field(True, description="MinHash-LSH near-duplicate removal")
+    ngram: int = Field(5, ge=1, description="shingle size in words (of the normalised text)")
+    bands: int = Field(14, ge=1, description="LSH bands")
+    rows: int = Field(8, ge=1, description="rows (permutations) per band; bands × rows permutations in all")
+    seed: int = Field(1, description="seed of the MinHash permutations")
+    threshold: float | None = Field(
+        0.7, ge=0.0, le=1.0,
+        description="keep an LSH candidate link only if its estimated Jaccard reaches this (null: no verification)",
+    )
+    max_rounds: int = Field(64, ge=1, description="connected-components round limit")
+
+
+# ---------------------------------------------------------------- pure core
+
+def normalize_url(url: str | None) -> str | None:
+    """Canonical form for URL dedup: scheme-less, lower-case host without ``www.`` and default port,
+    no fragment, no trailing slash, tracking parameters dropped, query sorted. Empty → None."""
+    url = (url or "").strip()
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # e.g. a non-numeric port
+        return url.lower()
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").removeprefix("www.")
+    if port and port != _DEFAULT_PORTS.get(scheme):
+        host = f"{host}:{port}"
+    query = sorted(
+        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if not k.lower().startswith(_TRACKING_PARAMS)
+    )
+    path = parts.path.rstrip("/") or "/"
+    return urlunsplit(("", host, path, urlencode(query), "")).removeprefix("//")
+
+
+def text_key(text: str | None) -> str | None:
+    """Exact-dedup key: 128-bit hash of the normalised text; None when nothing is left."""
+    import xxhash
+
+    from curation.minhash import normalize_text
+
+    norm = normalize_text(text or "")
+    return xxhash.xxh3_128_hexdigest(norm.encode("utf-8", "surrogatepass")) if norm else None
+
+
+def line_hashes(text: str | None) -> list[int | None]:
+    """One signed 64-bit hash per ``\\n``-separated line of the normalised line; None for blank lines."""
+    import xxhash
+
+    from curation.minhash import normalize_text
+
+    out: list[int | None] = []
+    for line in (text or "").split("\n"):
+        norm = normalize_text(line)
+        out.append(xxhash.xxh3_64_intdigest(norm.encode("utf-8", "surrogatepass")) - (1 << 63) if norm else None)
+    return out
+
+
+def doc_keys(url, text):
+    """Every per-document key of the URL, exact and line levels, computed in one pass."""
+    return {"url": normalize_url(url), "text_key": text_key(text), "line_hashes": line_hashes(text)}
+
+
+# ---------------------------------------------------------------- Spark shell
+
+_KEYS_TYPE = "struct<url:string, text_key:string, line_hashes:array<long>>"
+
+def _order(has_quality: bool):
+    from pyspark.sql import functions as F
+
+    return ([F.col("quality_score").desc_nulls_last()] if has_quality else []) + [F.col("doc_id").asc()]
+
+
+def _drop_duplicates_by(df, key: str, order, reason: str):
+    """Among live rows sharing ``key`` keep the first by ``order``; the rest get ``reason``."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    is_live = F.col("drop_reason").isNull() & F.col(key).isNotNull()
+    w = Window.partitionBy(key).orderBy(*order)
+    live = (
+        df.where(is_live)
+        .withColumn("_rep", F.first("doc_id").over(w))
+        .withColumn("_dup", F.col("_rep") != F.col("doc_id"))
+        .withColumn("drop_reason", F.when(F.col("_dup"), F.lit(reason)).otherwise(F.col("drop_reason")))
+        .withColumn("dup_representative", F.when(F.col("_dup"), F.col("_rep")).otherwise(F.col("dup_representative")))
+        .drop("_rep", "_dup")
+    )
+    return live.unionByName(df.where(~is_live)).drop(key)
+
+
+def _url_level(df):
+    from pyspark.sql import functions as F
+
+    order = [F.expr("try_cast(fetch_date AS timestamp)").desc_nulls_last(), F.col("doc_id").asc()]
+    return _drop_duplicates_by(df.withColumn("_url", F.col("_keys.url")), "_url", order, "dup_url")
+
+
+def _exact_level(df, has_quality: bool):
+    from pyspark.sql import functions as F
+
+    df = df.withColumn("_key", F.col("_keys.text_key"))
+    df = df.withColumn(
+        "drop_reason", F.when(F.col("drop_reason").isNull() & F.col("_key").isNull(), F.lit("empty_text")).otherwise(F.col("drop_reason"))
+    )
+    return _drop_duplicates_by(df, "_key", _order(has_quality), "dup_exact")
+
+
+def _line_level(df, max_docs: int):
+    """ccNet-style: remove lines present in more than ``max_docs`` live documents. Returns (df, stats)."""
+    from pyspark.sql import functions as F
+
+    live = df.where(F.col("drop_reason").isNull())
+    exploded = live.select("doc_id", F.posexplode("_keys.line_hashes").alias("pos", "h")).where(F.col("h").isNotNull())
+    frequent = exploded.select("doc_id", "h").distinct().groupBy("h").count().where(F.col("count") > max_docs).select("h")
+    removed = (
+        exploded.join(frequent, "h", "left_semi").groupBy("doc_id")
+        .agg(F.collect_list("pos").alias("_removed"))
+    )
+    kept_text = F.array_join(
+        F.filter(F.split("text", "\n", -1), lambda line, i: ~F.array_contains(F.col("_removed"), i)), "\n"
+    )
+    df = (
+        df.join(removed, "doc_id", "left")
+        .withColumn("lines_removed", F.coalesce(F.size("_removed"), F.lit(0)))
+        .withColumn("text", F.when(F.col("_removed").isNotNull(), kept_text).otherwise(F.col("text")))
+        .drop("_removed")
+    )
+    emptied = F.col("drop_reason").isNull() & (F.col("lines_removed") > 0) & (F.length(F.trim("text")) == 0)
+    return df.withColumn("drop_reason", F.when(emptied, F.lit("empty_after_line_dedup")).otherwise(F.col("drop_reason")))
+
+
+def signature_frame(df, params):
+    """``(doc_id, sig array<long>, bands array<long>)`` for every row of ``df(doc_id, text)`` that has
+    shingles; one vectorised batch per Arrow batch of each partition."""
+    import pandas as pd
+
+    from curation.minhash import EMPTY, band_keys, batch_signatures
+
+    def compute(batches):
+        for batch in batches:
+            sigs = batch_signatures(batch["text"].fillna("").tolist(), params)
+            keys = band_keys(sigs, params)
+            has_shingles = ~(sigs == EMPTY).all(axis=1)  # docs without shingles never match anything
+            yield pd.DataFrame({
+                "doc_id": batch["doc_id"][has_shingles].to_numpy(),
+                "sig": list(sigs[has_shingles].view("int64")), "bands": list(keys[has_shingles]),
+            })
+
+    return df.select("doc_id", "text").mapInPandas(compute, "doc_id string, sig array<long>, bands array<long>")
+
+
+def fuzzy_clusters(df, params, threshold: float | None, max_rounds: int, log=None):
+    """Near-duplicate clusters of ``df(doc_id, text)``: ``(node, component)`` for every clustered doc,
+    plus counts. Candidate links go from each bucket member to the bucket's smallest doc_id."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from curation.components import connected_components
+
+    sigs = signature_frame(df, params).persist(StorageLevel.MEMORY_AND_DISK)
+    buckets = sigs.select("doc_id", F.posexplode("bands").alias("band", "key"))
+    heads = buckets.groupBy("band", "key").agg(F.min("doc_id").alias("head"), F.count("*").alias("n")).where("n > 1")
+    edges = (
+        buckets.join(heads, ["band", "key"]).where(F.col("doc_id") != F.col("head"))
+        .select(F.col("doc_id").alias("src"), F.col("head").alias("dst")).distinct()
+    )
+    edges = edges.localCheckpoint()
+    stats = {"fuzzy_candidate_links": edges.count()}
+    if threshold is not None:
+        s1 = sigs.select(F.col("doc_id").alias("src"), F.col("sig").alias("a"))
+        s2 = sigs.select(F.col("doc_id").alias("dst"), F.col("sig").alias("b"))
+        equal = F.aggregate(F.zip_with("a", "b", lambda x, y: (x == y).cast("int")), F.lit(0), lambda acc, v: acc + v)
+        edges = (
+            edges.join(s1, "src").join(s2, "dst")
+            .where(equal >= F.lit(threshold * params.num_perm))
+            .select("src", "dst").localCheckpoint()
+        )
+        stats["fuzzy_verified_links"] = edges.count()
+    components, rounds = connected_components(edges, max_rounds=max_rounds, log=log)
+    stats["components_rounds"] = rounds
+    sigs.unpersist()
+    return components, stats
+
+
+def _fuzzy_level(df, params, threshold, max_rounds, has_quality: bool, log):
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    live = df.where(F.col("drop_reason").isNull())
+    components, stats = fuzzy_clusters(live, params, threshold, max_rounds, log)
+    components = components.localCheckpoint()
+    members = components.join(
+        df.select(F.col("doc_id").alias("node"), *(["quality_score"] if has_quality else [])), "node"
+    ).withColumnRenamed("node", "doc_id")
+    w = Window.partitionBy("component").orderBy(*_order(has_quality))
+    members = members.select(
+        "doc_id", F.col("component").alias("_cluster"), F.first("doc_id").over(w).alias("_rep")
+    )
+    stats["fuzzy_clusters"] = components.select("component").distinct().count()
+    df = df.join(members, "doc_id", "left")
+    dup = F.col("_rep").isNotNull() & (F.col("_rep") != F.col("doc_id"))
+    return (
+        df.withColumn("dup_cluster", F.coalesce("_cluster", "dup_cluster"))
+        .withColumn("drop_reason", F.when(dup, F.lit("dup_fuzzy")).otherwise(F.col("drop_reason")))
+        .withColumn("dup_representative", F.when(dup, F.col("_rep")).otherwise(F.col("dup_representative")))
+        .drop("_cluster", "_rep")
+    ), stats
+
+
+def deduplicate(df, cfg: DedupConfig, log=None):
+    """Apply the enabled levels to ``df``; returns (df with decisions, stats)."""
+    from pyspark.sql import functions as F
+
+    from curation.minhash import MinHashParams
+
+    for col, typ in (("fetch_date", "string"), ("drop_reason", "string")):
+        if col not in df.columns:
+            df = df.withColumn(col, F.lit(None).cast(typ))
+    df = (
+        df.withColumn("dup_cluster", F.lit(None).cast("string"))
+        .withColumn("dup_representative", F.lit(None).cast("string"))
+        .withColumn("lines_removed", F.lit(0))
+    )
+    has_quality = "quality_score" in df.columns
+    stats: dict = {}
+    if cfg.url or cfg.exact or cfg.lines:
+        keys = F.udf(lambda url, text: doc_keys(url, text), _KEYS_TYPE, useArrow=True)
+        df = df.withColumn("_keys", keys("url", "text")).localCheckpoint()  # the one Python pass
+        if cfg.url:
+            df = _url_level(df)
+        if cfg.exact:
+            df = _exact_level(df, has_quality)
+        if cfg.lines:
+            df = _line_level(df, cfg.line_max_docs)
+        df = df.drop("_keys").localCheckpoint()
+    if cfg.lines:
+        stats["lines_removed"] = df.agg(F.sum("lines_removed")).first()[0] or 0
+    if cfg.fuzzy:
+        params = MinHashParams(cfg.ngram, cfg.bands, cfg.rows, cfg.seed)
+        df, fuzzy_stats = _fuzzy_level(df, params, cfg.threshold, cfg.max_rounds, has_quality, log)
+        stats.update(fuzzy_stats)
+    return df, stats
+
+
+def run(ctx: StageContext) -> StageResult:
+    from curation.ledger import funnel_rows, write_decisions
+    from curation.minhash import s_curve
+
+    cfg: DedupConfig = ctx.config
+    spark = ctx.spark()
+    df = spark.read.parquet(str(ctx.input("quality").path("data")))
+    missing = {"doc_id", "url", "text"} - set(df.columns)
+    if missing:
+        raise ValueError(f"dedup input lacks column(s) {sorted(missing)}")
+    df, stats = deduplicate(df, cfg, ctx.log)
+    counts = write_decisions(df, ctx.output("data"), ctx.output("rejected"))
+    curve = s_curve(cfg.bands, cfg.rows)
+    metrics = {
+        **counts, **stats, "levels": [lv for lv in ("url", "exact", "lines", "fuzzy") if getattr(cfg, lv)],
+        "num_perm": cfg.bands * cfg.rows, "s_curve": curve,
+    }
+    report = "\n".join(
+        ["| Jaccard | P(candidate) |", "|---|---|"] + [f"| {j} | {p:.3f} |" for j, p in curve.items()]
+    )
+    return StageResult(
+        metrics=metrics,
+        tables={"funnel": funnel_rows("dedup", counts), "s_curve": [{"jaccard": j, "p_candidate": p} for j, p in curve.items()]},
+        report_md=f"### dedup S-curve ({cfg.bands} bands × {cfg.rows} rows)\n\n{report}\n",
+    )
+
+
+STAGES = [
+    Stage(
+        name="dedup",
+        description="URL, exact, line-level and MinHash-LSH fuzzy dedup (connected components in Spark)",
+        config_model=DedupConfig,
+        run=run,
+        inputs=("quality",),
+        version="1",
+        uses_spark=True,
+    )
+]
