@@ -15,6 +15,8 @@ STAGE_MODULES: tuple[str, ...] = (
     "curation.extract",
     "curation.langid",
     "curation.heuristics",
+    "curation.quality",  # train_quality, quality (after curation.heuristics)
+    "curation.dedup",
 )
 
 
