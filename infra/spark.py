@@ -17,10 +17,13 @@ def get_spark(cfg, app_name: str = "refinery"):
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if cfg.driver_host:
+        os.environ.setdefault("SPARK_LOCAL_IP", cfg.driver_host)
     builder = (
         SparkSession.builder.master(cfg.master)
         .appName(app_name)
         .config("spark.driver.memory", cfg.driver_memory)
+        .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
         .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.showConsoleProgress", "false")
