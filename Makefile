@@ -11,7 +11,7 @@ PIP_INSTALL := $(PIP) install --progress-bar off -c constraints.txt
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: install install-dev demo test test-fast clean
+.PHONY: install install-dev demo test test-fast clean ui-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,8 @@ test-fast: install-dev
 
 clean:
 	rm -rf runs .prefect spark-warehouse
+
+# Headless-browser check of the Prefect UI served by `refinery serve` (installs Debian chromium).
+ui-check: install
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	$(PY) bench/ui_check.py

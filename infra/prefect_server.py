@@ -43,7 +43,10 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_timeout: f
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PREFECT_API_URL": ""},
+            stdout=log, stderr=subprocess.STDOUT,
+            # the UI must call this server's API, not the default port
+            env={**os.environ, "PREFECT_API_URL": "", "PREFECT_UI_API_URL": api_url,
+                 "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)},
         )
     try:
         deadline = time.time() + startup_timeout
