@@ -35,6 +35,10 @@ def valid_text(value: str | bytes | None) -> tuple[str, bool]:
         try:
             return value.decode("utf-8"), False
         except UnicodeDecodeError:
+            pass
+        try:  # lone surrogates that were written with "surrogatepass": one U+FFFD each, as for str
+            value = value.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
             return value.decode("utf-8", "replace"), True
     try:
         value.encode("utf-8")

@@ -329,7 +329,11 @@ def tokenize_to_shards(
 
 
 def blend_document(stats: list[dict], sources: list[SourceSpec], info: dict, split: str) -> dict:
-    """``blend.json`` content: per split, each shard weighted by source weight × its token share."""
+    """``blend.json`` content: per split, each shard weighted by source weight × its token share.
+
+    ``prefixes`` with ``split`` "100,0,0" is the training blend as Megatron's ``blend``/``split``
+    take it; ``blend_per_split`` also lists the valid/test shards; ``doc_split`` is the ratio used.
+    """
     weights = {s.name: s.weight for s in sources}
     written = [r for r in stats if r["docs"] > 0]
     per_split: dict[str, list] = {}
@@ -346,12 +350,14 @@ def blend_document(stats: list[dict], sources: list[SourceSpec], info: dict, spl
     return {
         "format": "Megatron indexed dataset (MMIDIDX v1): one sequence per document, EOS appended",
         "prefixes": per_split["train"],
-        "split": split,
+        "split": "100,0,0",
         "blend_per_split": per_split,
+        "doc_split": split,
         "split_method": (
             "per document: bucket = pmod(xxhash64(doc_id), 10000) (Spark, seed 42); train if bucket < "
-            f"{split_thresholds(split)[0]}, valid if < {split_thresholds(split)[1]}, else test; each split has "
-            "its own shards, so use blend_per_split (megatron_shards.megatron_blend_kwargs), not a split string"
+            f"{split_thresholds(split)[0]}, valid if < {split_thresholds(split)[1]}, else test. Each split has its "
+            "own shards: prefixes + split '100,0,0' is the train blend; blend_per_split (train/valid/test, "
+            "megatron_shards.megatron_blend_kwargs) gives all three"
         ),
         "weights": {s.name: s.weight for s in sources},
         "vocab_size": info["vocab_size"],
