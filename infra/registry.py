@@ -17,6 +17,8 @@ STAGE_MODULES: tuple[str, ...] = (
     "curation.heuristics",
     "curation.quality",  # train_quality, quality (after curation.heuristics)
     "curation.dedup",
+    "curation.tokenizer",
+    "curation.tokenize",
 )
 
 
