@@ -1,10 +1,12 @@
-"""``refinery`` — the one command-line entry point.
+"""refinery — the one command-line entry point.
 
   refinery run       run the pipeline or chosen stages (rerun a stage on an earlier run with --from)
   refinery demo      run the whole pipeline on the bundled sample and print where everything is
   refinery serve     start a local Prefect server (UI) and serve every stage and the pipeline as deployments
   refinery lineage   show where an artifact came from / what was built from it; diff two runs
   refinery stages    list the stages with their inputs and config keys
+  refinery train-quality   train the fastText quality classifier (the train_quality stage)
+  refinery eval      compare evaluation results of two runs
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from infra.config import DEFAULT_CONFIG, ConfigError, load_config, parse_override
 
 # Modules that add their own subcommands with ``register(subparsers)``.
-CLI_EXTENSIONS: tuple[str, ...] = ()
+CLI_EXTENSIONS: tuple[str, ...] = ("evaluation.cli",)
 
 
 def _overrides_dict(items: list[str]) -> dict:
@@ -160,6 +162,34 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage_trace(args: argparse.Namespace) -> int:
+    """A token sequence of a shard → its document → the WARC record it was extracted from."""
+    from curation.megatron_shards import trace_tokens
+    from infra.lineage import LineageCatalog, label
+
+    catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
+    matches = catalog.resolve(args.shards)
+    if len(matches) != 1:
+        print(f"error: {args.shards!r} matches {len(matches)} artifacts; give RUN/tokenize/shards", file=sys.stderr)
+        return 2
+    shards_dir = Path(matches[0]["uri"].removeprefix("file://"))
+    doc = trace_tokens(shards_dir, args.shard, args.seq_index)
+    print(f"{args.shard}[{args.seq_index}]: {doc['tokens']} tokens")
+    print(f"  doc_id  {doc['doc_id']}\n  url     {doc['url']}\n  source  {doc['source']}")
+    warc_file, _, offset = (doc["source"] or "").rpartition("@")
+    if warc_file and offset.isdigit():
+        print(f"  WARC record at byte {offset} of {warc_file}")
+    print("  built from:")
+    for level, a in catalog.tree(matches[0]["uri"], "up"):
+        print("    " + "  " * level + f"<- {label(a)}")
+    return 0
+
+
+def cmd_train_quality(args: argparse.Namespace) -> int:
+    args.stages, args.force = "train_quality", getattr(args, "force", False)
+    return cmd_run(args)
+
+
 def cmd_lineage_diff(args: argparse.Namespace) -> int:
     from infra.lineage import LineageCatalog, diff_runs
 
@@ -229,9 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_a")
     q.add_argument("run_b")
     q.set_defaults(func=cmd_lineage_diff)
+    q = lsub.add_parser("trace", help="a token sequence of a shard → its document → its WARC record")
+    _add_config_args(q)
+    q.add_argument("shards", help="the shards artifact, e.g. RUN/tokenize/shards")
+    q.add_argument("shard", help="shard name (file name without .bin/.idx)")
+    q.add_argument("seq_index", type=int, help="sequence (document) index within the shard")
+    q.set_defaults(func=cmd_lineage_trace)
     q = lsub.add_parser("runs", help="list runs in the catalog (* = stage reused from cache)")
     _add_config_args(q)
     q.set_defaults(func=cmd_lineage_runs)
+
+    p = sub.add_parser("train-quality", help="train the fastText quality classifier (runs the train_quality stage)",
+                       description="Train the supervised fastText quality model from positives/negatives in the "
+                                   "train_quality config section; it is versioned in the lineage catalog.")
+    _add_config_args(p)
+    p.add_argument("--from", dest="from_ref", metavar="RUN[/STAGE]", help="run whose heuristics rejects are negatives")
+    p.add_argument("--run-id", help="write into this run id (default: a new one)")
+    p.add_argument("--force", action="store_true", help="retrain even if inputs and config are unchanged")
+    p.set_defaults(func=cmd_train_quality)
 
     p = sub.add_parser("stages", help="list stages, their inputs, and (with -v) their config keys")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -109,7 +109,11 @@ def stage_dir(run_root: Path, run_id: str, stage: str) -> Path:
 
 
 def make_temp_dir(run_root: Path, run_id: str, stage: str) -> Path:
-    tmp = Path(run_root) / check_run_id(run_id) / f".tmp-{stage}-{secrets.token_hex(4)}"
+    """A fresh temp dir for a stage's outputs; temp dirs left by a killed earlier attempt are removed."""
+    run_dir = Path(run_root) / check_run_id(run_id)
+    for stale in run_dir.glob(f".tmp-{stage}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir / f".tmp-{stage}-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
     return tmp
 

@@ -57,9 +57,12 @@ def test_truncated_output_is_rejected(tmp_path):
 
 
 def test_stage_without_manifest_is_not_accepted(tmp_path):
-    (tmp_path / "r" / ".tmp-s-1234").mkdir(parents=True)  # what a killed stage leaves
+    (tmp_path / "r" / ".tmp-s-1234").mkdir(parents=True)  # what a killed (SIGKILL) stage leaves
+    (tmp_path / "r" / ".tmp-s-1234" / "half.parquet").write_bytes(b"PAR1")
     with pytest.raises(RunStoreError, match="no completed stage 's'"):
         read_manifest(tmp_path, "r", "s")
+    fresh = make_temp_dir(tmp_path, "r", "s")  # the next attempt clears the leftovers
+    assert [p.name for p in (tmp_path / "r").iterdir()] == [fresh.name]
     with pytest.raises(RunStoreError, match="does not exist"):
         read_manifest(tmp_path, "nope", "s")
 
