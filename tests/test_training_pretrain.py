@@ -186,20 +186,23 @@ def test_resume_at_tensor_parallel_2_from_tp1_checkpoint(baseline, corpus, tmp_p
 def test_spike_is_rolled_back_skipped_and_recorded(corpus, tmp_path):
     from training.megatron.checkpoint import latest_valid, read_metadata
 
-    gbs, bad_step = 8, 12
+    gbs, bad_step = 8, 10
     steps, events = train(
-        corpus, tmp_path, train_steps=20, save_interval=5, warmup_steps=3,
-        spike={"enabled": True, "window": 16, "sigma": 6.0, "min_history": 6, "lr_cut": 0.5, "lr_cut_steps": 3},
+        corpus, tmp_path, train_steps=14, save_interval=4, warmup_steps=3,
+        spike={"enabled": True, "window": 16, "sigma": 6.0, "min_history": 5, "lr_cut": 0.5, "lr_cut_steps": 2},
         fault_injection=[{"step": bad_step, "kind": "scale_loss", "factor": 200.0}],
     )
     spikes = [e for e in events if e["event"] == "spike"]
     assert len(spikes) == 1
     spike = spikes[0]
-    assert spike["step"] == bad_step and spike["rolled_back_to"] == 10
+    assert spike["step"] == bad_step and spike["rolled_back_to"] == 8
     assert spike["skipped_samples"] == [[bad_step * gbs, (bad_step + 1) * gbs]]
-    by_step = {s["step"]: s for s in steps}  # the last record per step wins (replayed steps 11, 12)
+    by_step = {s["step"]: s for s in steps}  # the last record per step wins (replayed steps 9, 10)
     assert by_step[bad_step + 1]["first_sample"] == (bad_step + 1) * gbs  # the bad window was skipped
-    assert by_step[20]["loss"] < by_step[1]["loss"] and by_step[20]["loss"] < 10
+    replayed, original = by_step[bad_step - 1], next(s for s in steps if s["step"] == bad_step - 1)
+    assert replayed["lr"] == pytest.approx(0.5 * original["lr"])  # LR cut for 2 steps after the rollback
+    assert by_step[bad_step + 1]["lr"] > replayed["lr"]
+    assert by_step[14]["loss"] < by_step[1]["loss"] and by_step[14]["loss"] < 10
     final, _ = latest_valid(tmp_path / "checkpoints")
     ledger = read_metadata(final)["skip_ledger"]
     assert [e["skipped_samples"] for e in ledger] == [spike["skipped_samples"]]

@@ -175,6 +175,7 @@ class Trainer:
 
         state = checkpoint.load(ckpt, self.model, self.optimizer)
         self.step, self.position = state["step"], state["position"]
+        self.scheduler.num_steps = 0  # load_state_dict advances by the saved step count
         self.scheduler.load_state_dict(state["scheduler"])
         self.guard.load_state_dict(state["spike_guard"])
         if not keep_ledger:
@@ -269,6 +270,7 @@ class Trainer:
         while self.step < cfg.train_steps:
             t0 = time.perf_counter()
             samples, position = next_batch(self.position, cfg.global_batch_size, self.ledger, len(self.dataset))
+            lr = self.optimizer.param_groups[0]["lr"]  # the LR this step trains with
             fault = faults.get(self.step) if self.step not in self.fired else None
             if fault is not None:
                 self.fired.add(self.step)
@@ -285,14 +287,14 @@ class Trainer:
                 self.restore(target, keep_ledger=True)
                 self.lr_cut_until = self.step + cfg.spike.lr_cut_steps if cfg.spike.lr_cut < 1 else -1
                 self.apply_lr()
-                log.event("spike", entry["step"], **entry)
+                log.event("spike", **entry)
                 continue
             self.position = position
             self.step += 1
             self.scheduler.step(1)
             self.apply_lr()
             dt = time.perf_counter() - t0
-            log.step(self, loss, grad_norm, tokens_per_step / dt, samples)
+            log.step(self, loss, grad_norm, lr, tokens_per_step / dt, samples)
             if self.step % cfg.save_interval == 0 or self.step == cfg.train_steps:
                 log.event("checkpoint", self.step, checkpoint=str(self.save()))
         log.close()
@@ -315,10 +317,10 @@ class MetricsLog:
         self.fh.write(json.dumps(rec) + "\n")
         self.fh.flush()
 
-    def step(self, trainer: Trainer, loss: float, grad_norm: float | None, tokens_per_s: float, samples: list[int]):
+    def step(self, trainer: Trainer, loss: float, grad_norm: float | None, lr: float, tokens_per_s: float,
+             samples: list[int]):
         if not self.active:
             return
-        lr = trainer.optimizer.param_groups[0]["lr"]
         s = trainer.step
         rec = {"step": s, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s,
                "tokens": s * trainer.cfg.global_batch_size * trainer.cfg.seq_length, "dp": trainer.dp,
@@ -328,7 +330,7 @@ class MetricsLog:
             if rec[key] is not None:
                 self.tb.add_scalar(f"train/{key}", rec[key], s)
         if s % self.every == 0:
-            print(f"step {s} loss {loss:.4f} grad_norm {grad_norm:.3f} lr {lr:.2e} tok/s {tokens_per_s:.0f}", flush=True)
+            print(f"step {s} loss {loss:.4f} grad_norm {grad_norm if grad_norm is not None else float('nan'):.3f} lr {lr:.2e} tok/s {tokens_per_s:.0f}", flush=True)
 
     def event(self, kind: str, step: int, **fields):
         if not self.active:

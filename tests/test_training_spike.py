@@ -1,0 +1,66 @@
+"""The loss-spike guard (pure) and the sampler that skips ledgered samples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from training.spike import SpikeGuard, ledger_entry, to_ranges
+
+
+def warm_guard(n: int = 20) -> SpikeGuard:
+    guard = SpikeGuard(window=16, sigma=6.0, min_history=8)
+    for i in range(n):  # a slowly falling, slightly noisy loss
+        assert not guard.check(5.0 - 0.01 * i + 0.02 * (-1) ** i, 1.0 + 0.05 * (-1) ** i).spike
+    return guard
+
+
+def test_nan_and_inf_are_always_spikes_even_without_history():
+    guard = SpikeGuard(window=16, min_history=8)
+    assert guard.check(float("nan"), 1.0).spike
+    assert guard.check(2.0, float("inf")).reason == "grad_norm is inf"
+    assert len(guard.loss) == 0  # spikes never enter the history
+
+
+def test_z_score_flags_loss_and_grad_norm_jumps_but_not_normal_steps():
+    guard = warm_guard()
+    assert not guard.check(4.85, 1.02).spike
+    verdict = guard.check(7.5, 1.0)
+    assert verdict.spike and verdict.reason.startswith("loss 7.5")
+    assert guard.check(4.8, 30.0).reason.startswith("grad_norm 30")
+    assert not guard.check(3.0, 0.5).spike  # falling loss is fine
+
+
+def test_no_z_test_before_min_history():
+    guard = SpikeGuard(window=16, min_history=8)
+    for loss in (5.0, 5.0, 50.0):
+        assert not guard.check(loss, 1.0).spike
+
+
+def test_state_round_trip_restores_decisions():
+    guard = warm_guard()
+    clone = SpikeGuard(window=16, sigma=6.0, min_history=8)
+    clone.load_state_dict(guard.state_dict())
+    assert clone.check(7.5, 1.0).spike == guard.check(7.5, 1.0).spike is True
+
+
+def test_ledger_entry_names_samples_as_ranges():
+    entry = ledger_entry(12, SpikeGuard().check(math.nan, 1.0), math.nan, 1.0, [96, 97, 98, 103], 10, 0.5, 3)
+    assert entry["skipped_samples"] == [[96, 99], [103, 104]] and entry["num_skipped"] == 4
+    assert entry["loss"] == "nan" and entry["rolled_back_to"] == 10
+    assert to_ranges([]) == []
+
+
+def test_sampler_skips_ledgered_samples_and_reports_exhaustion():
+    from training.pretrain import next_batch
+
+    ledger = [{"skipped_samples": [[8, 12]]}]
+    assert next_batch(6, 4, ledger, 100) == ([6, 7, 12, 13], 14)
+    with pytest.raises(RuntimeError, match="ran out of samples"):
+        next_batch(98, 4, [], 100)
+
+
+def test_invalid_window_is_rejected():
+    with pytest.raises(ValueError):
+        SpikeGuard(window=4, min_history=8)
