@@ -19,6 +19,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "curation.dedup",
     "curation.tokenizer",
     "curation.tokenize",
+    "training.pretrain_stage",  # pretrain (megatron-core, torchrun)
 )
 
 
