@@ -61,13 +61,19 @@ class Extracted:
     seconds: float = 0.0
 
 
-class ExtractionTimeout(Exception):
-    """Raised inside an extraction that ran past its time limit."""
+class ExtractionTimeout(BaseException):
+    """Raised inside an extraction that ran past its time limit.
+
+    A BaseException so that trafilatura's and lxml's ``except Exception`` blocks cannot swallow it.
+    """
 
 
 @contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`ExtractionTimeout` in the block after ``seconds`` (main thread only; elsewhere no limit)."""
+    """Raise :class:`ExtractionTimeout` in the block after ``seconds`` (main thread only; elsewhere no limit).
+
+    The alarm repeats every 50 ms until the block ends, in case a bare ``except:`` swallows one.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -76,7 +82,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         raise ExtractionTimeout(f"extraction took longer than {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
     try:
         yield
     finally:
