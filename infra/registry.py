@@ -20,6 +20,8 @@ STAGE_MODULES: tuple[str, ...] = (
     "curation.tokenizer",
     "curation.tokenize",
     "training.pretrain_stage",  # pretrain (megatron-core, torchrun)
+    "training.rl.grpo",
+    "training.rl.ppo",
 )
 
 
