@@ -1,0 +1,171 @@
+"""Tokens/s of our megatron-core training step vs a plain-PyTorch loop, same model size, batch and data.
+
+Both loops train the same Llama (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings) on byte-level tokens of
+tinyshakespeare with Adam(W) + grad clipping, in separate child processes of this one run (so each
+reports its own peak RSS), alternating megatron/torch twice and keeping each loop's best rate:
+- megatron: ``training.pretrain.Trainer.train_step`` (GPTModel, Megatron DDP, get_megatron_optimizer,
+  get_forward_backward_func, GPTDataset batches) at TP=PP=DP=1 over gloo with the CPU compat layer;
+- torch: ``transformers.LlamaForCausalLM`` + ``torch.optim.AdamW`` + ``clip_grad_norm_``, a plain loop.
+
+    .venv/bin/python bench/pretrain_throughput.py [--steps 12] [--hidden 256] [--layers 4] [--seq 256]
+
+Last line: ``ratio_vs_plain_torch <megatron tokens/s ÷ torch tokens/s>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = Path(os.environ.get("REFINERY_SHARED_DATA", REPO.parent / "shared" / "data")) / "tinyshakespeare" / "input.txt.gz"
+EOS = 256
+
+
+def write_byte_shards(out: Path) -> Path:
+    """tinyshakespeare paragraphs as byte tokens (eos=256) in one megatron-core indexed shard + blend.json."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    docs = [d for d in gzip.open(DATA, "rb").read().split(b"\n\n") if d.strip()]
+    shards = out / "shards"
+    shards.mkdir(parents=True)
+    builder = IndexedDatasetBuilder(str(shards / "bytes-00000.bin"), dtype=np.uint16)
+    for d in docs:
+        ids = list(d) + [EOS]
+        builder.add_document(torch.tensor(ids), [len(ids)])
+    builder.finalize(str(shards / "bytes-00000.idx"))
+    (shards / "blend.json").write_text(json.dumps(
+        {"prefixes": [[1.0, "bytes-00000"]], "split": "98,1,1", "vocab_size": 257, "eos_id": EOS, "dtype": "uint16"}))
+    return shards
+
+
+def job_config(args) -> dict:
+    return {
+        "tp": 1, "pp": 1, "seq_length": args.seq, "micro_batch_size": args.mbs, "global_batch_size": args.gbs,
+        "train_steps": args.steps + args.warmup, "warmup_steps": 2, "clip_grad": 1.0, "spike": {"enabled": False},
+        "model": {"num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
+                  "num_query_groups": args.heads // 2, "ffn_hidden_size": args.ffn},
+    }
+
+
+def run_megatron(args, work: Path) -> dict:
+    from training.pretrain import Trainer, next_batch
+
+    job = {"config": job_config(args), "shards": str(work / "shards"), "init_from_dir": None,
+           "save_dir": str(work / "ckpt"), "tensorboard_dir": str(work / "tb"), "metrics_path": str(work / "m.jsonl"),
+           "cache_dir": str(work / "cache")}
+    trainer = Trainer(job)
+    trainer.apply_lr()
+    position, elapsed = 0, 0.0
+    for step in range(args.warmup + args.steps):
+        samples, position = next_batch(position, args.gbs, [], len(trainer.dataset))
+        t0 = time.perf_counter()
+        loss, _ = trainer.train_step(samples, None)
+        trainer.scheduler.step(1)
+        if step >= args.warmup:
+            elapsed += time.perf_counter() - t0
+    params = sum(p.numel() for p in trainer.model.parameters())
+    return {"tokens_per_s": args.steps * args.gbs * args.seq / elapsed, "final_loss": loss, "params": params}
+
+
+def run_torch(args, work: Path) -> dict:
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.megatron.model import pad_vocab
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=pad_vocab(257), hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads // 2, max_position_embeddings=args.seq,
+        tie_word_embeddings=True, initializer_range=0.02))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    ds = IndexedDataset(str(work / "shards" / "bytes-00000"))
+    flat = torch.cat([torch.from_numpy(ds[i].astype("int64")) for i in range(len(ds))])
+    n = args.seq + 1
+    elapsed, micro = 0.0, args.gbs // args.mbs
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for m in range(micro):
+            start = (step * args.gbs + m * args.mbs) * n
+            batch = flat[start:start + args.mbs * n].view(args.mbs, n)
+            loss = model(batch[:, :-1], labels=batch[:, :-1]).loss / micro
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step >= args.warmup:
+            elapsed += time.perf_counter() - t0
+    return {"tokens_per_s": args.steps * args.gbs * args.seq / elapsed, "final_loss": float(loss) * micro,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = (run_megatron if args.loop == "megatron" else run_torch)(args, Path(args.work))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+    if args.loop == "megatron":
+        from training.megatron.parallel import teardown
+
+        teardown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=688)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--mbs", type=int, default=4)
+    p.add_argument("--gbs", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--loop", choices=["megatron", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.loop:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_byte_shards(Path(tmp))
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for loop in ("megatron", "torch"):
+                out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--loop", loop, "--work", tmp],
+                                     capture_output=True, text=True, cwd=REPO)
+                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    raise RuntimeError(f"{loop} loop failed:\n{out.stderr[-3000:]}")
+                res = json.loads(line[7:])
+                print(f"{loop:8s} tokens/s {res['tokens_per_s']:9.1f}  peak RSS/rank {res['peak_rss_mb']:7.0f} MB  "
+                      f"params {res['params']}  loss {res['final_loss']:.3f}", flush=True)
+                if loop not in best or res["tokens_per_s"] > best[loop]["tokens_per_s"]:
+                    best[loop] = res
+    print(f"model: {args.layers} layers, hidden {args.hidden}, seq {args.seq}, batch {args.gbs}x{args.seq} tokens, "
+          f"threads {args.threads}; best of {args.repeats}")
+    print(f"megatron_tokens_per_s {best['megatron']['tokens_per_s']:.1f}")
+    print(f"torch_tokens_per_s {best['torch']['tokens_per_s']:.1f}")
+    print(f"ratio_vs_plain_torch {best['megatron']['tokens_per_s'] / best['torch']['tokens_per_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
