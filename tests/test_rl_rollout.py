@@ -148,12 +148,13 @@ def test_ppo_stage_with_reward_model_and_separate_critic(make_config, tiny_dir):
     manifest = _run_stage(make_config, "ppo", {
         "model": str(tiny_dir / "policy"), "reward_model": str(tiny_dir / "reward"), "rollout_backend": "hf",
         "steps": 2, "prompts_per_step": 3, "max_new_tokens": 6, "critic": "separate", "lr": 1e-3,
-        "reward_weights": {"correct": 1.0, "reward_model": 1.0},
+        "reward_weights": {"correct": 1.0, "reward_model": 1.0}, "precision": "fp16",
     })
     steps = manifest["tables"]["steps"]
     assert len(steps) == 2 and all("reward_reward_model" in s and s["vf_loss"] >= 0 for s in steps)
     assert steps[1]["kl_seq"] != 0.0  # the policy moved away from the reference after one update
-    assert manifest["metrics"]["critic"] == "separate"
+    assert manifest["metrics"]["critic"] == "separate" and manifest["metrics"]["precision"] == "fp16"
+    assert 0 < manifest["metrics"]["logp_gap_max"] < 0.5  # fp16 engine vs fp16-autocast trainer: small, not 0
     assert (manifest["inputs"]["reward_model"]["uri"]).endswith("reward")
 
 

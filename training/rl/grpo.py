@@ -78,27 +78,33 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
             mask &= ~truncated.unsqueeze(1)
 
         policy.train()
+        mb = cfg.micro_batch_size
+        # μ = 1: the old policy is the current one, so its log-probs come from the training forward
+        # itself (detached), saving a forward pass; μ > 1 needs them fixed before the first update.
+        reuse_forward = cfg.mu == 1
+        old_logps = ref_logps = None
         with torch.no_grad(), trainer.autocast():
-            old_logps = torch.cat([forward_logps(policy, batch.rows(slice(i, i + cfg.micro_batch_size)), cfg.temperature)
-                                   for i in range(0, len(completions), cfg.micro_batch_size)])
-            ref_logps = None
+            if not reuse_forward:
+                old_logps = torch.cat([forward_logps(policy, batch.rows(slice(i, i + mb)), cfg.temperature)
+                                       for i in range(0, len(completions), mb)])
             if cfg.beta:
-                ref_logps = torch.cat([forward_logps(ref_model, batch.rows(slice(i, i + cfg.micro_batch_size)), cfg.temperature)
-                                       for i in range(0, len(completions), cfg.micro_batch_size)])
-        gap = mismatch_stats(old_logps, batch.rollout_logps, batch.completion_mask, cfg.tis_cap)
-        is_weights = truncated_is_weights(old_logps, batch.rollout_logps, cfg.tis_cap) if cfg.tis_cap else None
+                ref_logps = torch.cat([forward_logps(ref_model, batch.rows(slice(i, i + mb)), cfg.temperature)
+                                       for i in range(0, len(completions), mb)])
         batch_tokens = int(mask.sum())
-        n_micro = -(-len(completions) // cfg.micro_batch_size)
-        losses, clip_fracs, kls, norms = [], [], [], []
+        n_micro = -(-len(completions) // mb)
+        losses, clip_fracs, kls, norms, seen_old = [], [], [], [], []
         for _ in range(cfg.mu):
-            for i in range(0, len(completions), cfg.micro_batch_size):
-                rows = slice(i, i + cfg.micro_batch_size)
+            for i in range(0, len(completions), mb):
+                rows = slice(i, i + mb)
                 with trainer.autocast():
                     logps = forward_logps(policy, batch.rows(rows), cfg.temperature)
+                old = logps.detach() if reuse_forward else old_logps[rows]
+                if reuse_forward:
+                    seen_old.append(old)
+                is_weights = truncated_is_weights(old, batch.rollout_logps[rows], cfg.tis_cap) if cfg.tis_cap else None
                 loss, stats = grpo_loss(
-                    logps, old_logps[rows], advantages[rows], mask[rows], cfg.aggregation, cfg.eps_low, cfg.eps_high,
-                    cfg.beta, None if ref_logps is None else ref_logps[rows],
-                    None if is_weights is None else is_weights[rows], cfg.max_new_tokens, batch_tokens,
+                    logps, old, advantages[rows], mask[rows], cfg.aggregation, cfg.eps_low, cfg.eps_high,
+                    cfg.beta, None if ref_logps is None else ref_logps[rows], is_weights, cfg.max_new_tokens, batch_tokens,
                 )
                 # dapo already divides by the whole batch's tokens; the others average over micro-batches
                 trainer.backward(loss if cfg.aggregation == "dapo" else loss / n_micro)
@@ -106,6 +112,9 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
                 clip_fracs.append(stats["clip_frac"].item())
                 kls.append(stats.get("kl", torch.tensor(0.0)).item())
             norms.append(trainer.step())
+        if reuse_forward:
+            old_logps = torch.cat(seen_old)
+        gap = mismatch_stats(old_logps, batch.rollout_logps, batch.completion_mask, cfg.tis_cap)
         engine.update_weights(policy.state_dict())
         lengths = [len(c.token_ids) for c in completions]
         record = {

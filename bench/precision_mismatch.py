@@ -1,0 +1,94 @@
+"""Trainer-vs-rollout log-prob gap under the precision contract: bf16 vs fp16 on vLLM (CPU build here).
+
+For each precision, on SmolLM2-135M-Instruct and the same prompts: the vLLM engine samples
+completions in that precision; the trainer (fp32 master weights, autocast in that precision — what
+training/rl uses) re-scores them; |Δ logp| per token is measured before and after a weight
+perturbation synced in place (p += s·std(p)·N(0,1)), as in a training step. Each precision runs in
+its own process (one vLLM engine per process).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/precision_mismatch.py
+Last line: ``fp16_over_bf16_gap <x>`` = mean |Δ logp| fp16 / bf16 over both phases (< 1: FP16 wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+
+def measure(precision: str, args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.models import resolve_model
+    from training.rl.common import Trainer, chat_prompt_ids, forward_logps, to_batch
+    from training.rl.rewards import arithmetic_prompts
+    from training.rl.rollout import Sampling, VLLMEngine
+
+    model_dir = resolve_model("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    trainer = Trainer(model.parameters(), precision, lr=1e-6, grad_clip=1.0)  # only for its autocast
+    t0 = time.time()
+    engine = VLLMEngine(model_dir, precision=precision, seed=0, max_model_len=512)
+    start_s = time.time() - t0
+    prompts = [chat_prompt_ids(tokenizer, e.question) for e in arithmetic_prompts(args.prompts, seed=0)]
+    out = {"precision": precision, "engine_start_s": round(start_s, 1)}
+    for phase in ("before", "after"):
+        if phase == "after":
+            torch.manual_seed(1)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(args.perturb * p.std() * torch.randn_like(p))
+            t0 = time.time()
+            engine.update_weights(model.state_dict())
+            out["sync_s"] = round(time.time() - t0, 3)
+        comps = engine.generate(prompts, args.n, Sampling(args.max_new_tokens, 1.0, 1.0))
+        batch = to_batch(comps, tokenizer.pad_token_id)
+        with torch.no_grad(), trainer.autocast():
+            logps = forward_logps(model, batch, 1.0)
+        delta = (logps - batch.rollout_logps)[batch.completion_mask].abs().double()
+        out[phase] = {"tokens": delta.numel(), "sum": delta.sum().item(), "mean": delta.mean().item(),
+                      "max": delta.max().item()}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--perturb", type=float, default=0.02, help="noise scale relative to each tensor's std")
+    parser.add_argument("--only", choices=["bf16", "fp16"], help="measure one precision (used internally)")
+    args = parser.parse_args()
+    if args.only:
+        print("RESULT " + json.dumps(measure(args.only, args)), flush=True)
+        return
+    results = {}
+    for precision in ("bf16", "fp16"):
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", precision],
+                              capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{precision} run failed (exit {proc.returncode})")
+        results[precision] = json.loads(lines[-1][len("RESULT "):])
+    print("precision | phase | tokens | mean |Δ logp| | max |Δ logp| | engine start s")
+    for precision, r in results.items():
+        for phase in ("before", "after"):
+            print(f"{precision} | {phase} | {r[phase]['tokens']} | {r[phase]['mean']:.3e} | {r[phase]['max']:.3e} | "
+                  f"{r['engine_start_s']}")
+    for phase in ("before", "after"):
+        print(f"fp16/bf16 mean gap {phase}: {results['fp16'][phase]['mean'] / results['bf16'][phase]['mean']:.3f}")
+
+    def pooled(r):
+        return (r["before"]["sum"] + r["after"]["sum"]) / (r["before"]["tokens"] + r["after"]["tokens"])
+
+    print(f"fp16_over_bf16_gap {pooled(results['fp16']) / pooled(results['bf16']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
