@@ -269,13 +269,15 @@ def score_column(model_path: str):
     import pandas as pd
     from pyspark.sql import functions as F
 
-    def score(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+    def score(batches):
         import fasttext
 
         model = fasttext.load_model(model_path)
         for texts in batches:
             yield pd.Series(score_texts(model, [fasttext_line(t or "") for t in texts]), dtype="float64")
 
+    # real type objects (this module's annotations are strings) tell Spark it is an iterator UDF
+    score.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.Series]}
     return F.pandas_udf(score, "double")
 
 
