@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -141,10 +142,13 @@ def load_worker_tokenizer(tokenizer_json: str):
     return tok
 
 
-def write_shards(rows: Iterator[dict], out_dir: str, tokenizer, eos_id: int, dtype, batch_size: int) -> list[dict]:
+ROW_FIELDS = ("shard", "source_name", "split", "doc_id", "url", "source", "text")
+
+
+def write_shards(rows: Iterator[tuple], out_dir: str, tokenizer, eos_id: int, dtype, batch_size: int) -> list[dict]:
     """Core of one Spark task: rows sorted by shard → shards in ``out_dir``; returns per-shard stats.
 
-    Each row is ``{shard, source_name, split, doc_id, url, source, text}`` (text str or bytes).
+    Each row is a tuple in :data:`ROW_FIELDS` order (text str or bytes).
     Empty documents are skipped and counted; invalid UTF-8 / lone surrogates are repaired and counted.
     """
     from curation.megatron_shards import ShardWriter
@@ -177,18 +181,18 @@ def write_shards(rows: Iterator[dict], out_dir: str, tokenizer, eos_id: int, dty
             stats.append(current)
 
     try:
-        for row in rows:
-            if current is None or row["shard"] != current["shard"]:
+        for shard, source_name, split, doc_id, url, source, raw in rows:
+            if current is None or shard != current["shard"]:
                 close()
                 current = {k: 0 for k in STATS_FIELDS}
-                current.update(shard=row["shard"], source_name=row["source_name"], split=row["split"])
-            text, repaired = valid_text(row["text"])
+                current.update(shard=shard, source_name=source_name, split=split)
+            text, repaired = valid_text(raw)
             if not text.strip():
                 current["empty_docs"] += 1
                 continue
             current["repaired_docs"] += int(repaired)
-            current["text_bytes"] += len(text.encode("utf-8"))
-            pending.append((text, row["doc_id"], row["url"], row["source"]))
+            current["text_bytes"] += len(raw) if isinstance(raw, bytes) and not repaired else len(text.encode("utf-8"))
+            pending.append((text, doc_id, url, source))
             if len(pending) >= batch_size:
                 flush()
         close()
@@ -289,10 +293,12 @@ def tokenize_to_shards(
     docs = docs.withColumn("_h", h).withColumn(
         "split", F.when(bucket < t1, "train").when(bucket < t2, "valid").otherwise("test")
     )
+    started = time.time()
     counts = {(r["source_name"], r["split"]): r["count"] for r in docs.groupBy("source_name", "split").count().collect()}
     parts = {k: max(1, math.ceil(n / cfg.docs_per_shard)) for k, n in counts.items()}
     if log:
-        log.info("tokenize: %d documents in %d (source, split) groups → %d shards", sum(counts.values()), len(counts), sum(parts.values()))
+        log.info("tokenize: %d documents in %d (source, split) groups → %d shards (counted in %.1f s)",
+                 sum(counts.values()), len(counts), sum(parts.values()), time.time() - started)
     if not parts:
         return [], {**info, "dtype": dtype.name}
     parts_map = F.create_map(*[F.lit(x) for (s, sp), n in sorted(parts.items()) for x in (f"{s}/{sp}", n)])
@@ -301,9 +307,9 @@ def tokenize_to_shards(
     shard = F.concat_ws("-", "source_name", "split", F.lpad(part.cast("string"), 5, "0"))
     docs = (
         docs.withColumn("shard", shard)
-        .select("shard", "source_name", "split", "doc_id", "url", "source", "text")
+        .select(*ROW_FIELDS)
         .repartition(sum(parts.values()), "shard")
-        .sortWithinPartitions("shard", "doc_id", "source", "url", "text")
+        .sortWithinPartitions("shard", "doc_id", "source", "url")
     )
     tokenizer_json = str(Path(tokenizer_dir) / "tokenizer.json")
     eos_id, batch_size, out = info["eos_id"], cfg.encode_batch_size, str(out_dir)
@@ -315,7 +321,7 @@ def tokenize_to_shards(
 
         def rows():
             for batch in batches:
-                yield from batch.to_pylist()
+                yield from zip(*(batch.column(f).to_pylist() for f in ROW_FIELDS))
 
         stats = write_shards(rows(), out, tokenizer, eos_id, dtype, batch_size)
         if stats:

@@ -17,12 +17,16 @@ import pytest
 
 from curation import megatron_shards as ms
 from curation.text_sources import read_documents, valid_text
-from curation.tokenize import encode_documents, load_worker_tokenizer, split_of, write_shards
+from curation.tokenize import ROW_FIELDS, encode_documents, load_worker_tokenizer, split_of, write_shards
 from curation.tokenizer import TokenizerConfig, save_hf, tokenizer_info, train_bpe
 
 REPO = Path(__file__).resolve().parent.parent
 WIKI = REPO / "tests" / "data" / "tokenize" / "wikitext2_valid.txt.gz"
 WIKI_SEPARATOR = r"\n(?= = [^=])"
+
+
+def as_rows(dicts: list[dict]):
+    return (tuple(d[f] for f in ROW_FIELDS) for d in dicts)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def test_vocab_over_uint16_limit_switches_to_int32_and_megatron_reads_it(tmp_pat
     assert dtype == np.int32 and ms.token_dtype(65_499) == np.uint16
     rows = [{"shard": "big-train-00000", "source_name": "big", "split": "train", "doc_id": "d0", "url": None,
              "source": "x@0", "text": "The ship <w65990> sank <w10>."}]
-    [stats] = write_shards(iter(rows), str(tmp_path), load_worker_tokenizer(str(big / "tokenizer.json")),
+    [stats] = write_shards(as_rows(rows), str(tmp_path), load_worker_tokenizer(str(big / "tokenizer.json")),
                            info["eos_id"], dtype, 8)
     dataset = IndexedDataset(str(tmp_path / "big-train-00000"))  # keep alive: items are views of its mmap
     tokens = dataset[0]
@@ -111,7 +115,7 @@ def test_empty_docs_skipped_bad_unicode_repaired_and_special_strings_stay_text(t
              "f": "a page that says <|endoftext|> and <|im_start|> in its text", None: None}
     rows = [{"shard": "web-train-00000", "source_name": "web", "split": "train", "doc_id": f"id-{k}", "url": None,
              "source": f"w.warc.gz@{i}", "text": v} for i, (k, v) in enumerate(texts.items())]
-    [stats] = write_shards(iter(rows), str(tmp_path), tok, 0, np.uint16, 2)
+    [stats] = write_shards(as_rows(rows), str(tmp_path), tok, 0, np.uint16, 2)
     assert (stats["docs"], stats["empty_docs"], stats["repaired_docs"]) == (4, 3, 2)
     index = ms.read_index(tmp_path / "web-train-00000")
     side = ms.read_sidecar(tmp_path, "web-train-00000").to_pylist()
@@ -125,7 +129,7 @@ def test_empty_docs_skipped_bad_unicode_repaired_and_special_strings_stay_text(t
 def test_trace_tokens_leads_back_to_the_source_record(tmp_path, tokenizer_dir, wiki_docs):
     tok = load_worker_tokenizer(str(tokenizer_dir / "tokenizer.json"))
     rows = [{"shard": "wiki-valid-00003", "source_name": "wiki", "split": "valid", **d} for d in wiki_docs[:5]]
-    write_shards(iter(rows), str(tmp_path), tok, 0, np.uint16, 3)
+    write_shards(as_rows(rows), str(tmp_path), tok, 0, np.uint16, 3)
     traced = ms.trace_tokens(tmp_path, "wiki-valid-00003", 4)
     assert traced["doc_id"] == wiki_docs[4]["doc_id"] and traced["source"] == f"{WIKI}@5"  # piece 0 is blank
     assert traced["tokens"] == len(tok.encode(wiki_docs[4]["text"], add_special_tokens=False).ids) + 1

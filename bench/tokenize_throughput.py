@@ -1,0 +1,133 @@
+"""Tokens/s of the Spark ``tokenize`` core vs a bare ``encode_batch`` loop writing the same ``.bin``.
+
+Same text (real: WikiText-2 valid+test, Tiny Shakespeare, Dolma CC samples, repeated with distinct
+doc ids up to ``--mb``), same tokenizer (byte-level BPE trained here), same run. The bare loop is
+the limit: text already in memory, one process, ``encode_batch`` + EOS + one ``.bin`` write. The
+Spark side is ``documents_dataframe`` + ``tokenize_to_shards`` from Parquet (split/part counting
+job, shuffle, sort, encode, shard + sidecar writes) on a warm session. Each side runs twice,
+interleaved, best time kept (the machine is shared). Also prints the content hashes of the two
+Spark runs' ``.bin``/``.idx`` (equal = deterministic). Last line: ``ratio_vs_bare_encode <x>``.
+
+    .venv/bin/python bench/tokenize_throughput.py --mb 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def real_documents(shared: Path) -> list[str]:
+    docs = []
+    for name in ("valid.txt.gz", "test.txt.gz"):
+        text = gzip.open(shared / "wikitext2_valid_test" / name, "rt").read()
+        docs += [p for p in re.split(r"\n(?= = [^=])", text) if p.strip()]
+    text = gzip.open(shared / "tinyshakespeare" / "input.txt.gz", "rt").read()
+    docs += [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    for f in sorted((shared / "web_text_samples_dolma").glob("*.json*.gz")):
+        docs += [json.loads(line)["text"] for line in gzip.open(f, "rt")]
+    return docs
+
+
+def build_corpus(shared: Path, mb: float, out: Path) -> list[str]:
+    """Write a dedup-like Parquet dir of ~``mb`` MB of text; returns the texts in doc_id order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = real_documents(shared)
+    rows, size, rep = [], 0, 0
+    while size < mb * 1e6:
+        for i, text in enumerate(base):
+            rows.append({"doc_id": f"{rep:04d}-{i:06d}", "url": None, "source": f"bench@{rep}:{i}", "text": text})
+            size += len(text.encode())
+        rep += 1
+    out.mkdir(parents=True)
+    per_file = len(rows) // 8 + 1
+    for k in range(0, len(rows), per_file):
+        pq.write_table(pa.Table.from_pylist(rows[k:k + per_file]), out / f"part-{k // per_file:05d}.parquet")
+    return [r["text"] for r in sorted(rows, key=lambda r: r["doc_id"])]
+
+
+def bare_encode(texts: list[str], tokenizer_json: str, eos_id: int, batch: int, out: Path) -> int:
+    """The limit: encode_batch + EOS per document, appended to one .bin."""
+    import numpy as np
+
+    from curation.tokenize import encode_documents, load_worker_tokenizer
+
+    tok = load_worker_tokenizer(tokenizer_json)
+    total = 0
+    with open(out, "wb") as fh:
+        for k in range(0, len(texts), batch):
+            tokens, lengths = encode_documents(tok, texts[k:k + batch], eos_id, np.uint16)
+            fh.write(tokens.tobytes())
+            total += len(tokens)
+    return total
+
+
+def shard_hash(shards: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(shards.glob("*.bin")) + sorted(shards.glob("*.idx")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=float, default=24.0, help="MB of text to tokenize")
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--master", default="local[*]")
+    parser.add_argument("--docs-per-shard", type=int, default=2000, help="shards (= parallel tasks) per split")
+    args = parser.parse_args()
+
+    from curation.tokenize import TokenizeConfig, documents_dataframe, tokenize_to_shards
+    from curation.tokenizer import TokenizerConfig, save_hf, tokenizer_info, train_bpe
+    from infra.config import SparkConfig
+    from infra.spark import get_spark
+
+    work = Path(tempfile.mkdtemp(prefix="tokenize-bench-"))
+    texts = build_corpus(args.shared, args.mb, work / "data")
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    tcfg = TokenizerConfig(vocab_size=8192)
+    save_hf(train_bpe(real_documents(args.shared), tcfg.vocab_size, tcfg.special_tokens()), work / "tok", tcfg)
+    info = tokenizer_info(work / "tok")
+    cfg = TokenizeConfig(docs_per_shard=args.docs_per_shard)
+    t0 = time.time()
+    spark = get_spark(SparkConfig(master=args.master, shuffle_partitions=4))
+    print(f"corpus: {len(texts)} docs, {mb:.1f} MB; spark session start {time.time() - t0:.1f} s (not counted)")
+
+    bare_times, spark_times, hashes, bare_tokens, spark_tokens = [], [], [], 0, 0
+    for run in range(2):
+        t0 = time.time()
+        bare_tokens = bare_encode(texts, str(work / "tok" / "tokenizer.json"), info["eos_id"], cfg.encode_batch_size,
+                                  work / f"bare-{run}.bin")
+        bare_times.append(time.time() - t0)
+        t0 = time.time()
+        docs = documents_dataframe(spark, cfg.sources, work / "data")
+        stats, _ = tokenize_to_shards(spark, docs, work / "tok", work / f"shards-{run}", cfg)
+        spark_times.append(time.time() - t0)
+        spark_tokens = sum(r["tokens"] for r in stats)
+        hashes.append(shard_hash(work / f"shards-{run}"))
+        print(f"run {run}: bare {bare_tokens / bare_times[-1]:,.0f} tok/s ({bare_times[-1]:.1f} s), "
+              f"spark {spark_tokens / spark_times[-1]:,.0f} tok/s ({spark_times[-1]:.1f} s, {len(stats)} shards)")
+    spark.stop()
+    if bare_tokens != spark_tokens:
+        raise SystemExit(f"token counts differ: bare {bare_tokens} vs spark {spark_tokens}")
+    print(f"tokens: {spark_tokens:,} ({mb * 1e6 / spark_tokens:.2f} bytes/token), same in both")
+    print(f"content hash of .bin/.idx: run 0 {hashes[0]}, run 1 {hashes[1]}, equal: {hashes[0] == hashes[1]}")
+    bare_best, spark_best = spark_tokens / min(bare_times), spark_tokens / min(spark_times)
+    print(f"best: bare encode_batch {bare_best:,.0f} tok/s, spark tokenize {spark_best:,.0f} tok/s")
+    print(f"ratio_vs_bare_encode {spark_best / bare_best:.3f}")
+
+
+if __name__ == "__main__":
+    main()
