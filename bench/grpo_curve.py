@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    parser.add_argument("--out", default="runs/bench_grpo_curve")
+    parser.add_argument("--out", default="bench/out/grpo_curve")
     parser.add_argument("--only", choices=["grpo", "dr_grpo"], help="run one aggregation (used internally)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    parser.add_argument("--out", default="runs/bench_grpo_vs_trl")
+    parser.add_argument("--out", default="bench/out/grpo_vs_trl")
     parser.add_argument("--worker", choices=["trl", "ours"], help="internal: run one side, print its result")
     parser.add_argument("--model-dir")
     args = parser.parse_args()
