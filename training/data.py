@@ -339,8 +339,8 @@ def pack(examples: list[Encoded], max_len: int) -> list[list[Encoded]]:
 def collate_packed(rows: list[list[Encoded]], max_len: int, pad_id: int) -> dict:
     """Packed rows → input_ids, labels, position_ids (restart at 0 per example, so attention is block-diagonal).
 
-    The model gets no attention_mask: transformers builds the block-diagonal causal mask from the
-    position-id resets. Padding forms its own trailing block with IGNORE_INDEX labels; the first
+    The model gets no attention_mask and ``use_cache=False``: transformers then builds the
+    block-diagonal causal mask from the position-id resets (with a KV cache it would not). Padding forms its own trailing block with IGNORE_INDEX labels; the first
     token of every example is IGNORE_INDEX so no loss crosses an example boundary.
     """
     import torch

@@ -116,8 +116,8 @@ class DPOTask:
                                                cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
         n = len(pairs)
         stats = {
-            "reward_accuracy": (float((rc > rr).sum()), n), "reward_margin": (float((rc - rr).sum()), n),
-            "logps_chosen": (float(sum_c.sum()), n), "logps_rejected": (float(sum_r.sum()), n),
+            "reward_accuracy": ((rc > rr).sum().item(), n), "reward_margin": ((rc - rr).sum().item(), n),
+            "logps_chosen": (sum_c.sum().item(), n), "logps_rejected": (sum_r.sum().item(), n),
         }
         return loss.sum(), n, stats
 

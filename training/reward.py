@@ -65,8 +65,8 @@ class RewardTask:
         chosen, rejected = self.rewards(model, pairs)
         loss = bradley_terry_loss(chosen, rejected, self.cfg.margin, self.cfg.center_coef) * len(pairs)
         n = len(pairs)
-        return loss, n, {"accuracy": (float((chosen > rejected).sum()), n),
-                         "reward_margin": (float((chosen - rejected).sum()), n)}
+        return loss, n, {"accuracy": ((chosen > rejected).sum().item(), n),
+                         "reward_margin": ((chosen - rejected).sum().item(), n)}
 
     def evaluate(self, model, pairs) -> dict:
         import torch
