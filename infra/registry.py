@@ -20,6 +20,9 @@ STAGE_MODULES: tuple[str, ...] = (
     "curation.tokenizer",
     "curation.tokenize",
     "training.pretrain_stage",  # pretrain (megatron-core, torchrun)
+    "training.sft",
+    "training.reward",
+    "training.dpo",
     "training.rl.grpo",
     "training.rl.ppo",
 )
