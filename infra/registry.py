@@ -25,6 +25,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "training.dpo",
     "training.rl.grpo",
     "training.rl.ppo",
+    "evaluation.stages",  # eval_pretrain, eval_sft, eval_dpo, eval_grpo, eval_ppo
 )
 
 

@@ -1,6 +1,7 @@
 """Held-out loss on our own curated data: the validation (or test) documents of the ``tokenize``
-stage's Megatron shards, chosen exactly as Megatron's dataset builder splits each shard
-(``blend.json``'s ``split``, e.g. ``"98,1,1"``: documents ``[round(.98 N), round(.99 N))``).
+stage's Megatron shards — the split's own shards (``blend.json``'s ``blend_per_split``), or, for a
+blend with only ``prefixes``, the documents Megatron's dataset builder assigns to the split
+(``split`` ``"98,1,1"``: documents ``[round(.98 N), round(.99 N))`` of each shard).
 
 Each document's tokens after the first are scored given all earlier ones (windows of ``window``
 tokens); reported are the mean loss in nats per token and its perplexity.
@@ -33,7 +34,8 @@ def split_range(num_docs: int, split: str, which: str) -> tuple[int, int]:
 
 
 def load_documents(shards_dir: str | Path, which: str = "valid") -> tuple[list[list[int]], dict]:
-    """Token lists of the ``which`` split of every shard listed in ``shards_dir/blend.json``."""
+    """Token lists of the ``which`` split of the shards in ``shards_dir/blend.json``: the split's own
+    shards where ``blend_per_split`` lists them, else Megatron's document split of ``prefixes``."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -42,11 +44,14 @@ def load_documents(shards_dir: str | Path, which: str = "valid") -> tuple[list[l
     if not blend_path.is_file():
         raise EvalDataError(f"{shards_dir} has no blend.json (not a tokenize stage's shards/ output)")
     blend = json.loads(blend_path.read_text())
+    per_split = blend.get("blend_per_split")
+    entries = (per_split.get(which) or []) if per_split else blend["prefixes"]
     docs: list[list[int]] = []
-    for _weight, prefix in blend["prefixes"]:
+    for _weight, prefix in entries:
         ds = IndexedDataset(str(shards_dir / prefix))
         doc_idx = ds.document_indices
-        lo, hi = split_range(len(doc_idx) - 1, blend.get("split", "98,1,1"), which)
+        n_docs = len(doc_idx) - 1
+        lo, hi = (0, n_docs) if per_split else split_range(n_docs, blend.get("split", "98,1,1"), which)
         for d in range(lo, hi):
             seqs = [ds[s] for s in range(int(doc_idx[d]), int(doc_idx[d + 1]))]
             tokens = np.concatenate(seqs).tolist() if seqs else []
@@ -60,10 +65,12 @@ def evaluate(
     seed: int | None = None, progress: bool = True,
 ) -> TaskResult:
     docs, blend = load_documents(shards_dir, which)
-    vocab = int(blend.get("vocab_size", 0))
-    model_vocab = model.model.config.vocab_size
-    if vocab > model_vocab:
-        raise EvalDataError(f"shards use a vocabulary of {vocab} tokens but the model has {model_vocab}")
+    vocab, model_vocab = int(blend.get("vocab_size", 0)), len(model.tokenizer)
+    if vocab != model_vocab:
+        raise EvalDataError(
+            f"the shards were tokenized with a {vocab}-token vocabulary, the model's tokenizer has {model_vocab}: "
+            "not the same tokenizer"
+        )
     docs = select(docs, limit, seed)
     notes = [] if docs else [f"no documents in the {which!r} split (split {blend.get('split')!r})"]
     windows, owners = [], []

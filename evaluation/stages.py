@@ -1,0 +1,201 @@
+"""``eval_pretrain``, ``eval_sft``, ``eval_dpo``, ``eval_grpo``, ``eval_ppo``: the benchmark harness
+run on each training stage's ``hf/`` checkpoint.
+
+Each stage runs its configured task list (hellaswag, gsm8k, perplexity, heldout — the
+``tokenize`` stage's validation shards, reward_accuracy — the ``reward`` stage's model on held-out
+preference pairs) and writes ``results/`` (``results.json`` + ``samples/<task>.jsonl``), the
+results as flat manifest metrics, a Prefect table (``eval``) and a markdown report that puts this
+stage next to the run's other eval stages.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field
+
+from infra.stage import Stage, StageConfig, StageContext, StageResult
+
+TaskName = Literal["hellaswag", "gsm8k", "perplexity", "heldout", "reward_accuracy"]
+FIXTURES = "tests/data/eval"
+
+# eval stage → the training stage whose hf/ checkpoint it evaluates
+EVALUATED = {"eval_pretrain": "pretrain", "eval_sft": "sft", "eval_dpo": "dpo", "eval_grpo": "grpo", "eval_ppo": "ppo"}
+
+
+class HellaSwagConfig(StageConfig):
+    path: str = Field(f"{FIXTURES}/hellaswag_val.jsonl", description="HellaSwag JSON lines (.gz ok), e.g. ../shared/data/hellaswag_val/hellaswag_val.jsonl.gz")
+    limit: int | None = Field(8, ge=1, description="items to score (null = all)")
+
+
+class GSM8KConfig(StageConfig):
+    path: str = Field(f"{FIXTURES}/gsm8k_test.jsonl", description="GSM8K test JSON lines, e.g. ../shared/data/gsm8k/test.jsonl")
+    train_path: str = Field(f"{FIXTURES}/gsm8k_train.jsonl", description="GSM8K train JSON lines (k-shot examples)")
+    limit: int | None = Field(2, ge=1, description="problems to solve (null = all)")
+    num_fewshot: int = Field(0, ge=0, description="k-shot examples drawn from train_path per problem")
+    fewshot_seed: int = Field(1234, description="seed of the k-shot draw (lm-eval's default)")
+    chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template (k-shot as turns)")
+    max_new_tokens: int = Field(64, ge=1, description="generation budget per problem (lm-eval: 256)")
+
+
+class PerplexityConfig(StageConfig):
+    path: str = Field(f"{FIXTURES}/wikitext2_test_excerpt.txt", description="text file (.gz ok), e.g. ../shared/data/wikitext2_valid_test/test.txt.gz")
+    limit: int | None = Field(1, ge=1, description="documents (WikiText articles) to score (null = all)")
+    window: int = Field(512, ge=2, description="rolling-window length in tokens")
+
+
+class HeldoutConfig(StageConfig):
+    split: Literal["valid", "test"] = Field("valid", description="which Megatron split of the tokenize shards")
+    limit: int | None = Field(None, ge=1, description="documents to score (null = all in the split)")
+    window: int = Field(512, ge=2, description="tokens per scoring window")
+
+
+class RewardAccuracyConfig(StageConfig):
+    path: str = Field(f"{FIXTURES}/hh_rlhf_pairs.jsonl", description="preference pairs {chosen, rejected[, prompt]}, e.g. ../shared/data/hh_rlhf_harmless_test/harmless-base_test.jsonl.gz")
+    limit: int | None = Field(None, ge=1, description="pairs to score (null = all)")
+    max_length: int = Field(512, ge=8, description="tokens kept per text (from the end)")
+
+
+class EvalConfig(StageConfig):
+    """Which tasks to run on the checkpoint and how."""
+
+    tasks: list[TaskName] = Field(
+        default_factory=lambda: ["hellaswag", "gsm8k", "perplexity"],
+        description="tasks to run; heldout needs the tokenize stage, reward_accuracy the reward stage",
+    )
+    seed: int | None = Field(None, description="draw each task's `limit` items with this seed (null = the first items)")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="model dtype")
+    max_length: int | None = Field(None, ge=16, description="max tokens per sequence (null = the model's)")
+    generation_backend: Literal["auto", "hf", "vllm"] = Field("auto", description="vLLM when installed (auto), else transformers")
+    progress: bool = Field(True, description="tqdm progress bars")
+    hellaswag: HellaSwagConfig = Field(default_factory=HellaSwagConfig, description="HellaSwag settings")
+    gsm8k: GSM8KConfig = Field(default_factory=GSM8KConfig, description="GSM8K settings")
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig, description="WikiText perplexity settings")
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig, description="held-out shard loss settings")
+    reward_accuracy: RewardAccuracyConfig = Field(default_factory=RewardAccuracyConfig, description="reward-model accuracy settings")
+
+
+def task_files(cfg: EvalConfig) -> dict[str, str]:
+    """The external files the configured tasks read (hashed into the cache key and lineage)."""
+    files = {}
+    if "hellaswag" in cfg.tasks:
+        files["hellaswag"] = cfg.hellaswag.path
+    if "gsm8k" in cfg.tasks:
+        files["gsm8k"] = cfg.gsm8k.path
+        if cfg.gsm8k.num_fewshot:
+            files["gsm8k_train"] = cfg.gsm8k.train_path
+    if "perplexity" in cfg.tasks:
+        files["perplexity"] = cfg.perplexity.path
+    if "reward_accuracy" in cfg.tasks:
+        files["reward_pairs"] = cfg.reward_accuracy.path
+    return files
+
+
+def run_tasks(ctx: StageContext, hf_dir, shards_dir=None, reward_dir=None):
+    """Run the configured tasks; returns (results, notes about tasks that could not run)."""
+    from evaluation.data import EvalDataError
+    from evaluation.model import EvalModel
+
+    cfg: EvalConfig = ctx.config
+    files = ctx.external_inputs
+    model = EvalModel(hf_dir, batch_size=cfg.batch_size, max_length=cfg.max_length, dtype=cfg.dtype,
+                      generation_backend=cfg.generation_backend)
+    results, skipped = [], []
+    for task in cfg.tasks:
+        ctx.log.info("eval: %s on %s", task, hf_dir)
+        try:
+            res = _run_task(task, cfg, model, files, shards_dir, reward_dir)
+        except EvalDataError as exc:
+            ctx.log.warning("eval: %s skipped: %s", task, exc)
+            skipped.append(f"{task}: {exc}")
+            continue
+        if res.malformed:
+            ctx.log.warning("eval: %s skipped %d malformed lines (%s)", task, res.malformed, "; ".join(res.notes[:2]))
+        ctx.log.info("eval: %s %s", task, {k: round(v, 4) for k, v in res.metrics.items()})
+        results.append(res)
+    return results, skipped
+
+
+def _run_task(task: str, cfg: EvalConfig, model, files, shards_dir, reward_dir):
+    from evaluation.data import EvalDataError
+    from evaluation.tasks import gsm8k, heldout, hellaswag, perplexity, reward_accuracy
+
+    if task == "hellaswag":
+        return hellaswag.evaluate(model, files["hellaswag"], cfg.hellaswag.limit, cfg.seed, cfg.progress)
+    if task == "gsm8k":
+        g = cfg.gsm8k
+        return gsm8k.evaluate(model, files["gsm8k"], files.get("gsm8k_train"), g.num_fewshot, g.fewshot_seed,
+                              g.chat_template, g.max_new_tokens, g.limit, cfg.seed, cfg.progress)
+    if task == "perplexity":
+        p = cfg.perplexity
+        return perplexity.evaluate(model, files["perplexity"], p.window, p.limit, cfg.seed, cfg.progress)
+    if task == "heldout":
+        if shards_dir is None:
+            raise EvalDataError("no tokenize stage output (shards/) in this run")
+        h = cfg.heldout
+        return heldout.evaluate(model, shards_dir, h.split, h.window, h.limit, cfg.seed, cfg.progress)
+    if reward_dir is None:
+        raise EvalDataError("no reward stage output (hf/) in this run")
+    r = cfg.reward_accuracy
+    rm = reward_accuracy.RewardModel(reward_dir, batch_size=cfg.batch_size, max_length=r.max_length, dtype=cfg.dtype)
+    return reward_accuracy.evaluate(rm, files["reward_pairs"], r.limit, cfg.seed, cfg.progress)
+
+
+def run(ctx: StageContext) -> StageResult:
+    from evaluation.report import EVAL_TABLE, eval_tables, flat_metrics, markdown_table, result_rows, stages_side_by_side
+
+    upstream = ctx.input(EVALUATED[ctx.stage])
+    optional = {name: inp for name, inp in ctx.inputs.items() if name in ("tokenize", "reward")}
+    results, skipped = run_tasks(
+        ctx,
+        upstream.path("hf"),
+        shards_dir=optional["tokenize"].path("shards") if "tokenize" in optional else None,
+        reward_dir=optional["reward"].path("hf") if "reward" in optional else None,
+    )
+    out = ctx.output("results")
+    (out / "samples").mkdir(parents=True)
+    rows = result_rows(results)
+    summary = {
+        "checkpoint": f"{upstream.run_id}/{upstream.stage}/hf",
+        "rows": rows, "skipped": skipped,
+        "malformed": {r.task: {"count": r.malformed, "examples": r.notes} for r in results},
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    for r in results:
+        with (out / "samples" / f"{r.task}.jsonl").open("w") as fh:
+            for sample in r.samples:
+                fh.write(json.dumps(sample) + "\n")
+
+    md = [f"## {ctx.stage}: {upstream.run_id}/{upstream.stage}/hf", ""]
+    md.append(markdown_table(["task", "metric", "value", "n", "malformed"],
+                             [[r["task"], r["metric"], r["value"], r["n"], r["malformed"]] for r in rows]))
+    if skipped:
+        md += [""] + [f"- {s}" for s in skipped]
+    earlier = {s: t for s, t in eval_tables(ctx.run_root, ctx.run_id).items() if s != ctx.stage}
+    if earlier:
+        md += ["", "### Along the pipeline", "", stages_side_by_side({**earlier, ctx.stage: rows})]
+    metrics = {**flat_metrics(rows), "tasks_skipped": len(skipped)}
+    return StageResult(metrics=metrics, tables={EVAL_TABLE: rows}, report_md="\n".join(md))
+
+
+def _stage(name: str, optional_inputs: tuple[str, ...]) -> Stage:
+    return Stage(
+        name=name,
+        description=f"benchmark the {EVALUATED[name]} checkpoint (hf/): HellaSwag, GSM8K, perplexity, held-out loss, reward accuracy",
+        config_model=EvalConfig,
+        run=run,
+        inputs=(EVALUATED[name],),
+        optional_inputs=optional_inputs,
+        external_inputs=task_files,
+    )
+
+
+STAGES = [
+    _stage("eval_pretrain", ("tokenize",)),
+    _stage("eval_sft", ("tokenize",)),
+    _stage("eval_dpo", ("reward",)),
+    _stage("eval_grpo", ("reward",)),
+    _stage("eval_ppo", ("reward",)),
+]
