@@ -93,10 +93,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("funnel (documents kept per stage):")
         for r in funnel:
             print(f"  {r['stage']:<16} {r['metrics']['rows_in']:>7} in  {r['metrics']['kept']:>7} kept")
+    evals = [r for r in catalog.stage_runs(result["run_id"]) if r["stage"].startswith("eval_")]
+    if evals:
+        print("evaluation (one row per trained checkpoint):")
+        for line in eval_table(evals):
+            print("  " + line)
     print(f"UI: run `refinery serve` and open http://{config.prefect.host}:{config.prefect.port} "
           f"(flow runs, logs, artifacts; PREFECT_HOME={os.environ['PREFECT_HOME']})")
     print(f"lineage: refinery lineage show {result['run_id']}  |  refinery lineage diff RUN_A RUN_B")
     return 0
+
+
+def eval_table(eval_runs: list[dict]) -> list[str]:
+    """Rows of ``task/metric`` values (n and malformed counts left out) for the eval stages of a run."""
+    skip = ("/n", "/malformed", "tasks_skipped")
+    columns = sorted({k for r in eval_runs for k, v in r["metrics"].items()
+                      if isinstance(v, (int, float)) and not k.endswith(skip)})
+    lines = [" | ".join(["checkpoint", *columns])]
+    for r in eval_runs:
+        cells = [r["stage"].removeprefix("eval_")]
+        cells += [f"{r['metrics'][c]:.4g}" if isinstance(r["metrics"].get(c), (int, float)) else "-" for c in columns]
+        lines.append(" | ".join(cells))
+    return lines
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

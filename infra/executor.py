@@ -112,6 +112,17 @@ def _input_records(inputs: dict[str, StageInput], external: dict[str, Path]) -> 
     return records
 
 
+def _used_inputs(records: dict[str, dict], inputs: dict[str, StageInput]) -> dict[str, dict]:
+    """The input records a stage actually read (all of an upstream's outputs if it read none by name)."""
+    keep = {}
+    for key, record in records.items():
+        upstream, _, output = key.partition("/")
+        inp = inputs.get(upstream) if output else None
+        if inp is None or not inp.used or output in inp.used:
+            keep[key] = record
+    return keep
+
+
 def cache_key(stage: Stage, cfg, input_records: dict[str, dict]) -> str:
     payload = {
         "stage": stage.name,
@@ -185,10 +196,11 @@ def execute_stage(
             }
         manifest = {
             "run_id": run_id, "stage": name, "stage_version": stage.version, "status": "completed",
+            "inputs": _used_inputs(records, inputs),
             "cache_key": key, "cached_from": None,
             "config": cfg.model_dump(mode="json"),
             "spark_master": config.spark.master if stage.uses_spark else None,
-            "inputs": records, "outputs": outputs,
+            "outputs": outputs,
             "metrics": result.metrics, "tables": result.tables, "report_md": result.report_md,
             "images": {k: str(final / v) for k, v in result.images.items()},
             "code_version": code_version(), "host": socket.gethostname(),

@@ -33,10 +33,12 @@ class StageInput:
     run_id: str
     dir: Path  # the upstream stage's final directory
     manifest: dict
+    used: set[str] = field(default_factory=set)  # outputs the stage asked for (recorded as lineage)
 
     def path(self, output: str = "data") -> Path:
         """Absolute path of one named output of the upstream stage."""
         outputs = self.manifest["outputs"]
+        self.used.add(output)
         if output not in outputs:
             raise KeyError(
                 f"{self.run_id}/{self.stage} has no output {output!r} (has: {', '.join(sorted(outputs))})"

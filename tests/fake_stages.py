@@ -21,6 +21,8 @@ def count_lines(ctx: StageContext) -> StageResult:
     out = ctx.output("data")
     out.mkdir()
     (out / "lines.txt").write_text("\n".join(kept))
+    ctx.output("stats").mkdir()
+    (ctx.output("stats") / "n.txt").write_text(str(len(kept)))
     if ctx.config.fail:
         raise RuntimeError("injected failure")
     return StageResult(metrics={"rows_in": len(lines), "kept": len(kept)})

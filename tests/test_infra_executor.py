@@ -83,6 +83,7 @@ def test_rerun_downstream_stage_on_earlier_run(fake):
     execute_stage("alpha", build(), "r1")
     m = execute_stage("beta", build(beta__suffix="!"), "r2", from_ref="r1")
     assert m["inputs"]["alpha/data"]["run_id"] == "r1"
+    assert "alpha/stats" not in m["inputs"]  # lineage records only the outputs the stage read
     assert (root / "r2" / "beta" / "data" / "upper.txt").read_text().splitlines() == ["A!", "BB!", "CCC!"]
     m2 = execute_stage("beta", build(), "r3", from_ref="r1/alpha")
     assert m2["inputs"]["alpha/data"]["stage"] == "alpha"
