@@ -115,7 +115,7 @@ def run_lm_eval(model_dir: Path, files: dict[str, Path], args) -> dict:
     from lm_eval.tasks import TaskManager
 
     out: dict = {}
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     lm = HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=args.batch_size)
     manager = TaskManager(include_path=str(files["tasks"]))
     if args.hellaswag:
@@ -136,7 +136,7 @@ def run_lm_eval(model_dir: Path, files: dict[str, Path], args) -> dict:
         out["gsm8k"] = {"exact_match_strict": r["exact_match,strict-match"],
                         "exact_match_flexible": r["exact_match,flexible-extract"], "seconds": time.time() - t,
                         "generations": [s["resps"][0][0] for s in strict]}
-    out["seconds"] = time.time() - t0
+    out["seconds"], out["cpu_seconds"] = time.time() - t0, time.process_time() - c0
     return out
 
 
@@ -145,7 +145,7 @@ def run_ours(model_dir: Path, files: dict[str, Path], args) -> dict:
     from evaluation.tasks import gsm8k, hellaswag
 
     out: dict = {}
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     model = EvalModel(model_dir, batch_size=args.batch_size, generation_backend="hf")
     if args.hellaswag:
         t = time.time()
@@ -157,7 +157,7 @@ def run_ours(model_dir: Path, files: dict[str, Path], args) -> dict:
         res = gsm8k.evaluate(model, files["gsm8k"], train_path=args.gsm8k_train, num_fewshot=args.num_fewshot,
                              chat_template=args.chat_template, max_new_tokens=args.max_new_tokens)
         out["gsm8k"] = {**res.metrics, "seconds": time.time() - t, "generations": [s["generation"] for s in res.samples]}
-    out["seconds"] = time.time() - t0
+    out["seconds"], out["cpu_seconds"] = time.time() - t0, time.process_time() - c0
     return out
 
 
@@ -207,6 +207,8 @@ def main() -> int:
         print(f"gsm8k seconds ours {a['seconds']:.1f}  lm-eval {b['seconds']:.1f}  ratio {a['seconds'] / b['seconds']:.2f}")
     print(f"total seconds ours {ours['seconds']:.1f}  lm-eval {theirs['seconds']:.1f}  "
           f"time_ratio_ours_over_lmeval {ours['seconds'] / theirs['seconds']:.2f}")
+    print(f"total cpu seconds ours {ours['cpu_seconds']:.1f}  lm-eval {theirs['cpu_seconds']:.1f}  "
+          f"cpu_ratio_ours_over_lmeval {ours['cpu_seconds'] / theirs['cpu_seconds']:.2f}")
     print(f"max_abs_delta_pt {max(abs(v) for v in deltas.values()) if deltas else 0.0:.2f}")
     return 0
 

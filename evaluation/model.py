@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 log = logging.getLogger("refinery.eval.model")
-_HEAD_CHUNK = 512  # positions per LM-head call
+_HEAD_CHUNK = 1024  # scored positions per LM-head call
 
 
 class EvalModelError(ValueError):
@@ -212,7 +212,7 @@ class EvalModel:
         rows = [(r, i, cont) for r, g in enumerate(groups) for i, cont in g.items]
         row_group = torch.tensor([r for r, _, _ in rows], device=dev)
         lt = max(len(cont) for _, _, cont in rows) - 1  # continuation tokens fed to the model
-        cont_hidden = None
+        rest_logp = rest_greedy = None
         if lt > 0:
             cont_ids = torch.full((len(rows), lt), self.pad_token_id, dtype=torch.long, device=dev)
             cont_mask = torch.zeros((len(rows), lt), dtype=torch.long, device=dev)
@@ -224,23 +224,29 @@ class EvalModel:
             cache = out.past_key_values
             cache.batch_select_indices(row_group)
             positions = ctx_lens[row_group].unsqueeze(1) + torch.arange(lt, device=dev).unsqueeze(0)
-            cont_hidden = base(
+            hidden = base(
                 input_ids=cont_ids,
                 attention_mask=torch.cat([ctx_mask[row_group], cont_mask], dim=1),
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
-            ).last_hidden_state
-        for k, (r, i, cont) in enumerate(rows):
-            target = torch.tensor(cont, device=dev)
+            ).last_hidden_state[cont_mask.bool()]  # scored positions only, row by row
+            targets = torch.tensor([t for _, _, cont in rows for t in cont[1:]], device=dev)
+            rest_logp, rest_greedy = [], []
+            for s in range(0, len(targets), _HEAD_CHUNK):  # one LM-head matmul per chunk, bounded memory
+                logp = torch.log_softmax(head(hidden[s : s + _HEAD_CHUNK]).float(), dim=-1)
+                tgt = targets[s : s + _HEAD_CHUNK]
+                rest_logp.append(logp.gather(1, tgt.unsqueeze(1)).squeeze(1))
+                rest_greedy.append(logp.argmax(-1) == tgt)
+            rest_logp, rest_greedy = torch.cat(rest_logp).tolist(), torch.cat(rest_greedy).tolist()
+        pos = 0
+        for r, i, cont in rows:
+            n = len(cont) - 1
             first = first_logp[r]
-            total, greedy = float(first[cont[0]]), int(first.argmax()) == cont[0]
-            for s in range(0, len(cont) - 1, _HEAD_CHUNK):  # bounded memory for long windows
-                logp = torch.log_softmax(head(cont_hidden[k, s : min(s + _HEAD_CHUNK, len(cont) - 1)]).float(), dim=-1)
-                tgt = target[s + 1 : s + 1 + logp.shape[0]]
-                total += float(logp.gather(1, tgt.unsqueeze(1)).sum())
-                greedy = greedy and bool((logp.argmax(-1) == tgt).all())
+            total = float(first[cont[0]]) + (sum(rest_logp[pos : pos + n]) if n else 0.0)
+            greedy = int(first.argmax()) == cont[0] and (all(rest_greedy[pos : pos + n]) if n else True)
             results[i] = (total, greedy)
+            pos += n
 
     # ---- generation ---------------------------------------------------------------------
     def generate_until(
