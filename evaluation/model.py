@@ -254,6 +254,9 @@ class EvalModel:
     ) -> list[str]:
         """Greedy continuations of ``prompts``, cut before the first stop sequence (or EOS)."""
         stops = [s for s in until if s]
+        if max_new_tokens >= self.max_length:
+            log.warning("max_new_tokens %d >= max_length %d: generating %d", max_new_tokens, self.max_length, self.max_length // 2)
+            max_new_tokens = self.max_length // 2
         if self.generation_backend in ("auto", "vllm"):
             engine = self._vllm_engine()
             if engine is not None:

@@ -71,8 +71,9 @@ def evaluate(
             f"the shards were tokenized with a {vocab}-token vocabulary, the model's tokenizer has {model_vocab}: "
             "not the same tokenizer"
         )
+    if not docs:
+        raise EvalDataError(f"the shards' {which!r} split holds no document of 2+ tokens")
     docs = select(docs, limit, seed)
-    notes = [] if docs else [f"no documents in the {which!r} split (split {blend.get('split')!r})"]
     windows, owners = [], []
     window = min(window, model.max_length)
     for i, tokens in enumerate(docs):
@@ -83,11 +84,10 @@ def evaluate(
     scores = model.loglikelihood_tokens(windows, progress=progress) if windows else []
     ll = sum(lp for lp, _ in scores)
     n_tokens = sum(len(c) for _, c in windows)
-    metrics = {"loss": -ll / n_tokens, "perplexity": math.exp(-ll / n_tokens)} if n_tokens else {}
-    metrics["tokens"] = float(n_tokens)
+    metrics = {"loss": -ll / n_tokens, "perplexity": math.exp(-ll / n_tokens), "tokens": float(n_tokens)}
     per_doc = [0.0] * len(docs)
     for i, (lp, _) in zip(owners, scores):
         per_doc[i] += lp
     samples = [{"doc": i, "tokens": len(t) - 1, "loglikelihood": per_doc[i]} for i, t in enumerate(docs)]
-    return TaskResult("heldout", metrics, len(docs), 0, notes, samples)
+    return TaskResult("heldout", metrics, len(docs), 0, [], samples)
 
