@@ -35,13 +35,6 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return -logps.sum(), mask.sum()
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """log π(y|x) per sequence: Σ_t log p(y_t) over supervised tokens, or the mean when ``average``."""
-    logps, mask = token_logps(logits, labels)
-    total = logps.sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
-
-
 def dpo_loss(
     chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
     beta: float = 0.1, label_smoothing: float = 0.0,
@@ -105,7 +98,8 @@ def kto_loss(
     """KTO (TRL KTOTrainer), chosen = desirable, rejected = undesirable; ``kl`` is the reference point z₀.
 
     loss_c = w_d·(1 − σ(β·(Δ_c − z₀))),  loss_r = w_u·(1 − σ(β·(z₀ − Δ_r))),  Δ = log π − log π_ref
-    z₀ is a detached, clamped (≥ 0) estimate of KL(π‖π_ref); see :func:`kto_reference_point`.
+    z₀ = max(0, mean(log π − log π_ref)), detached: TRL estimates it on mismatched pairs, the dpo
+    stage on all answers of the step's global batch.
     Returns per-pair loss_c + loss_r.
     """
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
@@ -113,11 +107,6 @@ def kto_loss(
         1 - torch.sigmoid(beta * (kl - rejected_ratio))
     )
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-
-
-def kto_reference_point(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """z₀ = max(0, mean(log π − log π_ref)), detached — TRL's KL estimate (there: on mismatched pairs)."""
-    return (policy_logps - ref_logps).mean().clamp(min=0).detach()
 
 
 def bradley_terry_loss(
