@@ -375,6 +375,7 @@ def test_eval_stages_via_executor_and_compare(tiny_dirs, make_config, tmp_path, 
              "perplexity.window": 64, "heldout.window": 64, "batch_size": 4, "progress": False}
     overrides = {f"{stage}.{k}": v for stage in ("eval_pretrain", "eval_dpo") for k, v in small.items()}
     overrides["eval_pretrain.tasks"] = ["hellaswag", "perplexity", "heldout"]
+    overrides["eval_pretrain.heldout.split"] = "valid"
     overrides["eval_dpo.tasks"] = ["hellaswag", "gsm8k", "reward_accuracy", "heldout"]
     config = make_config(overrides)
     run_root = Path(config.run_root)
