@@ -7,7 +7,7 @@ TRL lives in its own venv (``.venv-bench-trl``, created here on first use: it se
 packages through a .pth file and adds only TRL, installed with ``-c constraints.txt``; the script
 checks that torch is still the CPU build there).
 
-    .venv/bin/python bench/dpo_vs_trl.py                    # SmolLM2-135M, 6 steps of 2 pairs, 96 tokens
+    .venv/bin/python bench/dpo_vs_trl.py        # SmolLM2-135M, HH-RLHF pairs <= 64 tokens, 10 steps of 2 pairs
 
 Last line: ``ratio_vs_trl <ours steps/s ÷ TRL steps/s>``.
 """
@@ -99,7 +99,7 @@ def run_ours(model_dir: Path, pairs_file: Path, args) -> dict:
         loss, count, _ = task.loss(model, [train_items[i] for i in ids], None)
         backend.step(loss / count)
         marks.append(time.perf_counter())
-        print(f"ours step {len(marks)} loss {float(loss) / count:.4f}", flush=True)
+        print(f"ours step {len(marks)} loss {loss.item() / count:.4f}", flush=True)
     return {"steps_per_s": (len(marks) - 1) / (marks[-1] - marks[0]), "tokens": sum(
         len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_items)}
 
@@ -135,9 +135,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="DPO steps/s: ours vs TRL DPOTrainer")
     parser.add_argument("--model", default="smollm2", help="'smollm2' or a local HF dir")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/hh_rlhf_harmless_test/harmless-base_test.jsonl.gz"))
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--max-len", type=int, default=80)
+    parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--worker-trl", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pairs-file", help=argparse.SUPPRESS)

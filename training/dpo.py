@@ -56,14 +56,27 @@ class DPOTask:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     def logps(self, model, pairs):
-        """Summed and length-averaged log-probs of chosen and rejected answers: (sum_c, sum_r, avg_c, avg_r)."""
+        """Summed and length-averaged log-probs of chosen and rejected answers: (sum_c, sum_r, avg_c, avg_r).
+
+        The LM head runs only on the positions that predict an answer token (as TRL's fused head
+        does), so no (batch, length, vocab) logits tensor is built for the prompts and padding.
+        """
+        import torch
+
         from training.data import collate_pairs
-        from training.losses import token_logps
+        from training.losses import IGNORE_INDEX
 
         batch = collate_pairs(pairs, self.pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        tok, mask = token_logps(logits, batch["labels"])
-        total = tok.sum(-1)
+        lm = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        logits = lm.get_output_embeddings()(hidden[mask]).float()  # (answer tokens, vocab)
+        targets = labels[mask]
+        tok = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, -1)
+        rows = mask.nonzero()[:, 0]
+        total = torch.zeros(labels.shape[0], dtype=tok.dtype).index_add(0, rows, tok)
         avg = total / mask.sum(-1).clamp(min=1)
         n = len(pairs)
         return total[:n], total[n:], avg[:n], avg[n:]
