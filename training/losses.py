@@ -19,10 +19,11 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
     Returns (logps, mask), both (B, T-1); logps is 0 where the label is IGNORE_INDEX.
     """
-    logits, labels = logits[:, :-1, :], labels[:, 1:]
+    logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)
-    logps = torch.gather(logits.float().log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    # gather − logsumexp: the same numbers as log_softmax + gather without keeping a (B, T, V) copy
+    logps = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     return logps * mask, mask
 
 
