@@ -120,9 +120,13 @@ def eval_table(eval_runs: list[dict]) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from infra.prefect_server import configure_prefect_env, prefect_server
 
+    import signal
+
     configure_prefect_env()
     config = load_config(args.config, _overrides_dict(args.override))
     host, port = args.host or config.prefect.host, args.port or config.prefect.port
+    # on SIGTERM, unwind normally so the Prefect server this command started is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with prefect_server(host, port) as api_url:
         from flows.serve import build_deployments
         from prefect import serve

@@ -140,16 +140,36 @@ def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> BaseRefineryConfig:
     """Load and validate a config file (default ``configs/demo.yaml``) with overrides applied."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    return validate_config(apply_overrides(read_config_file(Path(path) if path else DEFAULT_CONFIG), overrides))
+
+
+def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a dict; ``extends: base.yaml`` (relative to the file) is deep-merged underneath."""
     if not path.exists():
         raise ConfigError(f"config error: config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config error: {path} extends itself (via {' -> '.join(map(str, seen))})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config error: {path} must hold a mapping at the top level")
-    return validate_config(apply_overrides(data, overrides))
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    return deep_merge(read_config_file(path.parent / base, (*seen, path.resolve())), data)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def validate_config(data: dict) -> BaseRefineryConfig:

@@ -1,6 +1,7 @@
 """Prefect: typed stage flows, the pipeline flow (skip on rerun, logs streamed, artifacts), and
 deployments served by `refinery serve` that a UI/API call can launch."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -28,9 +29,14 @@ def test_stage_flow_form_is_generated_from_the_stage_config():
 def harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
+    previous = os.environ.get("PREFECT_HOME")
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
     with prefect_test_harness(server_startup_timeout=240):
         yield
+    if previous is None:
+        os.environ.pop("PREFECT_HOME")
+    else:
+        os.environ["PREFECT_HOME"] = previous
 
 
 @pytest.mark.slow
@@ -75,22 +81,27 @@ def test_served_deployments_run_pipeline_and_single_stage_rerun(tmp_path):
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
     env.pop("PREFECT_API_URL")
+    serve_log = tmp_path / "serve.log"
     serve = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "serve", "--port", str(port), "-o", f"run_root={tmp_path / 'runs'}",
          "-o", "spark.master=local[2]"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT,
     )
     api = f"http://127.0.0.1:{port}/api"
+    stack = contextlib.ExitStack()
     try:
         from infra.prefect_server import healthy
 
         deadline = time.time() + 300
         while not healthy(api):
-            assert serve.poll() is None, serve.stdout.read()
+            assert serve.poll() is None, serve_log.read_text()
             assert time.time() < deadline, "server did not start"
             time.sleep(2)
-        os.environ["PREFECT_API_URL"] = api
         from prefect.deployments import run_deployment
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        # talk to the served server, not a harness another test of this module may have left active
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api}))
 
         overrides = {"run_root": str(tmp_path / "runs"), "spark.master": "local[2]"}
         deadline = time.time() + 400
@@ -100,6 +111,7 @@ def test_served_deployments_run_pipeline_and_single_stage_rerun(tmp_path):
                                      parameters={"stages": ["ingest"], "overrides": overrides, "run_id": "ui-run"})
                 break
             except Exception as exc:  # ObjectNotFound until serve has registered the deployments
+                assert serve.poll() is None, serve_log.read_text()
                 assert time.time() < deadline, f"deployments were not registered: {exc}"
                 time.sleep(3)
         assert run.state.is_completed(), run.state
@@ -115,7 +127,7 @@ def test_served_deployments_run_pipeline_and_single_stage_rerun(tmp_path):
         assert manifest["config"]["max_record_bytes"] == 100000
         assert manifest["metrics"]["drop_reasons"].get("too_large", 0) >= 1
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
+        stack.close()
         serve.terminate()
         try:
             serve.wait(timeout=60)

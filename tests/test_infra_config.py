@@ -52,3 +52,18 @@ def test_override_cannot_descend_into_a_scalar():
 def test_unknown_pipeline_stage_is_rejected():
     with pytest.raises(ConfigError, match="unknown stage"):
         load_config(overrides={"pipeline.stages": ["ingest", "nope"]})
+
+
+def test_profile_extends_demo_and_overrides_only_its_sections():
+    from infra.config import REPO_ROOT
+
+    demo, smollm2 = load_config(), load_config(REPO_ROOT / "configs" / "smollm2.yaml")
+    assert smollm2.sft.model == "smollm2" and demo.sft.model == "upstream"
+    assert smollm2.pipeline.stages == demo.pipeline.stages and smollm2.tokenize == demo.tokenize
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")

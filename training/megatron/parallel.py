@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import tempfile
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
@@ -22,12 +16,15 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
 
     on_cpu = cpu.enable() or not torch.cuda.is_available()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a single process outside torchrun (export, tests)
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ["MASTER_PORT"] = str(_free_port())
+        backend = "gloo" if on_cpu else "nccl"
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("gloo" if on_cpu else "nccl")
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend)
+        else:  # a single process (export, tests): a file store, no TCP port that another process could take
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            store = dist.FileStore(tempfile.mktemp(prefix="refinery-pg-"), 1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by TP×PP = {tp}×{pp}")
