@@ -185,7 +185,6 @@ def run(ctx: StageContext) -> StageResult:
     launch(job, ctx.out_dir / ".job", cfg.nproc_per_node, cfg.torchrun_args, ctx.log)
 
     from training.megatron.checkpoint import latest_valid, read_metadata
-    from training.megatron.convert import export_checkpoint
 
     final, _ = latest_valid(ckpt_dir)
     if final is None:
