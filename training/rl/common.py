@@ -254,7 +254,24 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def finish_outputs(ctx: StageContext, history: list[dict], title: str) -> dict:
+def finish_stage(ctx: StageContext, policy, tokenizer, history: list[dict], label: str, extra: dict):
+    """End of an RL stage: the policy as ``hf/``, the curve and scalars, summary metrics and a report."""
+    from infra.stage import StageResult
+
+    cfg = ctx.config
+    save_hf(policy, tokenizer, ctx.output("hf"))
+    metrics = {**finish_outputs(ctx, history), **extra, "rollout_backend": cfg.rollout_backend,
+               "precision": cfg.precision}
+    report = (
+        f"{label}, {cfg.rollout_backend} rollouts, {cfg.precision}: mean reward "
+        f"{metrics['reward_first']:.3f} → {metrics['reward_last']:.3f} over {cfg.steps} steps; trainer-vs-rollout "
+        f"|Δ logp| mean {metrics['logp_gap_mean']:.2e}, max {metrics['logp_gap_max']:.2e}.\n\n![reward](reward_curve.png)"
+    )
+    return StageResult(metrics=metrics, tables={"steps": history}, report_md=report,
+                       images={"reward_curve": "reward_curve.png"})
+
+
+def finish_outputs(ctx: StageContext, history: list[dict]) -> dict:
     """Write history.json, the TensorBoard scalars and the curve PNG; return summary metrics."""
     from torch.utils.tensorboard import SummaryWriter
 

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from infra.stage import Stage, StageContext, StageResult
-from training.rl.common import RLConfigBase
+from training.rl.common import RLConfigBase, rl_external_inputs
 
 
 class GRPOConfig(RLConfigBase):
@@ -139,7 +139,7 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
 def run(ctx: StageContext) -> StageResult:
     import torch
 
-    from training.rl.common import finish_outputs, load_prompt_set, resolve_sources, save_hf
+    from training.rl.common import finish_stage, load_prompt_set, resolve_sources
     from training.rl.rewards import RewardModelScorer
     from training.rl.rollout import make_engine
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,21 +156,8 @@ def run(ctx: StageContext) -> StageResult:
     reward_model = RewardModelScorer(rm_dir) if rm_dir else None
     engine = make_engine(cfg.rollout_backend, policy_dir, cfg.precision, cfg.seed, max_model_len=1024)
     history = train_grpo(policy, tokenizer, engine, examples, cfg, ref, reward_model, log=ctx.log)
-    save_hf(policy, tokenizer, ctx.output("hf"))
-    metrics = {**finish_outputs(ctx, history, "grpo"), "policy": str(policy_dir), "aggregation": cfg.aggregation,
-               "rollout_backend": cfg.rollout_backend, "precision": cfg.precision, "prompts": len(examples)}
-    report = (
-        f"GRPO ({cfg.aggregation}, G={cfg.group_size}, {cfg.rollout_backend} rollouts, {cfg.precision}): mean reward "
-        f"{metrics['reward_first']:.3f} → {metrics['reward_last']:.3f} over {cfg.steps} steps; trainer-vs-rollout "
-        f"|Δ logp| mean {metrics['logp_gap_mean']:.2e}, max {metrics['logp_gap_max']:.2e}.\n\n![reward](reward_curve.png)"
-    )
-    return StageResult(metrics=metrics, tables={"steps": history}, report_md=report, images={"reward_curve": "reward_curve.png"})
-
-
-def _external(cfg: GRPOConfig) -> dict[str, str]:
-    from training.rl.common import rl_external_inputs
-
-    return rl_external_inputs(cfg)
+    return finish_stage(ctx, policy, tokenizer, history, f"GRPO ({cfg.aggregation}, G={cfg.group_size})",
+                        {"policy": str(policy_dir), "aggregation": cfg.aggregation, "prompts": len(examples)})
 
 
 STAGES = [
@@ -180,7 +167,7 @@ STAGES = [
         config_model=GRPOConfig,
         run=run,
         optional_inputs=("sft", "reward"),
-        external_inputs=_external,
+        external_inputs=rl_external_inputs,
         version="1",
     )
 ]

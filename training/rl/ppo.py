@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from infra.stage import Stage, StageContext, StageResult
-from training.rl.common import RLConfigBase
+from training.rl.common import RLConfigBase, rl_external_inputs
 
 
 class PPOConfig(RLConfigBase):
@@ -204,7 +204,7 @@ def run(ctx: StageContext) -> StageResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.rl.common import finish_outputs, load_prompt_set, resolve_sources, save_hf
+    from training.rl.common import finish_stage, load_prompt_set, resolve_sources
     from training.rl.rewards import RewardModelScorer
     from training.rl.rollout import make_engine
 
@@ -221,22 +221,9 @@ def run(ctx: StageContext) -> StageResult:
     critic = build_critic(policy, cfg.critic, rm_dir, policy_dir)
     engine = make_engine(cfg.rollout_backend, policy_dir, cfg.precision, cfg.seed, max_model_len=1024)
     history = train_ppo(policy, tokenizer, engine, examples, cfg, ref, critic, reward_model, log=ctx.log)
-    save_hf(policy, tokenizer, ctx.output("hf"))
-    metrics = {**finish_outputs(ctx, history, "ppo"), "policy": str(policy_dir), "critic": cfg.critic,
-               "rollout_backend": cfg.rollout_backend, "precision": cfg.precision, "prompts": len(examples),
-               "kl_coef_final": history[-1]["kl_coef"]}
-    report = (
-        f"PPO ({cfg.critic} critic, {cfg.rollout_backend} rollouts, {cfg.precision}): mean reward "
-        f"{metrics['reward_first']:.3f} → {metrics['reward_last']:.3f} over {cfg.steps} steps; trainer-vs-rollout "
-        f"|Δ logp| mean {metrics['logp_gap_mean']:.2e}, max {metrics['logp_gap_max']:.2e}.\n\n![reward](reward_curve.png)"
-    )
-    return StageResult(metrics=metrics, tables={"steps": history}, report_md=report, images={"reward_curve": "reward_curve.png"})
-
-
-def _external(cfg: PPOConfig) -> dict[str, str]:
-    from training.rl.common import rl_external_inputs
-
-    return rl_external_inputs(cfg)
+    return finish_stage(ctx, policy, tokenizer, history, f"PPO ({cfg.critic} critic)",
+                        {"policy": str(policy_dir), "critic": cfg.critic, "prompts": len(examples),
+                         "kl_coef_final": history[-1]["kl_coef"]})
 
 
 STAGES = [
@@ -246,7 +233,7 @@ STAGES = [
         config_model=PPOConfig,
         run=run,
         optional_inputs=("sft", "reward"),
-        external_inputs=_external,
+        external_inputs=rl_external_inputs,
         version="1",
     )
 ]
