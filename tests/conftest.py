@@ -43,3 +43,16 @@ def make_config(tmp_path):
         return load_config(path or DEFAULT_CONFIG, overrides=data)
 
     return build
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    """Swap the stage registry for the two Spark-free stages in tests/fake_stages.py."""
+    from infra import config, registry
+
+    monkeypatch.setattr(registry, "STAGE_MODULES", ("fake_stages",))
+    registry.all_stages.cache_clear()
+    config.config_model.cache_clear()
+    yield
+    registry.all_stages.cache_clear()
+    config.config_model.cache_clear()

@@ -3,7 +3,6 @@
 import pytest
 
 from infra import config as config_mod
-from infra import registry
 from infra.cli import build_parser, main
 from infra.executor import execute_stage
 
@@ -34,10 +33,7 @@ def test_rerun_from_missing_run_is_a_clear_error(capsys, tmp_path):
 
 
 @pytest.fixture
-def fake_runs(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "STAGE_MODULES", ("fake_stages",))
-    registry.all_stages.cache_clear()
-    config_mod.config_model.cache_clear()
+def fake_runs(fake_registry, tmp_path):
     src = tmp_path / "input.txt"
     src.write_text("one\ntwo\n")
     cfg_file = tmp_path / "cfg.yaml"
@@ -47,8 +43,6 @@ def fake_runs(monkeypatch, tmp_path):
     execute_stage("beta", config, "r1")
     execute_stage("beta", config_mod.load_config(cfg_file, ["beta.suffix=x"]), "r2", from_ref="r1")
     yield cfg_file
-    registry.all_stages.cache_clear()
-    config_mod.config_model.cache_clear()
 
 
 def test_lineage_show_and_diff(fake_runs, capsys):

@@ -5,17 +5,13 @@ import json
 import pytest
 
 from infra import config as config_mod
-from infra import registry
 from infra.executor import StageInputError, execute_stage
 from infra.lineage import LineageCatalog, diff_runs
 from infra.runstore import RunStoreError, read_manifest
 
 
 @pytest.fixture
-def fake(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "STAGE_MODULES", ("fake_stages",))
-    registry.all_stages.cache_clear()
-    config_mod.config_model.cache_clear()
+def fake(fake_registry, tmp_path):
     src = tmp_path / "input.txt"
     src.write_text("a\nbb\nccc\n")
 
@@ -27,8 +23,6 @@ def fake(monkeypatch, tmp_path):
         return config_mod.validate_config(data)
 
     yield build, src, tmp_path / "runs"
-    registry.all_stages.cache_clear()
-    config_mod.config_model.cache_clear()
 
 
 def test_manifest_records_inputs_outputs_config_and_code(fake):
