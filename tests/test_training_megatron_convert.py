@@ -1,4 +1,5 @@
-"""HF Llama ⇄ Megatron GPTModel conversion: logits match (fp32, max abs diff <= 1e-3) on real text, both ways."""
+"""HF Llama ⇄ Megatron GPTModel conversion: logits match (fp32, max abs diff <= 1e-3) on real text, both ways;
+the CPU model's SDPA core attention computes what Megatron's own ``DotProductAttention`` does."""
 
 from __future__ import annotations
 
@@ -78,6 +79,34 @@ def test_random_llama_logits_match_both_directions(shared_data, megatron_1proc, 
         vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied, rope_theta=50000.0)).eval()
     check_both_directions(hf, ids, 128, tmp_path)
+
+
+def test_sdpa_core_attention_matches_megatron_dot_product_attention(megatron_1proc, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from training.megatron.model import LlamaArch, sdpa_attention_class, transformer_config
+
+    config = transformer_config(LlamaArch(hidden_size=64, num_attention_heads=4, num_query_groups=2))
+    modules = [cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+               for cls in (DotProductAttention, sdpa_attention_class())]
+    g = torch.Generator().manual_seed(0)
+    s, b = 24, 3  # [seq, batch, heads, head_dim]; K/V have 2 query groups for 4 heads (GQA)
+    q, k, v = (torch.randn(s, b, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+    grad_out = torch.randn(s, b, 64, generator=g)
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or sdpa(*a, **kw))
+    results = []
+    for module in modules:
+        out = module(q, k, v, None)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        results.append((out, *grads))
+    assert results[0][0].shape == (s, b, 64) and len(sdpa_calls) == 1  # the fused path ran, once
+    for ref, got in zip(*results):
+        assert (ref - got).abs().max().item() <= 1e-5
 
 
 @pytest.mark.slow

@@ -16,15 +16,28 @@ def compat():
     cpu.disable()
 
 
-def test_cuda_factory_calls_and_current_device_land_on_cpu(compat):
+def test_cuda_factory_calls_in_megatron_and_current_device_land_on_cpu(compat):
     import torch
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.utils import get_default_causal_mask
 
     assert torch.cuda.current_device() == "cpu"
-    assert torch.zeros(3, device="cuda").device.type == "cpu"
-    assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+    assert schedules.torch.zeros(3, device="cuda").device.type == "cpu"
+    assert schedules.torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+    assert schedules.torch.Tensor is torch.Tensor and schedules.torch.float32 is torch.float32
+    assert get_default_causal_mask(4).device.type == "cpu"
     t = torch.ones(2)
-    assert t.cuda() is t and t.to("cuda").device.type == "cpu"
+    assert t.cuda() is t
     torch.cuda.synchronize()
+
+
+def test_torch_itself_is_not_intercepted(compat):
+    import torch
+    from torch.overrides import _get_current_function_mode_stack
+
+    assert not _get_current_function_mode_stack()
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")
 
 
 def test_megatron_rng_tracker_forks_and_restores_the_cpu_generator(compat):
@@ -72,8 +85,11 @@ def test_distributed_optimizer_is_rejected_clearly_on_cpu(compat):
 def test_disable_restores_plain_torch(compat):
     import torch
 
+    from megatron.core.pipeline_parallel import schedules
+
     compat.disable()
     assert not compat.is_active()
+    assert schedules.torch is torch and "cuda" not in vars(torch.Tensor)
     with pytest.raises((AssertionError, RuntimeError)):
-        torch.zeros(1, device="cuda")
+        torch.ones(1).cuda()
     compat.enable()

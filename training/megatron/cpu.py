@@ -9,9 +9,13 @@ torch 2.13 CPU, these shims are enough for ``GPTModel`` with TP, PP and DP (Mega
 2. The CUDA RNG (``torch.cuda.get_rng_state``/``set_rng_state``/``manual_seed`` and Megatron's
    ``tensor_parallel.random._get/_set_cuda_rng_state`` used by its RNG tracker) maps onto the CPU
    generator, so the tracker forks and restores states as it does on a GPU.
-3. A ``TorchFunctionMode`` rewrites ``device="cuda"`` in factory calls (``torch.zeros(...,
-   device="cuda")`` in the schedules, optimizer and grad-norm code) to CPU and makes
-   ``Tensor.cuda()`` the identity.
+3. The Megatron modules that allocate on the literal ``"cuda"`` device (``torch.zeros(...,
+   device="cuda")`` in the schedules, optimizer, grad scaler, grad-norm and checkpoint code; see
+   :data:`CUDA_FACTORY_MODULES`) get a proxy for their module-level ``torch`` name whose factory
+   functions put those tensors on the CPU, and ``Tensor.cuda()`` is the identity (it can only raise
+   on a CPU build). Every other torch call runs untouched: no process-wide ``TorchFunctionMode``,
+   so the model's own ops pay no Python interception. A ``"cuda"`` factory in a module not on the
+   list fails loudly ("Torch not compiled with CUDA enabled"), never silently.
 4. ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``; the optimizer gets the
    same clipping (scale every grad by ``max_norm / (total_norm + 1e-6)`` when that is < 1) without
    the assertion.
@@ -23,11 +27,13 @@ does nothing, so GPU behaviour is never changed.
 
 from __future__ import annotations
 
+import importlib
+import types
 from typing import Any
 
 _ACTIVE = False
-_MODE = None
-_SAVED: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) for disable()
+_SAVED: list[tuple[Any, str, Any]] = []  # (owner, attribute, original or _INHERITED) for disable()
+_INHERITED = object()  # the attribute came from a base class: disable() deletes the override
 
 
 def cuda_available() -> bool:
@@ -46,25 +52,43 @@ def _is_cuda_device(device: Any) -> bool:
     return False
 
 
-def _make_mode():
-    import torch
-    from torch.overrides import TorchFunctionMode
+# Megatron modules whose code names the "cuda" device in a factory call (megatron-core 0.16.1).
+CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.transformer.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+_FACTORIES = frozenset({"tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+                        "zeros_like", "ones_like", "empty_like", "full_like"})
 
-    class CudaToCpu(TorchFunctionMode):
-        """Rewrites ``device="cuda..."`` (kwarg or ``.to`` argument) to CPU; ``Tensor.cuda`` is identity."""
 
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.Tensor.cuda:
-                return args[0]
-            device = kwargs.get("device")
-            if device is not None and _is_cuda_device(device):
-                kwargs = {**kwargs, "device": "cpu"}
-            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-                args = (args[0], "cpu", *args[2:])
-            return func(*args, **kwargs)
+def _on_cpu(factory):
+    def call(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
 
-    return CudaToCpu()
+    return call
+
+
+class _TorchOnCpu(types.ModuleType):
+    """Stands in for ``torch`` inside one Megatron module: factories get ``device="cuda"`` → CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        import torch
+
+        value = getattr(torch, name)
+        return _on_cpu(value) if name in _FACTORIES else value
 
 
 def clip_grad_by_total_norm_cpu(parameters, max_norm: float, total_norm: float, use_decoupled_grad: bool = False):
@@ -79,7 +103,8 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm: float, total_norm: float, 
 
 
 def _patch(owner: Any, name: str, value: Any) -> None:
-    _SAVED.append((owner, name, getattr(owner, name)))
+    own = vars(owner)
+    _SAVED.append((owner, name, own[name] if name in own else _INHERITED))
     setattr(owner, name, value)
 
 
@@ -97,6 +122,7 @@ def _patch_torch_cuda() -> None:
     # the CPU generator directly: torch.manual_seed itself calls torch.cuda.manual_seed_all
     _patch(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
     _patch(cuda, "manual_seed_all", lambda seed: None)
+    _patch(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
 
 
 def _patch_megatron() -> None:
@@ -110,33 +136,35 @@ def _patch_megatron() -> None:
     _patch(megatron_random, "_set_cuda_rng_state",
            lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
     _patch(megatron_optimizer, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu)
+    for name in CUDA_FACTORY_MODULES:
+        _patch(importlib.import_module(name), "torch", _TorchOnCpu())
 
 
 def enable() -> bool:
     """Install the shims once per process if CUDA is absent; returns whether they are active."""
-    global _ACTIVE, _MODE
+    global _ACTIVE
     if _ACTIVE:
         return True
     if cuda_available():
         return False
     _patch_torch_cuda()
     _patch_megatron()
-    _MODE = _make_mode()
-    _MODE.__enter__()  # process-wide: every later torch call sees it
     _ACTIVE = True
     return True
 
 
 def disable() -> None:
     """Undo :func:`enable` (for tests sharing a process with code that expects plain torch)."""
-    global _ACTIVE, _MODE
+    global _ACTIVE
     if not _ACTIVE:
         return
-    _MODE.__exit__(None, None, None)
     while _SAVED:
         owner, name, original = _SAVED.pop()
-        setattr(owner, name, original)
-    _ACTIVE, _MODE = False, None
+        if original is _INHERITED:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    _ACTIVE = False
 
 
 def is_active() -> bool:
