@@ -158,6 +158,47 @@ def test_packing_resets_positions_and_blocks_cross_attention(tokenizer):
     assert not torch.allclose(leaky[starts[1]:starts[1] + lengths[1]], packed[starts[1]:starts[1] + lengths[1]], atol=1e-4)
 
 
+def test_train_layers_freezes_the_bottom_and_cached_states_match_the_full_forward(tokenizer):
+    from transformers import LlamaForSequenceClassification
+
+    from training.dpo import DPOTask
+    from training.frozen import freeze_bottom
+    from training.reward import RewardTask
+
+    pairs = [encode_pair(tokenizer, PreferencePair([{"role": "user", "content": f"Question {i}?"}], "Yes, " * (i + 1), "No."), 64)
+             for i in range(3)]  # different lengths: right padding inside each batch
+    lm = _tiny_model(len(tokenizer))
+    lm.config.pad_token_id = tokenizer.pad_token_id
+    rm = LlamaForSequenceClassification(lm.config).eval()
+    freeze_bottom(rm, 1)
+    top = ("model.layers.1.", "model.norm.", "score.")
+    assert {n for n, p in rm.named_parameters() if p.requires_grad} == {n for n, _ in rm.named_parameters() if n.startswith(top)}
+    freeze_bottom(lm, 1)  # the LM head is tied to the frozen embeddings: it stays frozen
+    assert not lm.lm_head.weight.requires_grad and lm.model.layers[1].mlp.up_proj.weight.requires_grad
+    with pytest.raises(ValueError, match="train_layers 3 must be in 1..2"):
+        freeze_bottom(lm, 3)
+
+    for task, model, forward in ((RewardTask({"train_layers": 1}, []), rm, "rewards"),
+                                 (DPOTask({"train_layers": 1}, []), lm, "logps")):
+        task.pad_id = tokenizer.pad_token_id
+        full = getattr(task, forward)(model, pairs)
+        full[0].sum().backward()
+        full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        task.setup(model, pairs[:2], pairs[2:])
+        assert len(task.bottom) == 6  # chosen and rejected of every pair
+        cached = getattr(task, forward)(model, pairs)
+        for a, b in zip(full, cached):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        cached[0].sum().backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, full_grads[n], rtol=1e-4, atol=1e-6)
+            else:
+                assert p.grad is None
+        model.zero_grad(set_to_none=True)
+
+
 # ---- bad input ------------------------------------------------------------------------------------------
 
 
@@ -251,7 +292,7 @@ def test_sft_reward_dpo_chain(make_config, tiny_dir):
 
     from infra.executor import execute_stage
 
-    config = make_config({**_overrides("sft", model=str(tiny_dir)), **_overrides("reward"), **_overrides("dpo", loss="kto")})
+    config = make_config({**_overrides("sft", model=str(tiny_dir)), **_overrides("reward", train_layers=1), **_overrides("dpo", loss="kto")})
     sft = execute_stage("sft", config, run_id="r1")
     m = sft["metrics"]
     assert m["model_source"] == str(tiny_dir) and "model" in sft["inputs"]
@@ -268,6 +309,7 @@ def test_sft_reward_dpo_chain(make_config, tiny_dir):
         score = rm(**tok(["<|im_start|>user\nhi<|im_end|>\n"], return_tensors="pt")).logits
     assert score.shape == (1, 1)
     assert 0.0 <= reward["metrics"]["eval_accuracy_after"] <= 1.0
+    assert reward["metrics"]["trainable_params"] < sum(p.numel() for p in rm.parameters())  # top block + head only
 
     dpo = execute_stage("dpo", config, run_id="r1")
     d = dpo["metrics"]

@@ -5,7 +5,8 @@ run will see are computed once before training and cached (SimPO and ORPO need n
 loss; the held-out metrics still compare with the reference). Metrics, held-out, before/after:
 log-prob accuracy (log π(y_c) > log π(y_r)), the chosen-minus-rejected log-prob margin, chosen
 and rejected log-prob means, and the implicit-reward accuracy β·(Δ_c − Δ_r) > 0 (Δ = log π − log π_ref;
-before training every implicit reward is 0, so that accuracy starts at 0).
+before training every implicit reward is 0, so that accuracy starts at 0). With ``train_layers: N``
+the frozen blocks' output is cached once per sequence too (training.frozen).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class DPOTask:
         self.cfg = DPOConfig.model_validate(config)
         self.paths = data_paths
         self.ref: dict[int, tuple[float, float, float, float]] = {}  # id(pair) → ref (sum_c, sum_r, avg_c, avg_r)
+        self.bottom: dict = {}  # id(Encoded) → frozen blocks' output (train_layers only)
 
     def prepare(self, tokenizer):
         from training.data import load_preference_pairs
@@ -64,12 +66,18 @@ class DPOTask:
         import torch
 
         from training.data import collate_pairs
+        from training.frozen import top_hidden
         from training.losses import IGNORE_INDEX
 
         batch = collate_pairs(pairs, self.pad_id)
         lm = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state[:, :-1]
+        if self.bottom:
+            seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+            hidden = top_hidden(lm.base_model, [self.bottom[id(e)] for e in seqs], self.cfg.train_layers)
+        else:
+            hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False).last_hidden_state
+        hidden = hidden[:, :-1]
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         logits = lm.get_output_embeddings()(hidden[mask]).float()  # (answer tokens, vocab)
@@ -82,10 +90,18 @@ class DPOTask:
         return total[:n], total[n:], avg[:n], avg[n:]
 
     def setup(self, model, train_items, eval_items) -> None:
-        """Cache the reference log-probs (once, before any update) of every pair this rank will see."""
+        """Cache (once, before any update) the reference log-probs of every pair this rank will see,
+        and with train_layers the frozen blocks' output of every sequence (computed first, so the
+        reference log-probs then cost only the top blocks)."""
         import torch
         from tqdm import tqdm
 
+        from training.frozen import cache_bottom_states
+
+        if self.cfg.train_layers:
+            sequences = [e for p in [*train_items, *eval_items] for e in (p.chosen, p.rejected)]
+            self.bottom = cache_bottom_states(model, sequences, self.pad_id, self.cfg.train_layers,
+                                              2 * self.cfg.eval_batch_size)
         todo = (eval_items if self.cfg.loss in REFERENCE_FREE else [*train_items, *eval_items])
         bs = self.cfg.eval_batch_size
         model.eval()
@@ -138,6 +154,7 @@ class DPOTask:
         import torch
 
         acc = margin = chosen = rejected = reward_acc = reward_margin = 0.0
+        pairs = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))  # less padding
         with torch.no_grad():
             for i in range(0, len(pairs), self.cfg.eval_batch_size):
                 chunk = pairs[i:i + self.cfg.eval_batch_size]

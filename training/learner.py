@@ -64,6 +64,11 @@ class LearnerConfig(StageConfig):
     max_eval_examples: int = Field(64, ge=0, description="evaluate on at most this many held-out examples")
     seed: int = Field(0, description="seed for init, data order and the train/held-out split of ties")
     log_every: int = Field(1, ge=1, description="log a training line every N steps")
+    train_layers: int = Field(
+        0, ge=0,
+        description="0 = full fine-tune; N = train only the top N decoder blocks + final norm + untied head "
+                    "(reward/dpo then cache the frozen blocks' output once: training.frozen)",
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self):
@@ -289,6 +294,11 @@ def train(job: dict, log: logging.Logger) -> dict:
     my_eval = eval_items[dist.rank::dist.world]
 
     model = task.load_model(job["model_dir"], tokenizer)
+    if cfg.train_layers:
+        from training.frozen import freeze_bottom
+
+        freeze_bottom(model, cfg.train_layers)
+    metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     needed = [train_items[i] for i in sorted({i for ids in schedule for i in ids})]
     task.setup(model, needed, my_eval)
     before = reduce_stats(dist, task.evaluate(model, my_eval)) if eval_items else {}

@@ -4,6 +4,7 @@ The HF checkpoint is loaded as ``AutoModelForSequenceClassification`` (num_label
 backbone of the causal LM plus a new scalar ``score`` head; the reward is the score at the last
 non-pad token, as transformers computes it, so ``hf/`` scores the same when loaded elsewhere).
 Loss: −log σ(r_c − r_r − margin) + c·(r_c + r_r)². Metric: held-out pairwise accuracy.
+With ``train_layers: N`` the frozen blocks' output is cached once per sequence (training.frozen).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class RewardTask:
     def __init__(self, config: dict, data_paths: list[str]):
         self.cfg = RewardConfig.model_validate(config)
         self.paths = data_paths
+        self.bottom: dict = {}  # id(Encoded) → frozen blocks' output (train_layers only)
 
     def prepare(self, tokenizer):
         from training.data import load_preference_pairs
@@ -48,15 +50,32 @@ class RewardTask:
         return model
 
     def setup(self, model, train_items, eval_items) -> None:
-        """Nothing to precompute for the reward model."""
+        """With train_layers: cache the frozen blocks' output of every sequence this rank will score."""
+        from training.frozen import cache_bottom_states
+
+        if self.cfg.train_layers:
+            sequences = [e for p in [*train_items, *eval_items] for e in (p.chosen, p.rejected)]
+            self.bottom = cache_bottom_states(model, sequences, self.pad_id, self.cfg.train_layers,
+                                              2 * self.cfg.eval_batch_size)
 
     def rewards(self, model, pairs):
-        """(r_chosen, r_rejected) for a list of EncodedPair."""
+        """(r_chosen, r_rejected) for a list of EncodedPair: the score at the last non-pad token."""
+        import torch
+
         from training.data import collate_pairs
+        from training.frozen import top_hidden
 
         batch = collate_pairs(pairs, self.pad_id)
-        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        scores = scores.squeeze(-1).float()
+        if self.bottom:
+            rm = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
+            seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+            hidden = top_hidden(rm.base_model, [self.bottom[id(e)] for e in seqs], self.cfg.train_layers)
+            ids = batch["input_ids"]
+            last = (torch.arange(ids.shape[1]) * (ids != self.pad_id)).argmax(-1)  # as transformers picks it
+            scores = rm.score(hidden[torch.arange(len(seqs)), last]).squeeze(-1).float()
+        else:
+            scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            scores = scores.squeeze(-1).float()
         return scores[: len(pairs)], scores[len(pairs):]
 
     def loss(self, model, pairs, dist):
@@ -72,6 +91,7 @@ class RewardTask:
         import torch
 
         correct = margin = 0.0
+        pairs = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))  # less padding
         with torch.no_grad():
             for i in range(0, len(pairs), self.cfg.eval_batch_size):
                 chosen, rejected = self.rewards(model, pairs[i:i + self.cfg.eval_batch_size])
