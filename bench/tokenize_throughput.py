@@ -1,13 +1,15 @@
-"""Tokens/s of the Spark ``tokenize`` core vs a bare ``encode_batch`` loop writing the same ``.bin``.
+"""Tokens/s of the Spark ``tokenize`` stage vs a bare ``encode_batch`` loop writing the same ``.bin``.
 
 Same text (real: WikiText-2 valid+test, Tiny Shakespeare, Dolma CC samples, repeated with distinct
 doc ids up to ``--mb``), same tokenizer (byte-level BPE trained here), same run. The bare loop is
-the limit: text already in memory, one process, ``encode_batch`` + EOS + one ``.bin`` write. The
-Spark side is ``documents_dataframe`` + ``tokenize_to_shards`` from Parquet (split/part counting
-job, shuffle, sort, encode, shard + sidecar writes) on a warm session (a discarded warm-up job
-first). Bare and Spark run in adjacent pairs; the headline is the median of the pairs' ratios (the
-machine is shared and its load drifts). Also prints the content hashes of every Spark run's
-``.bin``/``.idx`` (all equal = deterministic). Last line: ``ratio_vs_bare_encode <x>``.
+the limit: text already in memory as str, one process, ``encode_batch`` (all cores) + EOS + one
+``.bin`` write, documents in input order. The Spark side is ``tokenize_to_shards`` from Parquet
+(unit plan from the footers, one task per unit: read, split by doc_id, encode, write ``.bin``/
+``.idx``/sidecar per split) on a warm session (a discarded warm-up run first). Bare and Spark run in
+adjacent pairs; the headline is the median of the pairs' ratios (the machine is shared and its load
+drifts). Checks that the bare ``.bin`` equals the Spark shards' documents concatenated in input
+order (same work), and prints the content hashes of every Spark run's ``.bin``/``.idx`` (all equal =
+deterministic) and the load average. Last line: ``ratio_vs_bare_encode <x>``.
 
     .venv/bin/python bench/tokenize_throughput.py --mb 12 --pairs 3
 """
@@ -18,7 +20,9 @@ import argparse
 import gzip
 import hashlib
 import json
+import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,8 +45,8 @@ def real_documents(shared: Path) -> list[str]:
     return docs
 
 
-def build_corpus(shared: Path, mb: float, out: Path) -> list[str]:
-    """Write a dedup-like Parquet dir of ~``mb`` MB of text; returns the texts in doc_id order."""
+def build_corpus(shared: Path, mb: float, out: Path) -> list[dict]:
+    """Write a dedup-like Parquet dir of ~``mb`` MB of text; returns its rows in input (= doc_id) order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -57,7 +61,7 @@ def build_corpus(shared: Path, mb: float, out: Path) -> list[str]:
     per_file = len(rows) // 8 + 1
     for k in range(0, len(rows), per_file):
         pq.write_table(pa.Table.from_pylist(rows[k:k + per_file]), out / f"part-{k // per_file:05d}.parquet")
-    return [r["text"] for r in sorted(rows, key=lambda r: r["doc_id"])]
+    return rows
 
 
 def bare_encode(texts: list[str], tokenizer_json: str, eos_id: int, batch: int, out: Path) -> int:
@@ -76,6 +80,18 @@ def bare_encode(texts: list[str], tokenizer_json: str, eos_id: int, batch: int, 
     return total
 
 
+def documents_in_order(shards: Path, doc_ids: list[str]) -> bytes:
+    """The tokens of every document of every shard, concatenated in ``doc_ids`` order."""
+    from curation.megatron_shards import list_shards, read_index, read_sidecar
+
+    by_id = {}
+    for name in list_shards(shards):
+        index, data = read_index(shards / name), (shards / f"{name}.bin").read_bytes()
+        for doc_id, start, n in zip(read_sidecar(shards, name).column("doc_id").to_pylist(), index.pointers, index.lengths):
+            by_id[doc_id] = data[int(start): int(start) + int(n) * index.dtype.itemsize]
+    return b"".join(by_id[d] for d in doc_ids)
+
+
 def shard_hash(shards: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(shards.glob("*.bin")) + sorted(shards.glob("*.idx")):
@@ -92,13 +108,15 @@ def main() -> None:
     parser.add_argument("--docs-per-shard", type=int, default=2000, help="shards (= parallel tasks) per split")
     args = parser.parse_args()
 
-    from curation.tokenize import TokenizeConfig, documents_dataframe, tokenize_to_shards
+    from curation.tokenize import TokenizeConfig, tokenize_to_shards
     from curation.tokenizer import TokenizerConfig, save_hf, tokenizer_info, train_bpe
     from infra.config import SparkConfig
     from infra.spark import get_spark
 
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="tokenize-bench-"))
-    texts = build_corpus(args.shared, args.mb, work / "data")
+    rows = build_corpus(args.shared, args.mb, work / "data")
+    texts = [r["text"] for r in rows]
     mb = sum(len(t.encode()) for t in texts) / 1e6
     tcfg = TokenizerConfig(vocab_size=8192)
     save_hf(train_bpe(real_documents(args.shared), tcfg.vocab_size, tcfg.special_tokens()), work / "tok", tcfg)
@@ -112,7 +130,7 @@ def main() -> None:
     warm.mkdir()
     for f in sorted((work / "data").glob("*.parquet"))[:2]:
         (warm / f.name).symlink_to(f)
-    tokenize_to_shards(spark, documents_dataframe(spark, cfg.sources, warm), work / "tok", work / "shards-warm", cfg)
+    tokenize_to_shards(spark, cfg.sources, warm, work / "tok", work / "shards-warm", cfg)
 
     ratios, hashes, bare_tokens, spark_tokens = [], [], 0, 0
     for run in range(args.pairs):  # adjacent pairs: the shared machine's load drifts between pairs
@@ -121,8 +139,7 @@ def main() -> None:
                                   work / f"bare-{run}.bin")
         bare_s = time.time() - t0
         t0 = time.time()
-        docs = documents_dataframe(spark, cfg.sources, work / "data")
-        stats, _ = tokenize_to_shards(spark, docs, work / "tok", work / f"shards-{run}", cfg)
+        stats, _ = tokenize_to_shards(spark, cfg.sources, work / "data", work / "tok", work / f"shards-{run}", cfg)
         spark_s = time.time() - t0
         spark_tokens = sum(r["tokens"] for r in stats)
         hashes.append(shard_hash(work / f"shards-{run}"))
@@ -132,8 +149,12 @@ def main() -> None:
     spark.stop()
     if bare_tokens != spark_tokens:
         raise SystemExit(f"token counts differ: bare {bare_tokens} vs spark {spark_tokens}")
-    print(f"tokens: {spark_tokens:,} ({mb * 1e6 / spark_tokens:.2f} bytes/token), same in both")
+    if documents_in_order(work / "shards-0", [r["doc_id"] for r in rows]) != (work / "bare-0.bin").read_bytes():
+        raise SystemExit("the bare .bin differs from the Spark shards' documents in input order")
+    print(f"tokens: {spark_tokens:,} ({mb * 1e6 / spark_tokens:.2f} bytes/token); bare .bin == Spark documents in input order")
+    print("load average 1/5/15 min: before %.2f %.2f %.2f, after %.2f %.2f %.2f" % (*load_before, *os.getloadavg()))
     print(f"content hash of .bin/.idx per run: {hashes}, all equal: {len(set(hashes)) == 1}")
+    shutil.rmtree(work)
     print(f"ratio_vs_bare_encode {statistics.median(ratios):.3f}")
 
 

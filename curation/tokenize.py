@@ -1,26 +1,29 @@
 """``tokenize``: curated documents → Megatron indexed-dataset shards + ``blend.json`` (Spark).
 
 Mixing: ``sources`` names each corpus (the upstream curation output, or an external Parquet/
-jsonl/text path) with a weight. Every document gets a split by its ``doc_id`` hash (Spark's
-``xxhash64``, mirrored by :func:`split_of`), so the split is per document, deterministic and stable
-when the corpus grows. Train/valid/test documents go to separate shards
-``<source>-<split>-<part:05d>``; the part is another slice of the same hash.
+jsonl/text path) with a weight. Every document gets a split by its ``doc_id`` hash
+(:func:`split_of`: XXH64 seed 42, as Spark's ``xxhash64``), so the split is per document,
+deterministic and stable when the corpus grows; train/valid/test documents go to separate shards.
 
-Shell: rows are hash-partitioned by shard name and sorted by ``doc_id`` inside each partition;
-each Spark task encodes its rows with ``encode_batch`` (special-token strings in the text stay
-plain text; EOS appended per document) and streams them into its shards with
-:class:`curation.megatron_shards.ShardWriter` (atomic per shard). The driver then writes
-``blend.json``: per split, each shard weighted by source weight × its share of the source's
-tokens — consumed with :func:`curation.megatron_shards.megatron_blend_kwargs`.
+Plan (driver, no data read): each source's documents in a fixed order (files sorted by path, rows
+in file order; Parquet row counts come from the footers) are cut into consecutive *units* of at
+most ``docs_per_shard`` documents (:func:`plan_units`). Shell: one Spark task per unit, no shuffle:
+the task reads its row ranges, encodes them with ``encode_batch`` (special-token strings in the
+text stay plain text; EOS appended per document) and streams them into one shard per split,
+``<source>-<split>-<unit:05d>``, with :class:`curation.megatron_shards.ShardWriter` (atomic per
+shard). The same input files and config give byte-identical shards, whatever the cluster. The
+driver then writes ``blend.json``: per split, each shard weighted by source weight × its share of
+the source's tokens — consumed with :func:`curation.megatron_shards.megatron_blend_kwargs`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -98,21 +101,15 @@ def split_thresholds(split: str) -> tuple[int, int]:
 
 
 def split_of(doc_id: str, split: str) -> str:
-    """The split of one document (same answer as the Spark shell)."""
+    """The split of one document: ``doc_hash(doc_id) mod 10000`` against :func:`split_thresholds`."""
+    return _split_by_hash(doc_id, *split_thresholds(split))
+
+
+def _split_by_hash(doc_id: str, t1: int, t2: int) -> str:
     from curation.text_sources import doc_hash
 
-    t1, t2 = split_thresholds(split)
     bucket = doc_hash(doc_id) % HASH_BUCKETS
     return "train" if bucket < t1 else "valid" if bucket < t2 else "test"
-
-
-def part_of(doc_id: str, parts: int) -> int:
-    """The shard part of one document among ``parts`` (Spark: ``pmod(h div 10000, parts)``)."""
-    from curation.text_sources import doc_hash
-
-    h = doc_hash(doc_id)
-    quotient = abs(h) // HASH_BUCKETS * (1 if h >= 0 else -1)
-    return quotient % parts
 
 
 def shard_name(source_name: str, split: str, part: int) -> str:
@@ -142,142 +139,202 @@ def load_worker_tokenizer(tokenizer_json: str):
     return tok
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_worker_tokenizer(tokenizer_json: str, mtime_ns: int, size: int):
+    return load_worker_tokenizer(tokenizer_json)
+
+
+def worker_tokenizer(tokenizer_json: str):
+    """:func:`load_worker_tokenizer`, loaded once per worker process (Spark reuses Python workers
+    across tasks; a large vocabulary takes ~0.2 s to load) and again if the file changes."""
+    st = os.stat(tokenizer_json)
+    return _cached_worker_tokenizer(tokenizer_json, st.st_mtime_ns, st.st_size)
+
+
 ROW_FIELDS = ("shard", "source_name", "split", "doc_id", "url", "source", "text")
 
 
-def write_shards(rows: Iterator[tuple], out_dir: str, tokenizer, eos_id: int, dtype, batch_size: int) -> list[dict]:
-    """Core of one Spark task: rows sorted by shard → shards in ``out_dir``; returns per-shard stats.
+class _OpenShard:
+    """One shard being written by :func:`write_shards`: its stats, pending documents and writer."""
 
-    Each row is a tuple in :data:`ROW_FIELDS` order (text str or bytes).
-    Empty documents are skipped and counted; invalid UTF-8 / lone surrogates are repaired and counted.
+    def __init__(self, shard: str, source_name: str, split: str):
+        self.stats: dict = {k: 0 for k in STATS_FIELDS}
+        self.stats.update(shard=shard, source_name=source_name, split=split)
+        self.pending: list[tuple[str, str, str | None, str | None]] = []
+        self.writer = None
+
+
+def write_shards(rows: Iterable[tuple], out_dir: str, tokenizer, eos_id: int, dtype, batch_size: int) -> list[dict]:
+    """Core of one Spark task: rows → one shard per distinct ``shard`` name in ``out_dir``; per-shard stats.
+
+    Each row is a tuple in :data:`ROW_FIELDS` order (text str or bytes); rows of different shards may
+    interleave, each shard keeps its rows' order. Documents are encoded ``batch_size`` at a time per
+    shard. Empty documents are skipped and counted; invalid UTF-8 / lone surrogates are repaired and
+    counted. All shards are committed at the end; an error discards every one of them.
     """
     from curation.megatron_shards import ShardWriter
     from curation.text_sources import valid_text
 
-    stats: list[dict] = []
-    writer: ShardWriter | None = None
-    pending: list[tuple[str, str, str | None, str | None]] = []
-    current: dict | None = None
+    shards: dict[str, _OpenShard] = {}
 
-    def flush() -> None:
-        nonlocal writer
-        if not pending:
+    def flush(s: _OpenShard) -> None:
+        if not s.pending:
             return
-        if writer is None:
-            writer = ShardWriter(Path(out_dir) / current["shard"], dtype)
-        tokens, lengths = encode_documents(tokenizer, [p[0] for p in pending], eos_id, dtype)
-        writer.add_batch(tokens, lengths, [p[1] for p in pending], [p[2] for p in pending], [p[3] for p in pending])
-        current["docs"] += len(pending)
-        current["tokens"] += sum(lengths)
-        pending.clear()
-
-    def close() -> None:
-        nonlocal writer
-        flush()
-        if writer is not None:
-            writer.commit()
-            writer = None
-        if current is not None:
-            stats.append(current)
+        if s.writer is None:
+            s.writer = ShardWriter(Path(out_dir) / s.stats["shard"], dtype)
+        tokens, lengths = encode_documents(tokenizer, [p[0] for p in s.pending], eos_id, dtype)
+        s.writer.add_batch(tokens, lengths, [p[1] for p in s.pending], [p[2] for p in s.pending],
+                           [p[3] for p in s.pending])
+        s.stats["docs"] += len(s.pending)
+        s.stats["tokens"] += sum(lengths)
+        s.pending.clear()
 
     try:
         for shard, source_name, split, doc_id, url, source, raw in rows:
-            if current is None or shard != current["shard"]:
-                close()
-                current = {k: 0 for k in STATS_FIELDS}
-                current.update(shard=shard, source_name=source_name, split=split)
+            s = shards.get(shard)
+            if s is None:
+                s = shards[shard] = _OpenShard(shard, source_name, split)
             text, repaired = valid_text(raw)
             if not text.strip():
-                current["empty_docs"] += 1
+                s.stats["empty_docs"] += 1
                 continue
-            current["repaired_docs"] += int(repaired)
-            current["text_bytes"] += len(raw) if isinstance(raw, bytes) and not repaired else len(text.encode("utf-8"))
-            pending.append((text, doc_id, url, source))
-            if len(pending) >= batch_size:
-                flush()
-        close()
+            s.stats["repaired_docs"] += int(repaired)
+            s.stats["text_bytes"] += len(raw) if isinstance(raw, bytes) and not repaired else len(text.encode("utf-8"))
+            s.pending.append((text, doc_id, url, source))
+            if len(s.pending) >= batch_size:
+                flush(s)
+        for s in shards.values():
+            flush(s)
+        for s in shards.values():
+            if s.writer is not None:
+                s.writer.commit()
+                s.writer = None
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        for s in shards.values():
+            if s.writer is not None:
+                s.writer.abort()
         raise
-    return stats
+    return [s.stats for s in shards.values()]
 
 
-def _stats_schema():
-    from pyspark.sql import types as T
+def source_paths(spec: SourceSpec, upstream_data: Path | None) -> list[Path]:
+    """The files of one source, sorted; the upstream data must have ``doc_id`` and ``text`` columns."""
+    import pyarrow.parquet as pq
 
-    return T.StructType([
-        T.StructField(f, T.StringType() if f in ("shard", "source_name", "split") else T.LongType())
-        for f in STATS_FIELDS
-    ])
+    from curation.text_sources import source_files
+
+    if spec.path is not None:
+        files = source_files(spec.path)
+        if not files:
+            raise ValueError(f"source {spec.name!r}: no .parquet/.jsonl/.json/.txt files under {spec.path}")
+        return files
+    if upstream_data is None:
+        raise ValueError(f"source {spec.name!r} reads the upstream data but there is no upstream")
+    files = [f for f in source_files(upstream_data) if f.name.endswith(".parquet")]
+    for f in files:
+        missing = {"doc_id", "text"} - set(pq.read_schema(f).names)
+        if missing:
+            raise ValueError(f"upstream data {upstream_data} lacks column(s) {sorted(missing)} (in {f.name})")
+    return files
 
 
-def _doc_schema():
-    from pyspark.sql import types as T
+def count_documents(path: Path, separator: str) -> int:
+    """Documents in one source file: Parquet from its footer, other formats by reading them."""
+    import pyarrow.parquet as pq
 
-    return T.StructType([
-        T.StructField("doc_id", T.StringType()), T.StructField("url", T.StringType()),
-        T.StructField("source", T.StringType()), T.StructField("text", T.BinaryType()),
-    ])
+    from curation.text_sources import PARQUET, read_documents, source_format
+
+    if source_format(path) == PARQUET:
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(1 for _ in read_documents(path, separator))
 
 
-def documents_dataframe(spark, sources: list[SourceSpec], upstream_data: Path | None):
-    """One DataFrame ``(source_name, doc_id, url, source, text: binary)`` over every source."""
-    import pandas as pd
-    from pyspark.sql import functions as F
+def plan_units(sources: list[SourceSpec], upstream_data: Path | None, docs_per_shard: int) -> list[dict]:
+    """Work units: each source's documents (files sorted, rows in order) cut every ``docs_per_shard``.
 
-    from curation.text_sources import read_documents, source_files
-
-    frames = []
+    A unit is ``{source_name, part, separator, pieces: [[path, first_row, rows], ...]}``; it may span
+    files. ``part`` numbers the units of a source from 0 and names its shards.
+    """
+    units: list[dict] = []
     for spec in sources:
-        if spec.path is None:
-            if upstream_data is None:
-                raise ValueError(f"source {spec.name!r} reads the upstream data but there is no upstream")
-            df = spark.read.parquet(str(upstream_data))
-            missing = {"doc_id", "text"} - set(df.columns)
-            if missing:
-                raise ValueError(f"upstream data {upstream_data} lacks column(s) {sorted(missing)}")
-            df = df.select(
-                "doc_id",
-                *(F.col(c) if c in df.columns else F.lit(None).cast("string").alias(c) for c in ("url", "source")),
-                F.col("text").cast("binary").alias("text"),
-            )
-        else:
-            separator = spec.doc_separator
+        part, pieces, filled = 0, [], 0
+        for path in source_paths(spec, upstream_data):
+            n, start = count_documents(path, spec.doc_separator), 0
+            while start < n:
+                take = min(n - start, docs_per_shard - filled)
+                pieces.append([str(path), start, take])
+                start, filled = start + take, filled + take
+                if filled == docs_per_shard:
+                    units.append({"source_name": spec.name, "part": part, "separator": spec.doc_separator, "pieces": pieces})
+                    part, pieces, filled = part + 1, [], 0
+        if pieces:
+            units.append({"source_name": spec.name, "part": part, "separator": spec.doc_separator, "pieces": pieces})
+    return units
 
-            def read(batches, separator=separator):
-                for batch in batches:
-                    for path in batch["path"]:
-                        rows = [
-                            {**d, "text": d["text"].encode("utf-8", "surrogatepass") if isinstance(d["text"], str) else d["text"]}
-                            for d in read_documents(path, separator)
-                        ]
-                        if rows:
-                            yield pd.DataFrame(rows, columns=["doc_id", "url", "source", "text"])
 
-            files = [str(f) for f in source_files(spec.path)]
-            if not files:
-                raise ValueError(f"source {spec.name!r}: no .parquet/.jsonl/.json/.txt files under {spec.path}")
-            paths = spark.createDataFrame([(f,) for f in files], "path string").repartition(len(files), "path")
-            df = paths.mapInPandas(read, schema=_doc_schema())
-        doc_id = F.coalesce(F.col("doc_id"), F.substring(F.sha2(F.col("text"), 256), 1, 32))
-        frames.append(df.select(F.lit(spec.name).alias("source_name"), doc_id.alias("doc_id"), "url", "source", "text"))
-    out = frames[0]
-    for df in frames[1:]:
-        out = out.unionByName(df)
-    return out
+def read_rows(path: str, first_row: int, rows: int, separator: str, batch_size: int) -> Iterator[tuple]:
+    """Documents ``first_row .. first_row + rows - 1`` of one source file as ``(doc_id, url, source, text)``.
+
+    Parquet: only the row groups holding the range are read, text as bytes; a missing ``doc_id``/
+    ``source`` is filled in as :func:`curation.text_sources.read_parquet_file` does.
+    """
+    import itertools
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.text_sources import PARQUET, read_documents, source_format, stable_doc_id
+
+    if source_format(path) != PARQUET:
+        for d in itertools.islice(read_documents(Path(path), separator), first_row, first_row + rows):
+            yield d["doc_id"], d["url"], d["source"], d["text"]
+        return
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    if "text" not in names:
+        raise ValueError(f"{path} has no 'text' column (has: {', '.join(sorted(names))})")
+    groups, row_no, group_start = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if group_start < first_row + rows and group_start + n > first_row:
+            groups.append(g)
+            row_no = group_start if row_no is None else row_no
+        group_start += n
+    if not groups:
+        return
+    end = first_row + rows
+    for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=[c for c in ROW_FIELDS if c in names]):
+        lo, hi = max(first_row - row_no, 0), min(end - row_no, batch.num_rows)
+        if lo < hi:
+            part = batch.slice(lo, hi - lo)
+            texts = part.column("text").cast(pa.large_binary()).to_pylist()  # Parquet strings may be invalid UTF-8
+            cols = {c: part.column(c).to_pylist() if c in names else [None] * len(texts) for c in ("doc_id", "url", "source")}
+            for i, (doc_id, url, source, text) in enumerate(zip(cols["doc_id"], cols["url"], cols["source"], texts)):
+                n = row_no + lo + i
+                yield doc_id or stable_doc_id(path, str(n)), url, source or f"{path}@{n}", text
+        row_no += batch.num_rows
+        if row_no >= end:
+            return
+
+
+def unit_rows(unit: dict, split: str, batch_size: int) -> Iterator[tuple]:
+    """The rows (:data:`ROW_FIELDS`) of one unit, each routed to its split's shard."""
+    t1, t2 = split_thresholds(split)
+    for path, first_row, rows in unit["pieces"]:
+        for doc_id, url, source, text in read_rows(path, first_row, rows, unit["separator"], batch_size):
+            sp = _split_by_hash(doc_id, t1, t2)
+            yield shard_name(unit["source_name"], sp, unit["part"]), unit["source_name"], sp, doc_id, url, source, text
 
 
 def tokenize_to_shards(
-    spark, docs, tokenizer_dir: Path, out_dir: Path, cfg: TokenizeConfig, log=None
+    spark, sources: list[SourceSpec], upstream_data: Path | None, tokenizer_dir: Path, out_dir: Path,
+    cfg: TokenizeConfig, log=None,
 ) -> tuple[list[dict], dict]:
-    """Tokenize ``docs`` (from :func:`documents_dataframe`) into shards under ``out_dir``.
+    """Tokenize every source into shards under ``out_dir``: one Spark task per unit (:func:`plan_units`).
 
     ``out_dir`` must not hold shards already (leftovers of a killed run are removed first).
-    Returns (per-shard stats, tokenizer info).
+    Returns (per-shard stats sorted by shard, tokenizer info).
     """
-    from pyspark.sql import functions as F
-
     from curation.megatron_shards import clean_partial, list_shards, token_dtype
     from curation.tokenizer import tokenizer_info
 
@@ -287,49 +344,20 @@ def tokenize_to_shards(
         raise FileExistsError(f"{out_dir} already holds shards; tokenize into an empty directory")
     info = tokenizer_info(tokenizer_dir, cfg.eod_token)
     dtype = token_dtype(info["vocab_size"])
-    t1, t2 = split_thresholds(cfg.split)
-    h = F.xxhash64("doc_id")
-    bucket = F.pmod(h, F.lit(HASH_BUCKETS))
-    docs = docs.withColumn("_h", h).withColumn(
-        "split", F.when(bucket < t1, "train").when(bucket < t2, "valid").otherwise("test")
-    )
-    started = time.time()
-    counts = {(r["source_name"], r["split"]): r["count"] for r in docs.groupBy("source_name", "split").count().collect()}
-    parts = {k: max(1, math.ceil(n / cfg.docs_per_shard)) for k, n in counts.items()}
+    units = plan_units(sources, upstream_data, cfg.docs_per_shard)
     if log:
-        log.info("tokenize: %d documents in %d (source, split) groups → %d shards (counted in %.1f s)",
-                 sum(counts.values()), len(counts), sum(parts.values()), time.time() - started)
-    if not parts:
+        log.info("tokenize: %d units of at most %d documents", len(units), cfg.docs_per_shard)
+    if not units:
         return [], {**info, "dtype": dtype.name}
-    parts_map = F.create_map(*[F.lit(x) for (s, sp), n in sorted(parts.items()) for x in (f"{s}/{sp}", n)])
-    n_parts = parts_map[F.concat_ws("/", "source_name", "split")]
-    part = F.pmod(F.expr(f"_h div {HASH_BUCKETS}"), n_parts)
-    shard = F.concat_ws("-", "source_name", "split", F.lpad(part.cast("string"), 5, "0"))
-    docs = (
-        docs.withColumn("shard", shard)
-        .select(*ROW_FIELDS)
-        .repartition(sum(parts.values()), "shard")
-        .sortWithinPartitions("shard", "doc_id", "source", "url")
-    )
     tokenizer_json = str(Path(tokenizer_dir) / "tokenizer.json")
-    eos_id, batch_size, out = info["eos_id"], cfg.encode_batch_size, str(out_dir)
+    eos_id, batch_size, split, out = info["eos_id"], cfg.encode_batch_size, cfg.split, str(out_dir)
 
-    def task(batches):
-        import pyarrow as pa
+    def task(partition):
+        tokenizer = worker_tokenizer(tokenizer_json)
+        for unit in partition:
+            yield from write_shards(unit_rows(unit, split, batch_size), out, tokenizer, eos_id, dtype, batch_size)
 
-        tokenizer = load_worker_tokenizer(tokenizer_json)
-
-        def rows():
-            for batch in batches:
-                yield from zip(*(batch.column(f).to_pylist() for f in ROW_FIELDS))
-
-        stats = write_shards(rows(), out, tokenizer, eos_id, dtype, batch_size)
-        if stats:
-            yield pa.RecordBatch.from_pylist(stats, schema=pa.schema(
-                [(f, pa.string() if f in ("shard", "source_name", "split") else pa.int64()) for f in STATS_FIELDS]
-            ))
-
-    stats = [r.asDict() for r in docs.mapInArrow(task, _stats_schema()).collect()]
+    stats = spark.sparkContext.parallelize(units, len(units)).mapPartitions(task).collect()
     clean_partial(out_dir)
     return sorted(stats, key=lambda r: r["shard"]), {**info, "dtype": dtype.name}
 
@@ -360,7 +388,7 @@ def blend_document(stats: list[dict], sources: list[SourceSpec], info: dict, spl
         "blend_per_split": per_split,
         "doc_split": split,
         "split_method": (
-            "per document: bucket = pmod(xxhash64(doc_id), 10000) (Spark, seed 42); train if bucket < "
+            "per document: bucket = xxhash64(doc_id, seed 42) mod 10000 (as Spark's pmod(xxhash64(doc_id), 10000)); train if bucket < "
             f"{split_thresholds(split)[0]}, valid if < {split_thresholds(split)[1]}, else test. Each split has its "
             "own shards: prefixes + split '100,0,0' is the train blend; blend_per_split (train/valid/test, "
             "megatron_shards.megatron_blend_kwargs) gives all three"
@@ -420,9 +448,7 @@ def run(ctx: StageContext) -> StageResult:
     sources = [s if s.path is None else s.model_copy(update={"path": str(ctx.external_inputs[f"source_{s.name}"])})
                for s in cfg.sources]
     out = ctx.output("shards")
-    spark = ctx.spark()
-    docs = documents_dataframe(spark, sources, upstream)
-    stats, info = tokenize_to_shards(spark, docs, tokenizer_dir, out, cfg, ctx.log)
+    stats, info = tokenize_to_shards(ctx.spark(), sources, upstream, tokenizer_dir, out, cfg, ctx.log)
     blend = blend_document(stats, cfg.sources, info, cfg.split)
     if not blend["blend_per_split"]["train"]:
         raise ValueError("tokenize: no training documents (every source empty or all documents empty)")

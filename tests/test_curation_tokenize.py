@@ -14,7 +14,7 @@ import pytest
 
 from curation import megatron_shards as ms
 from curation.text_sources import read_documents, valid_text
-from curation.tokenize import documents_dataframe, load_worker_tokenizer, split_of, tokenize_to_shards
+from curation.tokenize import load_worker_tokenizer, split_of, tokenize_to_shards
 from infra.runstore import MANIFEST, content_hash, listing, write_json_atomic
 
 pytestmark = pytest.mark.slow  # a Spark session and three Spark runs
@@ -80,9 +80,12 @@ def setup(tmp_path_factory, shared_data, spark):
     manifest = execute_stage("tokenizer", config, "r1", from_ref="up/dedup")
     tokenizer_dir = Path(manifest["outputs"]["tokenizer"]["path"])
     texts = {r["doc_id"]: r["text"] for r in rows}
-    for path, sep in ((WIKI, r"\n(?= = [^=])"), (extra, None)):
-        texts.update({d["doc_id"]: valid_text(d["text"])[0] for d in read_documents(path, *([sep] if sep else []))})
-    return SimpleNamespace(root=root, config=config, tokenizer_dir=tokenizer_dir, texts=texts, rows=rows,
+    order = {"web": [r["doc_id"] for r in rows]}  # each source's document order: files sorted, rows in order
+    for name, path, sep in (("wiki", WIKI, r"\n(?= = [^=])"), ("extra", extra, None)):
+        docs = list(read_documents(path, *([sep] if sep else [])))
+        texts.update({d["doc_id"]: valid_text(d["text"])[0] for d in docs})
+        order[name] = [d["doc_id"] for d in docs]
+    return SimpleNamespace(root=root, config=config, tokenizer_dir=tokenizer_dir, texts=texts, rows=rows, order=order,
                            tokenizer=load_worker_tokenizer(str(tokenizer_dir / "tokenizer.json")))
 
 
@@ -91,8 +94,8 @@ def core_run(setup, spark):
     """The stage's core called directly: (shards dir, per-shard stats, tokenizer info)."""
     cfg = setup.config.tokenize
     out = setup.root / "core-shards"
-    docs = documents_dataframe(spark, cfg.sources, setup.root / "runs" / "up" / "dedup" / "data")
-    stats, info = tokenize_to_shards(spark, docs, setup.tokenizer_dir, out, cfg)
+    stats, info = tokenize_to_shards(spark, cfg.sources, setup.root / "runs" / "up" / "dedup" / "data",
+                                     setup.tokenizer_dir, out, cfg)
     return out, stats, info
 
 
@@ -115,19 +118,21 @@ def test_every_sequence_read_by_megatron_equals_the_tokenizer_output_of_its_docu
     assert len([s for s in ms.list_shards(out) if s.startswith("web-train-")]) >= 4  # 280-odd train docs / 60
     seen = set()
     for name in ms.list_shards(out):
-        source_name, split, _ = name.split("-")
+        source_name, split, part = name.split("-")
         dataset = IndexedDataset(str(out / name))
         side = ms.read_sidecar(out, name).to_pylist()
         assert len(dataset) == len(side) == next(r["docs"] for r in stats if r["shard"] == name)
-        assert [r["doc_id"] for r in side] == sorted(r["doc_id"] for r in side)
+        positions = [setup.order[source_name].index(r["doc_id"]) for r in side]
+        assert positions == sorted(positions)  # input order
+        assert {p // 60 for p in positions} == {int(part)}  # unit = the part-th run of 60 documents
         for i, row in enumerate(side):
             assert split_of(row["doc_id"], "80,10,10") == split
             assert dataset[i].tolist() == expected_tokens(setup, row["doc_id"], info["eos_id"])
             seen.add(row["doc_id"])
     assert len(seen) == non_empty + 60 + 11
-    special = ms.trace_tokens(out, next(n for n in ms.list_shards(out) if n.startswith("web-") and "special" in
-                                        ms.read_sidecar(out, n).column("doc_id").to_pylist()), 0)
-    assert special["source"].startswith("x.warc.gz@") or special["doc_id"] != "special"
+    shard = next(n for n in ms.list_shards(out) if "special" in ms.read_sidecar(out, n).column("doc_id").to_pylist())
+    seq = ms.read_sidecar(out, shard).column("doc_id").to_pylist().index("special")
+    assert ms.trace_tokens(out, shard, seq)["source"] == "x.warc.gz@3"
 
 
 def test_gpt_dataset_from_blend_draws_samples_equal_to_the_documents_tokens(setup, core_run):

@@ -200,3 +200,40 @@ def test_external_readers_give_stable_ids_and_record_positions(tmp_path, shared_
     assert valid_text(doc["text"]) == ("ok \ufffd x", True)
     shakespeare = list(read_documents(shared_data / "tinyshakespeare" / "input.txt.gz"))
     assert shakespeare[0]["text"].startswith("First Citizen:\nBefore we proceed") and len(shakespeare) > 7000
+
+
+def test_units_cut_each_source_in_file_order_across_files_and_row_groups(tmp_path, tokenizer_dir, wiki_docs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.tokenize import SourceSpec, plan_units, unit_rows
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"doc_id": d["doc_id"], "url": None, "source": d["source"], "text": d["text"]} for d in wiki_docs]
+    rows[7]["doc_id"] = None  # filled in from file + row, as read_documents does
+    pq.write_table(pa.Table.from_pylist(rows[:25]), data / "part-00000.parquet", row_group_size=7)
+    pq.write_table(pa.Table.from_pylist(rows[25:]), data / "part-00001.parquet", row_group_size=4)
+    txt = tmp_path / "wiki.txt.gz"
+    txt.write_bytes(WIKI.read_bytes())
+    sources = [SourceSpec(name="web"), SourceSpec(name="wiki", path=str(txt), doc_separator=WIKI_SEPARATOR)]
+    units = plan_units(sources, data, docs_per_shard=16)
+    assert [(u["source_name"], u["part"]) for u in units] == [("web", i) for i in range(4)] + [("wiki", i) for i in range(4)]
+    assert units[1]["pieces"] == [[str(data / "part-00000.parquet"), 16, 9], [str(data / "part-00001.parquet"), 0, 7]]
+    expected = {"web": [d for f in sorted(data.iterdir()) for d in read_documents(f)], "wiki": list(read_documents(txt, WIKI_SEPARATOR))}
+    for name in ("web", "wiki"):
+        got = [r for u in units if u["source_name"] == name for r in unit_rows(u, "80,10,10", batch_size=3)]
+        assert [r[3:] for r in got] == [(d["doc_id"], d["url"], d["source"], d["text"]) for d in expected[name]]
+        assert all(r[0] == f"{name}-{r[2]}-{i // 16:05d}" and r[2] == split_of(r[3], "80,10,10") for i, r in enumerate(got))
+    assert expected["web"][7]["doc_id"] != rows[7]["doc_id"]
+
+    # one unit's rows interleave splits: each split's shard keeps its documents in input order
+    tok = load_worker_tokenizer(str(tokenizer_dir / "tokenizer.json"))
+    stats = write_shards(unit_rows(units[0], "50,25,25", 4), str(tmp_path), tok, 0, np.uint16, 4)
+    assert sorted(s["shard"] for s in stats) == ["web-test-00000", "web-train-00000", "web-valid-00000"]
+    for s in stats:
+        want = [d for d in expected["web"][:16] if split_of(d["doc_id"], "50,25,25") == s["split"]]
+        index = ms.read_index(tmp_path / s["shard"])
+        assert ms.read_sidecar(tmp_path, s["shard"]).column("doc_id").to_pylist() == [d["doc_id"] for d in want]
+        assert all(ms.read_tokens(index, i).tolist() == tok.encode(valid_text(d["text"])[0], add_special_tokens=False).ids + [0]
+                   for i, d in enumerate(want))
