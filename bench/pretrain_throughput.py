@@ -1,11 +1,16 @@
 """Tokens/s of our megatron-core training step vs a plain-PyTorch loop, same model size, batch and data.
 
 Both loops train the same Llama (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings) on byte-level tokens of
-tinyshakespeare with Adam(W) + grad clipping, in separate child processes of this one run (so each
-reports its own peak RSS), alternating megatron/torch twice and keeping each loop's best rate:
+tinyshakespeare, in separate child processes of this one run (so each reports its own peak RSS),
+alternating megatron/torch twice and keeping each loop's best rate:
 - megatron: ``training.pretrain.Trainer.train_step`` (GPTModel, Megatron DDP, get_megatron_optimizer,
   get_forward_backward_func, GPTDataset batches) at TP=PP=DP=1 over gloo with the CPU compat layer;
-- torch: ``transformers.LlamaForCausalLM`` + ``torch.optim.AdamW`` + ``clip_grad_norm_``, a plain loop.
+- torch: ``transformers.LlamaForCausalLM`` (SDPA attention) + ``torch.optim.AdamW`` + ``clip_grad_norm_``.
+
+Same math and optimizer semantics: next-token cross entropy over all ``seq`` positions, 2 microbatches
+of 4 per step, AdamW (torch's, on both sides; betas 0.9/0.95, weight decay 0.1 except on 1-D params,
+as Megatron groups them), grad clip 1.0, linear warm-up then cosine LR. What differs is only how:
+see :data:`DIFFERENCES` (printed with the result).
 
     .venv/bin/python bench/pretrain_throughput.py [--steps 12] [--hidden 256] [--layers 4] [--seq 256]
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import resource
 import subprocess
@@ -29,6 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("REFINERY_SHARED_DATA", REPO.parent / "shared" / "data")) / "tinyshakespeare" / "input.txt.gz"
 EOS = 256
+DIFFERENCES = (
+    "megatron fuses Q/K/V and gate/up into one matmul each (HF: separate), uses torch.nn.RMSNorm (HF: Python "
+    "ops), runs SDPA through our core-attention module, and its timed step also assembles the batch from "
+    "GPTDataset, accumulates grads into Megatron DDP's fp32 buffer and all-reduces the loss (1-rank gloo)"
+)
 
 
 def write_byte_shards(out: Path) -> Path:
@@ -79,20 +90,36 @@ def run_megatron(args, work: Path) -> dict:
     return {"tokens_per_s": args.steps * args.gbs * args.seq / elapsed, "final_loss": loss, "params": params}
 
 
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier of Megatron's OptimizerParamScheduler (linear warm-up, cosine decay to min_lr)."""
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def run_torch(args, work: Path) -> dict:
     import torch
+    import torch.nn.functional as F
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from training.megatron.model import pad_vocab
+    from training.pretrain_stage import PretrainConfig
 
+    cfg = PretrainConfig(**job_config(args))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=pad_vocab(257), hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads // 2, max_position_embeddings=args.seq,
-        tie_word_embeddings=True, initializer_range=0.02))
+        tie_word_embeddings=True, initializer_range=0.02, attn_implementation="sdpa"))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.train_steps, cfg.min_lr / cfg.lr))
     ds = IndexedDataset(str(work / "shards" / "bytes-00000"))
     flat = torch.cat([torch.from_numpy(ds[i].astype("int64")) for i in range(len(ds))])
     n = args.seq + 1
@@ -103,10 +130,12 @@ def run_torch(args, work: Path) -> dict:
         for m in range(micro):
             start = (step * args.gbs + m * args.mbs) * n
             batch = flat[start:start + args.mbs * n].view(args.mbs, n)
-            loss = model(batch[:, :-1], labels=batch[:, :-1]).loss / micro
+            logits = model(batch[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) / micro
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         opt.step()
+        sched.step()
         if step >= args.warmup:
             elapsed += time.perf_counter() - t0
     return {"tokens_per_s": args.steps * args.gbs * args.seq / elapsed, "final_loss": float(loss) * micro,
@@ -160,6 +189,7 @@ def main() -> None:
                       f"params {res['params']}  loss {res['final_loss']:.3f}", flush=True)
                 if loop not in best or res["tokens_per_s"] > best[loop]["tokens_per_s"]:
                     best[loop] = res
+    print(f"differs: {DIFFERENCES}")
     print(f"model: {args.layers} layers, hidden {args.hidden}, seq {args.seq}, batch {args.gbs}x{args.seq} tokens, "
           f"threads {args.threads}; best of {args.repeats}")
     print(f"megatron_tokens_per_s {best['megatron']['tokens_per_s']:.1f}")
