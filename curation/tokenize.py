@@ -7,8 +7,9 @@ deterministic and stable when the corpus grows; train/valid/test documents go to
 
 Plan (driver, no data read): each source's documents in a fixed order (files sorted by path, rows
 in file order; Parquet row counts come from the footers) are cut into consecutive *units* of at
-most ``docs_per_shard`` documents (:func:`plan_units`). Shell: one Spark task per unit, no shuffle:
-the task reads its row ranges, encodes them with ``encode_batch`` (special-token strings in the
+most ``docs_per_shard`` documents (:func:`plan_units`). Shell: one Spark job, no shuffle, one task
+per core (a PySpark task costs ~50 ms of CPU, so not one per unit), units dealt round-robin: for
+each unit it reads the row ranges, encodes them with ``encode_batch`` (special-token strings in the
 text stay plain text; EOS appended per document) and streams them into one shard per split,
 ``<source>-<split>-<unit:05d>``, with :class:`curation.megatron_shards.ShardWriter` (atomic per
 shard). The same input files and config give byte-identical shards, whatever the cluster. The
@@ -330,7 +331,8 @@ def tokenize_to_shards(
     spark, sources: list[SourceSpec], upstream_data: Path | None, tokenizer_dir: Path, out_dir: Path,
     cfg: TokenizeConfig, log=None,
 ) -> tuple[list[dict], dict]:
-    """Tokenize every source into shards under ``out_dir``: one Spark task per unit (:func:`plan_units`).
+    """Tokenize every source into shards under ``out_dir``: the units of :func:`plan_units`, spread over
+    one Spark task per core (``defaultParallelism``).
 
     ``out_dir`` must not hold shards already (leftovers of a killed run are removed first).
     Returns (per-shard stats sorted by shard, tokenizer info).
@@ -345,8 +347,9 @@ def tokenize_to_shards(
     info = tokenizer_info(tokenizer_dir, cfg.eod_token)
     dtype = token_dtype(info["vocab_size"])
     units = plan_units(sources, upstream_data, cfg.docs_per_shard)
+    tasks = min(len(units), spark.sparkContext.defaultParallelism)
     if log:
-        log.info("tokenize: %d units of at most %d documents", len(units), cfg.docs_per_shard)
+        log.info("tokenize: %d units of at most %d documents in %d Spark tasks", len(units), cfg.docs_per_shard, tasks)
     if not units:
         return [], {**info, "dtype": dtype.name}
     tokenizer_json = str(Path(tokenizer_dir) / "tokenizer.json")
@@ -354,10 +357,12 @@ def tokenize_to_shards(
 
     def task(partition):
         tokenizer = worker_tokenizer(tokenizer_json)
-        for unit in partition:
-            yield from write_shards(unit_rows(unit, split, batch_size), out, tokenizer, eos_id, dtype, batch_size)
+        for units_of_task in partition:
+            for unit in units_of_task:
+                yield from write_shards(unit_rows(unit, split, batch_size), out, tokenizer, eos_id, dtype, batch_size)
 
-    stats = spark.sparkContext.parallelize(units, len(units)).mapPartitions(task).collect()
+    # round-robin: neighbouring units (often alike in size) go to different tasks
+    stats = spark.sparkContext.parallelize([units[i::tasks] for i in range(tasks)], tasks).mapPartitions(task).collect()
     clean_partial(out_dir)
     return sorted(stats, key=lambda r: r["shard"]), {**info, "dtype": dtype.name}
 
