@@ -4,7 +4,7 @@ Same text (real: WikiText-2 valid+test, Tiny Shakespeare, Dolma CC samples, repe
 doc ids up to ``--mb``), same tokenizer (byte-level BPE trained here), same run. The bare loop is
 the limit: text already in memory as str, one process, ``encode_batch`` (all cores) + EOS + one
 ``.bin`` write, documents in input order. The Spark side is ``tokenize_to_shards`` from Parquet
-(unit plan from the footers, one task per unit: read, split by doc_id, encode, write ``.bin``/
+(unit plan from the footers, one task per core, each unit: read, split by doc_id, encode, write ``.bin``/
 ``.idx``/sidecar per split) on a warm session (a discarded warm-up run first). Bare and Spark run in
 adjacent pairs; the headline is the median of the pairs' ratios (the machine is shared and its load
 drifts). Checks that the bare ``.bin`` equals the Spark shards' documents concatenated in input
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--master", default="local[*]")
     parser.add_argument("--pairs", type=int, default=3, help="interleaved bare/spark pairs (median ratio)")
-    parser.add_argument("--docs-per-shard", type=int, default=2000, help="shards (= parallel tasks) per split")
+    parser.add_argument("--docs-per-shard", type=int, default=2000, help="documents per unit (one shard per unit and split)")
     args = parser.parse_args()
 
     from curation.tokenize import TokenizeConfig, tokenize_to_shards
