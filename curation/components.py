@@ -33,21 +33,19 @@ def _small_star(edges):
 
 
 def connected_components(edges, max_rounds: int = 64, log=None):
-    """``edges(src, dst)`` (undirected, self-loops ignored) → ``(node, component, rounds)``.
+    """``edges(src, dst)`` (undirected, any orientation; self-loops and repeats ignored) →
+    ``(node, component, rounds)``.
 
     Returns a DataFrame ``(node, component)`` for every node that has an edge, ``component`` being
     the smallest node of its component, and the number of rounds run. Each round's edges are
-    checkpointed locally so the query plan does not grow with the rounds.
+    checkpointed locally (materialised by the round's convergence check, one job) so the query plan
+    does not grow with the rounds.
     """
     from pyspark.sql import functions as F
 
-    current = (
-        edges.where(F.col("src") != F.col("dst"))
-        .select(F.greatest("src", "dst").alias("src"), F.least("src", "dst").alias("dst")).distinct()
-        .localCheckpoint()
-    )
+    current = edges.select("src", "dst")
     for rounds in range(1, max_rounds + 1):
-        current = _small_star(_large_star(current)).localCheckpoint()
+        current = _small_star(_large_star(current)).localCheckpoint(eager=False)
         # converged when it is a star forest: no centre (dst) has an edge to a smaller node
         unfinished = current.select(F.col("dst").alias("src")).distinct().join(current.select("src"), "src", "left_semi")
         pending = unfinished.limit(1).count()

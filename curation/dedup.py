@@ -172,54 +172,60 @@ def _line_level(df, max_docs: int):
 
 def signature_frame(df, params):
     """``(doc_id, sig array<long>, bands array<long>)`` for every row of ``df(doc_id, text)`` that has
-    shingles; one vectorised batch per Arrow batch of each partition."""
-    import pandas as pd
+    shingles; one vectorised batch per Arrow batch of each partition, Arrow in and out (no pandas)."""
+    import numpy as np
+    import pyarrow as pa
 
     from curation.minhash import EMPTY, band_keys, batch_signatures
 
+    def as_lists(matrix: np.ndarray) -> pa.ListArray:
+        offsets = np.arange(0, matrix.size + 1, matrix.shape[1], dtype=np.int32)
+        return pa.ListArray.from_arrays(offsets, matrix.reshape(-1))
+
     def compute(batches):
         for batch in batches:
-            sigs = batch_signatures(batch["text"].fillna("").tolist(), params)
-            keys = band_keys(sigs, params)
+            texts = batch.column("text").fill_null("").to_pylist()
+            sigs = batch_signatures(texts, params)
             has_shingles = ~(sigs == EMPTY).all(axis=1)  # docs without shingles never match anything
-            yield pd.DataFrame({
-                "doc_id": batch["doc_id"][has_shingles].to_numpy(),
-                "sig": list(sigs[has_shingles].view("int64")), "bands": list(keys[has_shingles]),
-            })
+            sigs = sigs[has_shingles]
+            doc_ids = batch.column("doc_id").filter(pa.array(has_shingles))
+            yield pa.RecordBatch.from_arrays(
+                [doc_ids, as_lists(sigs.view(np.int64)), as_lists(band_keys(sigs, params))], names=["doc_id", "sig", "bands"]
+            )
 
-    return df.select("doc_id", "text").mapInPandas(compute, "doc_id string, sig array<long>, bands array<long>")
+    return df.select("doc_id", "text").mapInArrow(compute, "doc_id string, sig array<long>, bands array<long>")
 
 
 def fuzzy_clusters(df, params, threshold: float | None, max_rounds: int, log=None):
     """Near-duplicate clusters of ``df(doc_id, text)``: ``(node, component)`` for every clustered doc,
     plus counts. Candidate links go from each bucket member to the bucket's smallest doc_id."""
-    from pyspark import StorageLevel
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from curation.components import connected_components
 
-    sigs = signature_frame(df, params).persist(StorageLevel.MEMORY_AND_DISK)
-    buckets = sigs.select("doc_id", F.posexplode("bands").alias("band", "key"))
-    heads = buckets.groupBy("band", "key").agg(F.min("doc_id").alias("head"), F.count("*").alias("n")).where("n > 1")
-    edges = (
-        buckets.join(heads, ["band", "key"]).where(F.col("doc_id") != F.col("head"))
-        .select(F.col("doc_id").alias("src"), F.col("head").alias("dst")).distinct()
+    sigs = signature_frame(df, params).localCheckpoint()  # the one Python pass, computed once
+    bucket = Window.partitionBy("band", "key")
+    links = (
+        sigs.select("doc_id", F.posexplode("bands").alias("band", "key"))
+        .select(F.col("doc_id").alias("src"), F.min("doc_id").over(bucket).alias("dst"))
+        .where(F.col("src") != F.col("dst")).distinct()
     )
-    edges = edges.localCheckpoint()
-    stats = {"fuzzy_candidate_links": edges.count()}
-    if threshold is not None:
+    if threshold is None:
+        links = links.withColumn("verified", F.lit(True))
+    else:
         s1 = sigs.select(F.col("doc_id").alias("src"), F.col("sig").alias("a"))
         s2 = sigs.select(F.col("doc_id").alias("dst"), F.col("sig").alias("b"))
         equal = F.aggregate(F.zip_with("a", "b", lambda x, y: (x == y).cast("int")), F.lit(0), lambda acc, v: acc + v)
-        edges = (
-            edges.join(s1, "src").join(s2, "dst")
-            .where(equal >= F.lit(threshold * params.num_perm))
-            .select("src", "dst").localCheckpoint()
-        )
-        stats["fuzzy_verified_links"] = edges.count()
-    components, rounds = connected_components(edges, max_rounds=max_rounds, log=log)
+        verified = (equal >= F.lit(threshold * params.num_perm)).alias("verified")
+        links = links.join(s1, "src").join(s2, "dst").select("src", "dst", verified)
+    links = links.localCheckpoint()
+    candidates, verified = links.agg(F.count("*"), F.count_if("verified")).first()
+    stats = {"fuzzy_candidate_links": candidates}
+    if threshold is not None:
+        stats["fuzzy_verified_links"] = verified
+    components, rounds = connected_components(links.where("verified").select("src", "dst"), max_rounds=max_rounds, log=log)
     stats["components_rounds"] = rounds
-    sigs.unpersist()
     return components, stats
 
 
@@ -229,15 +235,14 @@ def _fuzzy_level(df, params, threshold, max_rounds, has_quality: bool, log):
 
     live = df.where(F.col("drop_reason").isNull())
     components, stats = fuzzy_clusters(live, params, threshold, max_rounds, log)
-    components = components.localCheckpoint()
     members = components.join(
         df.select(F.col("doc_id").alias("node"), *(["quality_score"] if has_quality else [])), "node"
     ).withColumnRenamed("node", "doc_id")
     w = Window.partitionBy("component").orderBy(*_order(has_quality))
     members = members.select(
         "doc_id", F.col("component").alias("_cluster"), F.first("doc_id").over(w).alias("_rep")
-    )
-    stats["fuzzy_clusters"] = components.select("component").distinct().count()
+    ).localCheckpoint()
+    stats["fuzzy_clusters"] = members.agg(F.count_distinct("_cluster")).first()[0]
     df = df.join(members, "doc_id", "left")
     dup = F.col("_rep").isNotNull() & (F.col("_rep") != F.col("doc_id"))
     return (

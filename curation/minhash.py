@@ -2,8 +2,11 @@
 
 Pure NumPy on one document or one batch; the Spark shell lives in ``curation/dedup.py``.
 
-* shingles: word ``n``-grams of :func:`normalize_text`, each word hashed once with xxh3-64 and the
-  ``n`` word hashes of a shingle combined with a vectorised mix (no n-gram strings are built).
+* normalisation: NFKC + case-fold + NFKD in C, then one lookup per code point in a table built once
+  per process (combining mark → dropped, digit → 0, non-word → space); no per-character Python.
+* shingles: word ``n``-grams of :func:`normalize_text`, each word hashed vectorised from its code
+  points (:func:`word_hashes`) and the ``n`` word hashes of a shingle combined with a vectorised mix
+  (no word or n-gram strings are built).
   A document with fewer than ``n`` words is one shingle of all its words; an empty one has none.
 * permutations: ``h_i(x) = a_i * x + b_i mod 2^64`` for odd ``a_i`` — a bijection of the 64-bit
   space; the shingle hashes ``x`` are already well mixed, so two multiply-adds per value suffice.
@@ -13,14 +16,16 @@ Pure NumPy on one document or one batch; the Spark shell lives in ``curation/ded
 from __future__ import annotations
 
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
-_DIGIT = re.compile(r"\d")
+_NON_WORD_CHAR = re.compile(r"[\W_]")
+_NON_DIGIT = re.compile(r"\D")
+_DELETE = np.uint32(0xFFFFFFFF)
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -41,12 +46,35 @@ class MinHashParams:
         return self.bands * self.rows
 
 
-def normalize_text(text: str) -> str:
-    """NFKC, case-fold, strip accents, digits → 0, punctuation → space, collapse whitespace."""
+@lru_cache(maxsize=1)
+def _char_map() -> np.ndarray:
+    """Per code point, what :func:`normalize_text` makes of it after NFKD: a combining mark →
+    :data:`_DELETE`, a digit → ``0``, a letter or other word character → itself, anything else → space."""
+    everything = "".join(map(chr, range(sys.maxunicode + 1)))
+    table = np.full(sys.maxunicode + 1, ord(" "), dtype=np.uint32)
+    is_word = _code_points(_NON_WORD_CHAR.sub("\0", everything)) != 0
+    table[is_word] = np.nonzero(is_word)[0]
+    table[_code_points(_NON_DIGIT.sub("\0", everything)) != 0] = ord("0")
+    combining = np.fromiter(map(unicodedata.combining, everything), dtype=np.int32, count=len(everything))
+    table[combining != 0] = _DELETE
+    return table
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _normalized_code_points(text: str) -> np.ndarray:
+    """:func:`normalize_text` as code points, before its spaces are collapsed: one table lookup each."""
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
-    text = "".join(ch for ch in text if not unicodedata.combining(ch))
-    text = _DIGIT.sub("0", text)
-    return " ".join(_NON_WORD.sub(" ", text).split())
+    mapped = _char_map()[_code_points(text)]
+    return mapped[mapped != _DELETE]
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, case-fold, strip accents (NFKD, combining marks dropped), digits → 0, punctuation and
+    ``_`` → space, whitespace collapsed."""
+    return " ".join(_normalized_code_points(text).tobytes().decode("utf-32-le").split())
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -58,20 +86,37 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(33))
 
 
-def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
-    """Distinct uint64 hashes of the word ``ngram``-grams of the normalised text."""
-    import xxhash
-
-    words = normalize_text(text).encode("utf-8", "surrogatepass").split()
-    if not words:
+def word_hashes(code_points: np.ndarray) -> np.ndarray:
+    """One uint64 hash per space-separated word of ``code_points``, vectorised: the sum over the
+    word's characters of ``mix64(position << 21 | code point)``, mixed again."""
+    is_word = np.r_[False, code_points != ord(" "), False]
+    edges = np.flatnonzero(is_word[1:] != is_word[:-1])  # word i spans [edges[2i], edges[2i+1])
+    if not len(edges):
         return np.empty(0, dtype=np.uint64)
-    h = np.fromiter((xxhash.xxh3_64_intdigest(w) for w in words), dtype=np.uint64, count=len(words))
+    lengths = edges[1::2] - edges[::2]
+    chars = code_points[is_word[1:-1]].astype(np.uint64)
+    first = np.r_[0, np.cumsum(lengths)[:-1]]
+    position = np.arange(len(chars), dtype=np.uint64) - np.repeat(first, lengths).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        return mix64(np.add.reduceat(mix64((position << np.uint64(21)) | chars), first) + _GOLDEN)
+
+
+def _shingles(text: str, ngram: int) -> np.ndarray:
+    """uint64 hashes of the word ``ngram``-grams of the normalised text, repeats included."""
+    h = word_hashes(_normalized_code_points(text))
+    if not len(h):
+        return h
     n = min(ngram, len(h))
     with np.errstate(over="ignore"):
         acc = np.zeros(len(h) - n + 1, dtype=np.uint64)
         for k in range(n):  # position-dependent combine: "a b" and "b a" differ
             acc = mix64(acc * _GOLDEN + h[k : len(h) - n + 1 + k] + np.uint64(k))
-    return np.unique(acc)
+    return acc
+
+
+def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
+    """Distinct uint64 hashes of the word ``ngram``-grams of the normalised text."""
+    return np.unique(_shingles(text, ngram))
 
 
 @lru_cache(maxsize=8)
@@ -109,8 +154,8 @@ def signatures(shingle_sets: list[np.ndarray], params: MinHashParams = MinHashPa
 
 
 def batch_signatures(texts: list[str], params: MinHashParams = MinHashParams()) -> np.ndarray:
-    """Signatures of a batch of texts (see :func:`signatures`)."""
-    return signatures([shingle_hashes(t or "", params.ngram) for t in texts], params)
+    """Signatures of a batch of texts (see :func:`signatures`; a repeated shingle changes no minimum)."""
+    return signatures([_shingles(t or "", params.ngram) for t in texts], params)
 
 
 def band_keys(sigs: np.ndarray, params: MinHashParams = MinHashParams()) -> np.ndarray:

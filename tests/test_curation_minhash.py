@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import random
+import re
+import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from curation.minhash import (
     s_curve,
     shingle_hashes,
     signatures,
+    word_hashes,
 )
 
 
@@ -37,6 +41,35 @@ def test_normalize_text_unicode_edge_cases():
     assert normalize_text("日本語のテキスト。") == "日本語のテキスト"
     assert normalize_text("") == normalize_text("  \n ") == normalize_text("!!! ...") == ""
     assert normalize_text("bad \ud800 surrogate") == "bad surrogate"
+
+
+def test_normalize_text_equals_its_per_character_definition_on_every_code_point():
+    """The lookup table gives what the plain definition gives, for all of Unicode (surrogates too)."""
+
+    def reference(text: str) -> str:
+        text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
+        text = re.sub(r"\d", "0", "".join(ch for ch in text if not unicodedata.combining(ch)))
+        return " ".join(re.sub(r"[\W_]+", " ", text).split())
+
+    everything = "".join(map(chr, range(sys.maxunicode + 1)))
+    for start in range(0, len(everything), 1009):  # chunks: marks next to letters, digits, spaces
+        chunk = everything[start : start + 1009]
+        assert normalize_text(chunk) == reference(chunk), hex(start)
+
+
+def test_word_hashes_identify_words(wiki_docs):
+    from curation.minhash import _normalized_code_points
+
+    text = " ".join(wiki_docs[:3])
+    words = normalize_text(text).split()
+    hashes = word_hashes(_normalized_code_points(text)).tolist()
+    assert len(hashes) == len(words)
+    by_word = dict(zip(words, hashes))
+    assert all(by_word[w] == h for w, h in zip(words, hashes))  # the same word, the same hash
+    assert len(set(by_word.values())) == len(by_word)  # different words, different hashes
+    anagrams = word_hashes(_normalized_code_points("ab ba"))
+    assert len(anagrams) == 2 and anagrams[0] != anagrams[1]  # position matters inside a word
+    assert len(word_hashes(_normalized_code_points(" ... "))) == 0
 
 
 def test_shingles_short_and_empty_documents():
