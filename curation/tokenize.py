@@ -8,7 +8,7 @@ deterministic and stable when the corpus grows; train/valid/test documents go to
 Plan (driver, no data read): each source's documents in a fixed order (files sorted by path, rows
 in file order; Parquet row counts come from the footers) are cut into consecutive *units* of at
 most ``docs_per_shard`` documents (:func:`plan_units`). Shell: one Spark job, no shuffle, one task
-per core (a PySpark task costs ~50 ms of CPU, so not one per unit), units dealt round-robin: for
+per core (a PySpark task costs tens of ms of CPU, so not one per unit), units dealt round-robin: for
 each unit it reads the row ranges, encodes them with ``encode_batch`` (special-token strings in the
 text stay plain text; EOS appended per document) and streams them into one shard per split,
 ``<source>-<split>-<unit:05d>``, with :class:`curation.megatron_shards.ShardWriter` (atomic per
