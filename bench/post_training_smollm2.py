@@ -34,9 +34,9 @@ DEFAULTS = {
     "sft": {"data": [str(SHARED / "gsm8k" / "train.jsonl"), str(SHARED / "self_instruct_sft" / "seed_tasks.jsonl")],
             "max_steps": 8, "batch_size": 2, "max_len": 128, "lr": 3e-5, "warmup_steps": 1,
             "heldout_fraction": 0.02, "max_eval_examples": 4, "eval_batch_size": 2},
-    "reward": {"data": [HH], **HELDOUT, "train_layers": 2, "max_steps": 56, "batch_size": 16, "lr": 1e-4,
+    "reward": {"data": [HH], **HELDOUT, "train_layers": 4, "max_steps": 84, "batch_size": 16, "lr": 2e-4,
                "warmup_steps": 5},
-    "dpo": {"data": [HH], **HELDOUT, "train_layers": 4, "max_steps": 55, "batch_size": 8, "lr": 5e-5,
+    "dpo": {"data": [HH], **HELDOUT, "train_layers": 4, "max_steps": 110, "batch_size": 8, "lr": 5e-5,
             "warmup_steps": 5, "beta": 0.1},
 }
 HEADLINE = {"sft": "eval_loss_after", "reward": "eval_accuracy_after", "dpo": "eval_reward_accuracy_after"}
