@@ -102,14 +102,18 @@ class DPOTask:
             sequences = [e for p in [*train_items, *eval_items] for e in (p.chosen, p.rejected)]
             self.bottom = cache_bottom_states(model, sequences, self.pad_id, self.cfg.train_layers,
                                               2 * self.cfg.eval_batch_size)
-        todo = (eval_items if self.cfg.loss in REFERENCE_FREE else [*train_items, *eval_items])
-        bs = self.cfg.eval_batch_size
+        # held-out pairs in the very batches evaluate() uses: "before", π = π_ref holds bit for bit
+        chunks = ([] if self.cfg.loss in REFERENCE_FREE else self._chunks(train_items)) + self._chunks(eval_items)
         model.eval()
         with torch.no_grad():
-            for i in tqdm(range(0, len(todo), bs), desc="reference log-probs", mininterval=10):
-                chunk = todo[i:i + bs]
+            for chunk in tqdm(chunks, desc="reference log-probs", mininterval=10):
                 for j, values in enumerate(zip(*(t.tolist() for t in self.logps(model, chunk)))):
                     self.ref[id(chunk[j])] = values
+
+    def _chunks(self, pairs) -> list[list]:
+        """Length-sorted batches of eval_batch_size pairs (less padding)."""
+        pairs = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
+        return [pairs[i:i + self.cfg.eval_batch_size] for i in range(0, len(pairs), self.cfg.eval_batch_size)]
 
     def _ref(self, pairs, averaged: bool):
         import torch
@@ -154,10 +158,8 @@ class DPOTask:
         import torch
 
         acc = margin = chosen = rejected = reward_acc = reward_margin = 0.0
-        pairs = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))  # less padding
         with torch.no_grad():
-            for i in range(0, len(pairs), self.cfg.eval_batch_size):
-                chunk = pairs[i:i + self.cfg.eval_batch_size]
+            for chunk in self._chunks(pairs):
                 sum_c, sum_r, _, _ = self.logps(model, chunk)
                 ref_c, ref_r = self._ref(chunk, averaged=False)
                 implicit = self.cfg.beta * ((sum_c - ref_c) - (sum_r - ref_r))
