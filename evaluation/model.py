@@ -267,9 +267,11 @@ class EvalModel:
         """A vLLM engine over this checkpoint, or None (with a log line) where vLLM is unavailable."""
         if self._vllm is None:
             try:
-                from vllm import LLM
+                from training.rl.rollout import PRECISION_DTYPES, VLLMEngine
 
-                self._vllm = LLM(model=str(self.path), dtype=self.dtype, max_model_len=self.max_length, seed=0)
+                precision = {name: p for p, name in PRECISION_DTYPES.items()}[self.dtype]
+                # the rollout engine's recipe: in-process, KV cache capped (vLLM's CPU default reserves most of RAM)
+                self._vllm = VLLMEngine(self.path, precision, seed=0, max_model_len=self.max_length).llm
             except Exception as exc:  # not installed, no CPU build, unsupported model ...
                 if self.generation_backend == "vllm":
                     raise EvalModelError(f"generation_backend 'vllm' requested but unavailable: {exc}") from exc
