@@ -142,8 +142,11 @@ def read_parquet_file(path: Path) -> Iterator[dict]:
 
 
 def read_documents(path: str | Path, separator: str = BLANK_LINES) -> Iterator[dict]:
-    """Every document of one source file, as ``{doc_id, url, source, text}`` (pass text through valid_text)."""
-    path = Path(path)
+    """Every document of one source file, as ``{doc_id, url, source, text}`` (pass text through valid_text).
+
+    Ids and sources use the resolved path, so a file reached through a symlink gets the same ids.
+    """
+    path = Path(path).resolve()
     fmt = source_format(path)
     if fmt == PARQUET:
         yield from read_parquet_file(path)

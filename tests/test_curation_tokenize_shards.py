@@ -193,7 +193,7 @@ def test_external_readers_give_stable_ids_and_record_positions(tmp_path, shared_
     with gzip.open(jsonl, "rt") as fh:
         first = json.loads(fh.readline())
     assert len(docs) == 10 and docs[0]["text"] == first["text"] and docs[0]["url"] == first["id"]
-    assert docs[0]["source"] == f"{jsonl}@1" and docs == list(read_documents(jsonl))
+    assert docs[0]["source"] == f"{jsonl.resolve()}@1" and docs == list(read_documents(jsonl))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok \\ud800 x", "id": 1}\nnot json\n{"no_text": 1}\n')
     [doc] = list(read_documents(bad))
