@@ -120,8 +120,9 @@ def read_text_file(path: Path, separator: str = BLANK_LINES) -> Iterator[dict]:
             yield {"doc_id": stable_doc_id(str(path), str(i)), "url": None, "source": f"{path}@{i}", "text": piece}
 
 
-def read_parquet_file(path: Path) -> Iterator[dict]:
-    """Rows of a Parquet file (``text`` as bytes); ``doc_id``/``source`` are filled in when missing."""
+def read_parquet_file(path: Path, first_row: int = 0, rows: int | None = None, batch_size: int = 1024) -> Iterator[dict]:
+    """Rows ``first_row ..`` (``rows`` of them, default all) of a Parquet file, ``text`` as bytes;
+    ``doc_id``/``source`` are filled in when missing. Only the row groups holding the range are read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -129,28 +130,46 @@ def read_parquet_file(path: Path) -> Iterator[dict]:
     names = set(pf.schema_arrow.names)
     if "text" not in names:
         raise ValueError(f"{path} has no 'text' column (has: {', '.join(sorted(names))})")
+    end = pf.metadata.num_rows if rows is None else first_row + rows
+    groups, row_no, group_start = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if group_start < end and group_start + n > first_row:
+            groups.append(g)
+            row_no = group_start if row_no is None else row_no
+        group_start += n
+    if not groups:
+        return
     cols = [c for c in ("doc_id", "url", "source", "text") if c in names]
-    row_no = 0
-    for batch in pf.iter_batches(columns=cols):
-        # text as bytes: Parquet strings are not guaranteed to be valid UTF-8 (see valid_text)
-        batch = batch.set_column(cols.index("text"), "text", batch.column("text").cast(pa.binary()))
-        for row in batch.to_pylist():
-            doc_id = row.get("doc_id") or stable_doc_id(str(path), str(row_no))
-            source = row.get("source") or f"{path}@{row_no}"
-            yield {"doc_id": doc_id, "url": row.get("url"), "source": source, "text": row["text"]}
-            row_no += 1
+    for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=cols):
+        lo, hi = max(first_row - row_no, 0), min(end - row_no, batch.num_rows)
+        if lo < hi:
+            part = batch.slice(lo, hi - lo)
+            # text as bytes: Parquet strings are not guaranteed to be valid UTF-8 (see valid_text)
+            part = part.set_column(cols.index("text"), "text", part.column("text").cast(pa.large_binary()))
+            for i, row in enumerate(part.to_pylist()):
+                n = row_no + lo + i
+                yield {"doc_id": row.get("doc_id") or stable_doc_id(str(path), str(n)), "url": row.get("url"),
+                       "source": row.get("source") or f"{path}@{n}", "text": row["text"]}
+        row_no += batch.num_rows
+        if row_no >= end:
+            return
 
 
-def read_documents(path: str | Path, separator: str = BLANK_LINES) -> Iterator[dict]:
-    """Every document of one source file, as ``{doc_id, url, source, text}`` (pass text through valid_text).
+def read_documents(
+    path: str | Path, separator: str = BLANK_LINES, first_row: int = 0, rows: int | None = None, batch_size: int = 1024
+) -> Iterator[dict]:
+    """Documents ``first_row ..`` (``rows`` of them, default all) of one source file, as ``{doc_id, url,
+    source, text}`` (pass text through valid_text).
 
     Ids and sources use the resolved path, so a file reached through a symlink gets the same ids.
     """
+    import itertools
+
     path = Path(path).resolve()
     fmt = source_format(path)
     if fmt == PARQUET:
-        yield from read_parquet_file(path)
-    elif fmt == JSONL:
-        yield from read_jsonl(path)
-    else:
-        yield from read_text_file(path, separator)
+        yield from read_parquet_file(path, first_row, rows, batch_size)
+        return
+    docs = read_jsonl(path) if fmt == JSONL else read_text_file(path, separator)
+    yield from itertools.islice(docs, first_row, None if rows is None else first_row + rows)

@@ -273,58 +273,15 @@ def plan_units(sources: list[SourceSpec], upstream_data: Path | None, docs_per_s
     return units
 
 
-def read_rows(path: str, first_row: int, rows: int, separator: str, batch_size: int) -> Iterator[tuple]:
-    """Documents ``first_row .. first_row + rows - 1`` of one source file as ``(doc_id, url, source, text)``.
-
-    Parquet: only the row groups holding the range are read, text as bytes; a missing ``doc_id``/
-    ``source`` is filled in as :func:`curation.text_sources.read_parquet_file` does.
-    """
-    import itertools
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from curation.text_sources import PARQUET, read_documents, source_format, stable_doc_id
-
-    if source_format(path) != PARQUET:
-        for d in itertools.islice(read_documents(Path(path), separator), first_row, first_row + rows):
-            yield d["doc_id"], d["url"], d["source"], d["text"]
-        return
-    pf = pq.ParquetFile(path)
-    names = set(pf.schema_arrow.names)
-    if "text" not in names:
-        raise ValueError(f"{path} has no 'text' column (has: {', '.join(sorted(names))})")
-    groups, row_no, group_start = [], None, 0
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if group_start < first_row + rows and group_start + n > first_row:
-            groups.append(g)
-            row_no = group_start if row_no is None else row_no
-        group_start += n
-    if not groups:
-        return
-    end = first_row + rows
-    for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=[c for c in ROW_FIELDS if c in names]):
-        lo, hi = max(first_row - row_no, 0), min(end - row_no, batch.num_rows)
-        if lo < hi:
-            part = batch.slice(lo, hi - lo)
-            texts = part.column("text").cast(pa.large_binary()).to_pylist()  # Parquet strings may be invalid UTF-8
-            cols = {c: part.column(c).to_pylist() if c in names else [None] * len(texts) for c in ("doc_id", "url", "source")}
-            for i, (doc_id, url, source, text) in enumerate(zip(cols["doc_id"], cols["url"], cols["source"], texts)):
-                n = row_no + lo + i
-                yield doc_id or stable_doc_id(path, str(n)), url, source or f"{path}@{n}", text
-        row_no += batch.num_rows
-        if row_no >= end:
-            return
-
-
 def unit_rows(unit: dict, split: str, batch_size: int) -> Iterator[tuple]:
     """The rows (:data:`ROW_FIELDS`) of one unit, each routed to its split's shard."""
+    from curation.text_sources import read_documents
+
     t1, t2 = split_thresholds(split)
     for path, first_row, rows in unit["pieces"]:
-        for doc_id, url, source, text in read_rows(path, first_row, rows, unit["separator"], batch_size):
-            sp = _split_by_hash(doc_id, t1, t2)
-            yield shard_name(unit["source_name"], sp, unit["part"]), unit["source_name"], sp, doc_id, url, source, text
+        for d in read_documents(path, unit["separator"], first_row, rows, batch_size):
+            sp = _split_by_hash(d["doc_id"], t1, t2)
+            yield shard_name(unit["source_name"], sp, unit["part"]), unit["source_name"], sp, d["doc_id"], d["url"], d["source"], d["text"]
 
 
 def tokenize_to_shards(
