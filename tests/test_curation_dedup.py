@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from curation.components import connected_components
 from curation.dedup import DedupConfig, deduplicate, line_hashes, normalize_url, text_key
 from infra.runstore import content_hash, listing, write_json_atomic
 
@@ -129,6 +130,45 @@ def test_stage_all_levels_then_rerun_alone_with_other_threshold(spark, corpus, m
     assert "dup_fuzzy" not in second["metrics"]["drop_reasons"]
     assert second["metrics"]["kept"] == stats["kept"] + 2
     assert execute_stage("dedup", strict, "r2", from_ref="r1").get("skipped")  # unchanged: not recomputed
+
+
+def union_find_components(edges) -> dict[str, str]:
+    """Reference: node → smallest node of its component."""
+    parent: dict[str, str] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return {x: find(x) for x in parent}
+
+
+def test_connected_components_equal_union_find(spark):
+    """Shuffled long paths (many rounds), a cycle, random sparse edges, repeats, both orientations
+    and self-loops: Spark's components equal a union-find's."""
+    rng = random.Random(7)
+    edges = []
+    for path in range(3):
+        nodes = [f"p{path}_{i:03d}" for i in range(150)]
+        rng.shuffle(nodes)  # ids not in path order, so min-label moves slowly
+        edges += list(zip(nodes, nodes[1:]))
+    cycle = [f"c{i:02d}" for i in range(30)]
+    edges += list(zip(cycle, cycle[1:] + cycle[:1]))
+    edges += [(f"r{rng.randrange(400):03d}", f"r{rng.randrange(400):03d}") for _ in range(300)]
+    edges += [(b, a) for a, b in edges[:50]] + edges[:20] + [("self", "self")]
+    rng.shuffle(edges)
+    expected = union_find_components([e for e in edges if e[0] != e[1]])
+    df = spark.createDataFrame(edges, "src string, dst string").repartition(3)
+    components, rounds = connected_components(df)
+    got = {r["node"]: r["component"] for r in components.collect()}
+    assert got == expected
+    assert components.count() == len(expected)  # one row per node
+    assert rounds > 2  # the shuffled paths needed several rounds
 
 
 @pytest.mark.slow
