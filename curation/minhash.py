@@ -1,16 +1,21 @@
-"""MinHash-LSH core: text normalisation, word n-gram shingles, vectorised 64-bit MinHash, LSH band keys.
+"""MinHash-LSH core: text normalisation, word n-gram shingles, 64-bit MinHash, LSH band keys.
 
-Pure NumPy on one document or one batch; the Spark shell lives in ``curation/dedup.py``.
+Pure functions on one document or one batch; the Spark shell lives in ``curation/dedup.py``.
 
-* normalisation: NFKC + case-fold + NFKD in C, then one lookup per code point in a table built once
-  per process (combining mark → dropped, digit → 0, non-word → space); no per-character Python.
-* shingles: word ``n``-grams of :func:`normalize_text`, each word hashed vectorised from its code
-  points (:func:`word_hashes`) and the ``n`` word hashes of a shingle combined with a vectorised mix
-  (no word or n-gram strings are built).
-  A document with fewer than ``n`` words is one shingle of all its words; an empty one has none.
+* normalisation: NFKC + case-fold + NFKD in C (skipped for ASCII text, where it changes nothing but
+  case), then one lookup per code point in a table built once per process (combining mark →
+  deleted, digit → 0, non-word → space); no per-character Python.
+* shingles: word ``n``-grams of :func:`normalize_text`, each word hashed from its code points
+  (:func:`word_hashes`) and the ``n`` word hashes of a shingle combined with a mix (no word or
+  n-gram strings are built). A document with fewer than ``n`` words is one shingle of all its
+  words; an empty one has none.
 * permutations: ``h_i(x) = a_i * x + b_i mod 2^64`` for odd ``a_i`` — a bijection of the 64-bit
   space; the shingle hashes ``x`` are already well mixed, so two multiply-adds per value suffice.
 * LSH: ``bands × rows`` (FineWeb: 14 × 8 = 112) — a band key is a 63-bit hash of its ``rows`` values.
+
+Hashing and the min over permutations are compiled with numba (``cache=True``: compiled once per
+machine, then loaded), fused over a whole batch: one pass over the batch's code points, with no
+per-document NumPy calls.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from numba import njit
 
 _NON_WORD_CHAR = re.compile(r"[\W_]")
 _NON_DIGIT = re.compile(r"\D")
 _DELETE = np.uint32(0xFFFFFFFF)
+_SPACE = np.uint32(ord(" "))
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_S33 = np.uint64(33)
+_S21 = np.uint64(21)
 EMPTY = np.iinfo(np.uint64).max  # signature value of a document without shingles
 
 
@@ -64,10 +73,25 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
+def _unicode_normalized(text: str) -> str:
+    """NFKC, case-fold, NFKD; for ASCII text (unchanged by all three but case) just lower-case."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _mapped_code_points(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The texts' code points after normalisation and the table lookup (deletions still in place),
+    concatenated, and the ``len(texts) + 1`` offsets of each text in them."""
+    normalized = [_unicode_normalized(t or "") for t in texts]
+    starts = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in normalized], out=starts[1:])
+    return _char_map()[_code_points("".join(normalized))], starts
+
+
 def _normalized_code_points(text: str) -> np.ndarray:
     """:func:`normalize_text` as code points, before its spaces are collapsed: one table lookup each."""
-    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
-    mapped = _char_map()[_code_points(text)]
+    mapped, _ = _mapped_code_points([text])
     return mapped[mapped != _DELETE]
 
 
@@ -77,41 +101,89 @@ def normalize_text(text: str) -> str:
     return " ".join(_normalized_code_points(text).tobytes().decode("utf-32-le").split())
 
 
-def mix64(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser, element-wise on uint64 (wraps mod 2^64)."""
-    x = x ^ (x >> np.uint64(33))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(33))
-    x = x * _M2
-    return x ^ (x >> np.uint64(33))
+@njit(cache=True, inline="always")
+def _mix64(x):
+    """MurmurHash3's 64-bit finaliser on a uint64 (wraps mod 2^64)."""
+    x = (x ^ (x >> _S33)) * _M1
+    x = (x ^ (x >> _S33)) * _M2
+    return x ^ (x >> _S33)
+
+
+@njit(cache=True)
+def _word_hashes_into(code_points, out):
+    """Hashes of the space-separated words of mapped ``code_points`` (deleted ones skipped) into
+    ``out``; returns their count. A word's hash mixes the sum over its characters of
+    ``mix64(position << 21 | code point)``."""
+    n = 0
+    acc = np.uint64(0)
+    pos = np.uint64(0)
+    for c in code_points:
+        if c == _DELETE:
+            continue
+        if c == _SPACE:
+            if pos:
+                out[n] = _mix64(acc + _GOLDEN)
+                n += 1
+                acc = np.uint64(0)
+                pos = np.uint64(0)
+        else:
+            acc += _mix64((pos << _S21) | np.uint64(c))
+            pos += np.uint64(1)
+    if pos:
+        out[n] = _mix64(acc + _GOLDEN)
+        n += 1
+    return n
+
+
+@njit(cache=True)
+def _shingles_into(words, n_words, ngram, out):
+    """Hashes of the word ``ngram``-grams of ``words[:n_words]`` (position-dependent: "a b" ≠ "b a")
+    into ``out``; returns their count (fewer words than ``ngram`` → one shingle of all of them)."""
+    if n_words == 0:
+        return 0
+    n = min(ngram, n_words)
+    for i in range(n_words - n + 1):
+        acc = np.uint64(0)
+        for k in range(n):
+            acc = _mix64(acc * _GOLDEN + words[i + k] + np.uint64(k))
+        out[i] = acc
+    return n_words - n + 1
+
+
+@njit(cache=True)
+def _min_into(row, shingles, n_shingles, a, b):
+    """``row[j] = min(row[j], min over shingles x of a[j] * x + b[j])`` (mod 2^64)."""
+    for i in range(n_shingles):
+        x = shingles[i]
+        for j in range(row.shape[0]):
+            row[j] = min(row[j], a[j] * x + b[j])
+
+
+@njit(cache=True)
+def _batch_signatures_kernel(code_points, starts, ngram, a, b, out):
+    """Per text ``d`` (``code_points[starts[d]:starts[d+1]]``): words → shingles → ``out[d]``."""
+    longest = 1
+    for d in range(len(starts) - 1):
+        longest = max(longest, starts[d + 1] - starts[d])
+    words = np.empty(longest, dtype=np.uint64)
+    shingles = np.empty(longest, dtype=np.uint64)
+    for d in range(len(starts) - 1):
+        n_words = _word_hashes_into(code_points[starts[d] : starts[d + 1]], words)
+        n_shingles = _shingles_into(words, n_words, ngram, shingles)
+        _min_into(out[d], shingles, n_shingles, a, b)
 
 
 def word_hashes(code_points: np.ndarray) -> np.ndarray:
-    """One uint64 hash per space-separated word of ``code_points``, vectorised: the sum over the
-    word's characters of ``mix64(position << 21 | code point)``, mixed again."""
-    is_word = np.r_[False, code_points != ord(" "), False]
-    edges = np.flatnonzero(is_word[1:] != is_word[:-1])  # word i spans [edges[2i], edges[2i+1])
-    if not len(edges):
-        return np.empty(0, dtype=np.uint64)
-    lengths = edges[1::2] - edges[::2]
-    chars = code_points[is_word[1:-1]].astype(np.uint64)
-    first = np.r_[0, np.cumsum(lengths)[:-1]]
-    position = np.arange(len(chars), dtype=np.uint64) - np.repeat(first, lengths).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        return mix64(np.add.reduceat(mix64((position << np.uint64(21)) | chars), first) + _GOLDEN)
+    """One uint64 hash per space-separated word of normalised ``code_points``."""
+    out = np.empty(len(code_points), dtype=np.uint64)
+    return out[: _word_hashes_into(np.ascontiguousarray(code_points, dtype=np.uint32), out)]
 
 
 def _shingles(text: str, ngram: int) -> np.ndarray:
     """uint64 hashes of the word ``ngram``-grams of the normalised text, repeats included."""
-    h = word_hashes(_normalized_code_points(text))
-    if not len(h):
-        return h
-    n = min(ngram, len(h))
-    with np.errstate(over="ignore"):
-        acc = np.zeros(len(h) - n + 1, dtype=np.uint64)
-        for k in range(n):  # position-dependent combine: "a b" and "b a" differ
-            acc = mix64(acc * _GOLDEN + h[k : len(h) - n + 1 + k] + np.uint64(k))
-    return acc
+    words = word_hashes(_normalized_code_points(text))
+    out = np.empty(len(words), dtype=np.uint64)
+    return out[: _shingles_into(words, len(words), ngram, out)]
 
 
 def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
@@ -128,45 +200,41 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def signatures(shingle_sets: list[np.ndarray], params: MinHashParams = MinHashParams(), chunk: int = 4096) -> np.ndarray:
-    """MinHash signatures of a batch: ``(len(shingle_sets), num_perm)`` uint64; no shingles → all EMPTY.
-
-    The shingles of the whole batch are concatenated and processed ``chunk`` at a time into one
-    reused cache-sized buffer, so the work is three NumPy passes per chunk, not a loop per document.
-    """
+def signatures(shingle_sets: list[np.ndarray], params: MinHashParams = MinHashParams()) -> np.ndarray:
+    """MinHash signatures of shingle-hash sets: ``(len(shingle_sets), num_perm)`` uint64; no shingles → all EMPTY."""
     a, b = permutations(params.num_perm, params.seed)
     out = np.full((len(shingle_sets), params.num_perm), EMPTY, dtype=np.uint64)
-    lengths = np.array([len(s) for s in shingle_sets], dtype=np.int64)
-    if lengths.sum() == 0:
-        return out
-    flat = np.concatenate([s for s in shingle_sets if len(s)])
-    owner = np.repeat(np.nonzero(lengths)[0], lengths[lengths > 0])
-    buf = np.empty((min(chunk, len(flat)), params.num_perm), dtype=np.uint64)
-    for start in range(0, len(flat), chunk):
-        x, who = flat[start : start + chunk], owner[start : start + chunk]
-        hashed = buf[: len(x)]
-        np.multiply(x[:, None], a[None, :], out=hashed)  # wraps mod 2^64
-        hashed += b
-        bounds = np.r_[0, np.nonzero(np.diff(who))[0] + 1]  # shingles are grouped by document
-        docs = who[bounds]
-        out[docs] = np.minimum(out[docs], np.minimum.reduceat(hashed, bounds, axis=0))
+    for row, shingles in zip(out, shingle_sets):
+        _min_into(row, np.ascontiguousarray(shingles, dtype=np.uint64), len(shingles), a, b)
     return out
 
 
 def batch_signatures(texts: list[str], params: MinHashParams = MinHashParams()) -> np.ndarray:
-    """Signatures of a batch of texts (see :func:`signatures`; a repeated shingle changes no minimum)."""
-    return signatures([_shingles(t or "", params.ngram) for t in texts], params)
+    """Signatures of a batch of texts, equal to ``signatures([shingles of each text])`` (a repeated
+    shingle changes no minimum), computed in one compiled pass over the batch."""
+    a, b = permutations(params.num_perm, params.seed)
+    out = np.full((len(texts), params.num_perm), EMPTY, dtype=np.uint64)
+    code_points, starts = _mapped_code_points(texts)
+    _batch_signatures_kernel(code_points, starts, params.ngram, a, b, out)
+    return out
+
+
+@njit(cache=True)
+def _band_keys_kernel(sigs, bands, rows, out):
+    for i in range(sigs.shape[0]):
+        for band in range(bands):
+            key = np.uint64(0)
+            for r in range(rows):
+                key = _mix64(key * _GOLDEN + sigs[i, band * rows + r])
+            out[i, band] = np.int64(key >> np.uint64(1))
 
 
 def band_keys(sigs: np.ndarray, params: MinHashParams = MinHashParams()) -> np.ndarray:
-    """``(n, bands)`` int64 LSH bucket keys (non-negative, 63-bit) of ``(n, num_perm)`` signatures."""
-    n = sigs.shape[0]
-    rows = sigs.reshape(n, params.bands, params.rows)
-    with np.errstate(over="ignore"):
-        key = np.zeros((n, params.bands), dtype=np.uint64)
-        for r in range(params.rows):
-            key = mix64(key * _GOLDEN + rows[:, :, r])
-    return (key >> np.uint64(1)).astype(np.int64)
+    """``(n, bands)`` int64 LSH bucket keys (non-negative, 63-bit) of ``(n, num_perm)`` signatures:
+    each band's ``rows`` values mixed in order."""
+    out = np.empty((sigs.shape[0], params.bands), dtype=np.int64)
+    _band_keys_kernel(np.ascontiguousarray(sigs, dtype=np.uint64), params.bands, params.rows, out)
+    return out
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
