@@ -2,9 +2,9 @@
 
 Pure functions on one document or one batch; the Spark shell lives in ``curation/dedup.py``.
 
-* normalisation: NFKC + case-fold + NFKD in C (skipped for ASCII text, where it changes nothing but
-  case), then one lookup per code point in a table built once per process (combining mark →
-  deleted, digit → 0, non-word → space); no per-character Python.
+* normalisation: NFKC in C (skipped for ASCII text, which is NFKC already), then one lookup per
+  code point in a table built once per process that folds in case folding, NFKD, dropping
+  combining marks, digits → 0 and non-word → space (:func:`_expansions`); no per-character Python.
 * shingles: word ``n``-grams of :func:`normalize_text`, each word hashed from its code points
   (:func:`word_hashes`) and the ``n`` word hashes of a shingle combined with a mix (no word or
   n-gram strings are built). A document with fewer than ``n`` words is one shingle of all its
@@ -73,26 +73,60 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
-def _unicode_normalized(text: str) -> str:
-    """NFKC, case-fold, NFKD; for ASCII text (unchanged by all three but case) just lower-case."""
-    if text.isascii():
-        return text.lower()
-    return unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
+@lru_cache(maxsize=1)
+def _expansions() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What normalisation makes of each code point ``c`` of NFKC text — case fold, NFKD, then
+    :func:`_char_map`, deleted marks dropped: ``values[offsets[c]:offsets[c] + lengths[c]]``.
+
+    Per code point is exact: case folding and NFKD decomposition act on each character alone, and
+    NFKD's one cross-character step (reordering runs of combining marks) moves nothing that
+    survives, since the char map deletes every combining mark.
+    """
+    n = sys.maxunicode + 1
+    # every code point but U+0000, each followed by U+0000 (a starter nothing folds or decomposes to)
+    joined = "\0".join(map(chr, range(1, n))) + "\0"
+    folded = _code_points(unicodedata.normalize("NFKD", joined.casefold()))
+    is_end = folded == 0
+    owner = np.cumsum(is_end) + 1  # the code point each folded value came from
+    mapped = _char_map()[folded]
+    keep = ~is_end & (mapped != _DELETE)
+    values = np.r_[_char_map()[0], mapped[keep]]
+    lengths = np.bincount(np.r_[0, owner[keep]], minlength=n).astype(np.int32)
+    offsets = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+    return values, offsets, lengths
 
 
-def _mapped_code_points(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The texts' code points after normalisation and the table lookup (deletions still in place),
-    concatenated, and the ``len(texts) + 1`` offsets of each text in them."""
-    normalized = [_unicode_normalized(t or "") for t in texts]
+def _nfkc(text: str) -> str:
+    """NFKC; ASCII text (already NFKC) as is."""
+    return text if text.isascii() else unicodedata.normalize("NFKC", text)
+
+
+def _nfkc_code_points(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The texts' NFKC code points, concatenated, and the ``len(texts) + 1`` offsets of each text."""
+    nfkc = [_nfkc(t or "") for t in texts]
     starts = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum([len(t) for t in normalized], out=starts[1:])
-    return _char_map()[_code_points("".join(normalized))], starts
+    np.cumsum([len(t) for t in nfkc], out=starts[1:])
+    return _code_points("".join(nfkc)), starts
+
+
+@njit(cache=True)
+def _expand_into(code_points, values, offsets, lengths, out):
+    """NFKC ``code_points`` → normalised code points (see :func:`_expansions`) into ``out``
+    (at least ``lengths[code_points].sum()`` long); returns their count."""
+    n = 0
+    for c in code_points:
+        for k in range(offsets[c], offsets[c] + lengths[c]):
+            out[n] = values[k]
+            n += 1
+    return n
 
 
 def _normalized_code_points(text: str) -> np.ndarray:
-    """:func:`normalize_text` as code points, before its spaces are collapsed: one table lookup each."""
-    mapped, _ = _mapped_code_points([text])
-    return mapped[mapped != _DELETE]
+    """:func:`normalize_text` as code points, before its spaces are collapsed."""
+    values, offsets, lengths = _expansions()
+    code_points, _ = _nfkc_code_points([text])
+    out = np.empty(int(lengths[code_points].sum()), dtype=np.uint32)
+    return out[: _expand_into(code_points, values, offsets, lengths, out)]
 
 
 def normalize_text(text: str) -> str:
@@ -111,15 +145,12 @@ def _mix64(x):
 
 @njit(cache=True)
 def _word_hashes_into(code_points, out):
-    """Hashes of the space-separated words of mapped ``code_points`` (deleted ones skipped) into
-    ``out``; returns their count. A word's hash mixes the sum over its characters of
-    ``mix64(position << 21 | code point)``."""
+    """Hashes of the space-separated words of normalised ``code_points`` into ``out``; returns
+    their count. A word's hash mixes the sum over its characters of ``mix64(position << 21 | code point)``."""
     n = 0
     acc = np.uint64(0)
     pos = np.uint64(0)
     for c in code_points:
-        if c == _DELETE:
-            continue
         if c == _SPACE:
             if pos:
                 out[n] = _mix64(acc + _GOLDEN)
@@ -160,15 +191,20 @@ def _min_into(row, shingles, n_shingles, a, b):
 
 
 @njit(cache=True)
-def _batch_signatures_kernel(code_points, starts, ngram, a, b, out):
-    """Per text ``d`` (``code_points[starts[d]:starts[d+1]]``): words → shingles → ``out[d]``."""
+def _batch_signatures_kernel(code_points, starts, values, offsets, lengths, ngram, a, b, out):
+    """Per NFKC text ``d`` (``code_points[starts[d]:starts[d+1]]``): normalise → words → shingles → ``out[d]``."""
     longest = 1
     for d in range(len(starts) - 1):
-        longest = max(longest, starts[d + 1] - starts[d])
+        size = 0
+        for c in code_points[starts[d] : starts[d + 1]]:
+            size += lengths[c]
+        longest = max(longest, size)
+    chars = np.empty(longest, dtype=np.uint32)
     words = np.empty(longest, dtype=np.uint64)
     shingles = np.empty(longest, dtype=np.uint64)
     for d in range(len(starts) - 1):
-        n_words = _word_hashes_into(code_points[starts[d] : starts[d + 1]], words)
+        n_chars = _expand_into(code_points[starts[d] : starts[d + 1]], values, offsets, lengths, chars)
+        n_words = _word_hashes_into(chars[:n_chars], words)
         n_shingles = _shingles_into(words, n_words, ngram, shingles)
         _min_into(out[d], shingles, n_shingles, a, b)
 
@@ -214,8 +250,8 @@ def batch_signatures(texts: list[str], params: MinHashParams = MinHashParams()) 
     shingle changes no minimum), computed in one compiled pass over the batch."""
     a, b = permutations(params.num_perm, params.seed)
     out = np.full((len(texts), params.num_perm), EMPTY, dtype=np.uint64)
-    code_points, starts = _mapped_code_points(texts)
-    _batch_signatures_kernel(code_points, starts, params.ngram, a, b, out)
+    code_points, starts = _nfkc_code_points(texts)
+    _batch_signatures_kernel(code_points, starts, *_expansions(), params.ngram, a, b, out)
     return out
 
 

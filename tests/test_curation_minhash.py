@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import re
 import sys
@@ -43,18 +44,35 @@ def test_normalize_text_unicode_edge_cases():
     assert normalize_text("bad \ud800 surrogate") == "bad surrogate"
 
 
-def test_normalize_text_equals_its_per_character_definition_on_every_code_point():
-    """The lookup table gives what the plain definition gives, for all of Unicode (surrogates too)."""
+def reference_normalize(text: str) -> str:
+    """The definition of :func:`normalize_text`, written plainly."""
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
+    text = re.sub(r"\d", "0", "".join(ch for ch in text if not unicodedata.combining(ch)))
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
 
-    def reference(text: str) -> str:
-        text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
-        text = re.sub(r"\d", "0", "".join(ch for ch in text if not unicodedata.combining(ch)))
-        return " ".join(re.sub(r"[\W_]+", " ", text).split())
 
+def test_normalize_text_equals_its_definition_on_every_code_point():
+    """The lookup tables give what the plain definition gives, for all of Unicode (surrogates too)."""
     everything = "".join(map(chr, range(sys.maxunicode + 1)))
     for start in range(0, len(everything), 1009):  # chunks: marks next to letters, digits, spaces
         chunk = everything[start : start + 1009]
-        assert normalize_text(chunk) == reference(chunk), hex(start)
+        assert normalize_text(chunk) == reference_normalize(chunk), hex(start)
+
+
+def test_normalize_text_equals_its_definition_on_75_languages(shared_data):
+    """Real sentences and words of 75 languages (scripts with marks, ligatures, Hangul, Indic vowel
+    signs), one sentence each and all of a language's at once: same text as the plain definition."""
+    by_lang: dict[str, list[str]] = {}
+    with gzip.open(shared_data / "langid_lingua_testdata" / "lingua_testdata.jsonl.gz", "rt") as fh:
+        for line in fh:
+            row = json.loads(line)
+            by_lang.setdefault(row["lang"], []).append(row["text"])
+    assert len(by_lang) == 75
+    for lang, texts in by_lang.items():
+        sample = texts[:: max(1, len(texts) // 200)]
+        assert [normalize_text(t) for t in sample] == [reference_normalize(t) for t in sample], lang
+        joined = "\n".join(sample)
+        assert normalize_text(joined) == reference_normalize(joined), lang
 
 
 def test_word_hashes_identify_words(wiki_docs):
