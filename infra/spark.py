@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+C1_JIT = "-XX:TieredStopAtLevel=1"
+
 
 def get_spark(cfg, app_name: str = "refinery"):
     """Build (or return the active) SparkSession for ``cfg`` (an ``infra.config.SparkConfig``).
@@ -33,7 +35,12 @@ def get_spark(cfg, app_name: str = "refinery"):
     )
     if cfg.driver_host:
         builder = builder.config("spark.driver.host", cfg.driver_host).config("spark.driver.bindAddress", cfg.driver_host)
-    for key, value in cfg.conf.items():
+    conf = dict(cfg.conf)
+    if cfg.local_c1_jit and cfg.master.startswith("local"):
+        # the user's own options come last, so theirs win (HotSpot takes the last of a repeated flag)
+        user_opts = conf.get("spark.driver.extraJavaOptions", "")
+        conf["spark.driver.extraJavaOptions"] = f"{C1_JIT} {user_opts}".strip()
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
