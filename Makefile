@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt
 	touch $@
 
 install: $(VENV)/.installed
+	# the driver JVM's class-data-sharing archive (JVM start-up per stage); a no-op once built
+	$(PY) -m infra.spark --build-class-archive
 
 install-dev: install
 
