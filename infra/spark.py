@@ -4,8 +4,8 @@ Every stage starts its own driver JVM, so JVM start-up is paid per stage. ``make
 ``python -m infra.spark --build-class-archive``: a small representative Spark workload whose driver
 JVM dumps the classes it loaded into a class-data-sharing archive (``-XX:ArchiveClassesAtExit``),
 which later driver JVMs map instead of loading and verifying those classes again (measured: session
-start 3.7 → 2.3 s, first job 1.6 → 0.8 s). The archive is keyed by the Java binary and the pyspark
-install; without it (or when the JVM rejects it, with one warning line) Spark runs as usual.
+start 3.7 → 2.3 s, first job 1.6 → 0.8 s). The archive lives in the venv, keyed by the Java binary
+and the pyspark version; without it (or when the JVM rejects it) Spark runs as usual.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ _CLASS_PATH_CONF = ("spark.driver.extraClassPath", "spark.jars", "spark.jars.pac
 
 
 def class_archive_path() -> Path | None:
-    """Where the class archive for this Java + pyspark lives (None: no ``java`` found)."""
-    from importlib.metadata import distribution
+    """Where the class archive for this Java + pyspark lives (None: no ``java`` found): inside the
+    virtual environment (``REFINERY_SPARK_ARCHIVE_DIR`` to move it), so it goes when the venv goes."""
+    from importlib.metadata import version
 
     java = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
     if not java or not Path(java).exists():
         return None
     java = Path(java).resolve()
-    pyspark = distribution("pyspark")
-    key = f"{java}|{java.stat().st_mtime_ns}|{pyspark.version}|{pyspark.locate_file('pyspark')}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refinery"
-    return cache / f"spark-classes-{hashlib.sha1(key.encode()).hexdigest()[:16]}.jsa"
+    key = f"{java}|{java.stat().st_mtime_ns}|{version('pyspark')}"
+    folder = Path(os.environ.get("REFINERY_SPARK_ARCHIVE_DIR") or Path(sys.prefix) / "var" / "refinery")
+    return folder / f"spark-classes-{hashlib.sha1(key.encode()).hexdigest()[:16]}.jsa"
 
 
 def get_spark(cfg, app_name: str = "refinery"):

@@ -25,16 +25,16 @@ print("SUM", spark.range(10).selectExpr("sum(id)").first()[0])
 
 
 def probe(cache: Path, java_options: str = "") -> subprocess.CompletedProcess:
-    """A Spark session in a child process with ``cache`` as its cache folder; ``-Xshare:on`` makes
+    """A Spark session in a child process with its class archive in ``cache``; ``-Xshare:on`` makes
     the JVM fail to start unless it maps the archive."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    env = {**os.environ, "REFINERY_SPARK_ARCHIVE_DIR": str(cache)}
     cmd = [sys.executable, "-c", PROBE, java_options]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_class_archive_is_built_once_and_used(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("REFINERY_SPARK_ARCHIVE_DIR", str(tmp_path))
     archive = class_archive_path()
     if archive is None:
         pytest.skip("no java on this machine")
