@@ -66,23 +66,20 @@ class DPOTask:
         import torch
 
         from training.data import collate_pairs
-        from training.frozen import top_hidden
-        from training.losses import IGNORE_INDEX
+        from training.frozen import pair_top_hidden
+        from training.losses import IGNORE_INDEX, label_logps
 
         batch = collate_pairs(pairs, self.pad_id)
         lm = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
         if self.bottom:
-            seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-            hidden = top_hidden(lm.base_model, [self.bottom[id(e)] for e in seqs], self.cfg.train_layers)
+            hidden = pair_top_hidden(model, self.bottom, pairs, self.cfg.train_layers)
         else:
             hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                       use_cache=False).last_hidden_state
         hidden = hidden[:, :-1]
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
-        logits = lm.get_output_embeddings()(hidden[mask]).float()  # (answer tokens, vocab)
-        targets = labels[mask]
-        tok = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, -1)
+        tok = label_logps(lm.get_output_embeddings()(hidden[mask]), labels[mask])  # answer tokens only
         rows = mask.nonzero()[:, 0]
         total = torch.zeros(labels.shape[0], dtype=tok.dtype).index_add(0, rows, tok)
         avg = total / mask.sum(-1).clamp(min=1)
@@ -96,12 +93,11 @@ class DPOTask:
         import torch
         from tqdm import tqdm
 
-        from training.frozen import cache_bottom_states
+        from training.frozen import cache_pair_states
 
         if self.cfg.train_layers:
-            sequences = [e for p in [*train_items, *eval_items] for e in (p.chosen, p.rejected)]
-            self.bottom = cache_bottom_states(model, sequences, self.pad_id, self.cfg.train_layers,
-                                              2 * self.cfg.eval_batch_size)
+            self.bottom = cache_pair_states(model, [*train_items, *eval_items], self.pad_id, self.cfg.train_layers,
+                                            2 * self.cfg.eval_batch_size)
         # held-out pairs in the very batches evaluate() uses: "before", π = π_ref holds bit for bit
         chunks = ([] if self.cfg.loss in REFERENCE_FREE else self._chunks(train_items)) + self._chunks(eval_items)
         model.eval()

@@ -68,3 +68,19 @@ def cache_bottom_states(model, sequences: list, pad_id: int, train_layers: int, 
         for enc, state in zip(chunk, bottom_states(base, batch["input_ids"], batch["attention_mask"], train_layers)):
             cache[id(enc)] = state
     return cache
+
+
+def pair_sequences(pairs) -> list:
+    """The chosen then the rejected sequence of each pair: the row order of ``collate_pairs``."""
+    return [p.chosen for p in pairs] + [p.rejected for p in pairs]
+
+
+def cache_pair_states(model, pairs, pad_id: int, train_layers: int, batch_size: int) -> dict:
+    """:func:`cache_bottom_states` of both sequences of every pair."""
+    return cache_bottom_states(model, pair_sequences(pairs), pad_id, train_layers, batch_size)
+
+
+def pair_top_hidden(model, cache: dict, pairs, train_layers: int):
+    """:func:`top_hidden` for the rows of ``collate_pairs(pairs)`` from their cached bottom states."""
+    base = getattr(model, "module", model).base_model  # the DeepSpeed engine wraps the HF model
+    return top_hidden(base, [cache[id(e)] for e in pair_sequences(pairs)], train_layers)

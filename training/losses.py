@@ -19,12 +19,18 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
     Returns (logps, mask), both (B, T-1); logps is 0 where the label is IGNORE_INDEX.
     """
-    logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
+    logits, labels = logits[:, :-1, :], labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~mask, 0)
-    # gather − logsumexp: the same numbers as log_softmax + gather without keeping a (B, T, V) copy
-    logps = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    return logps * mask, mask
+    return label_logps(logits, labels.masked_fill(~mask, 0)) * mask, mask
+
+
+def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) at each position: logits (..., V), labels (...) → (...), in float32.
+
+    gather − logsumexp: the same numbers as log_softmax + gather without keeping a (..., V) copy.
+    """
+    logits = logits.float()
+    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,28 +51,26 @@ class RewardTask:
 
     def setup(self, model, train_items, eval_items) -> None:
         """With train_layers: cache the frozen blocks' output of every sequence this rank will score."""
-        from training.frozen import cache_bottom_states
+        from training.frozen import cache_pair_states
 
         if self.cfg.train_layers:
-            sequences = [e for p in [*train_items, *eval_items] for e in (p.chosen, p.rejected)]
-            self.bottom = cache_bottom_states(model, sequences, self.pad_id, self.cfg.train_layers,
-                                              2 * self.cfg.eval_batch_size)
+            self.bottom = cache_pair_states(model, [*train_items, *eval_items], self.pad_id, self.cfg.train_layers,
+                                            2 * self.cfg.eval_batch_size)
 
     def rewards(self, model, pairs):
         """(r_chosen, r_rejected) for a list of EncodedPair: the score at the last non-pad token."""
         import torch
 
         from training.data import collate_pairs
-        from training.frozen import top_hidden
+        from training.frozen import pair_top_hidden
 
         batch = collate_pairs(pairs, self.pad_id)
         if self.bottom:
-            rm = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
-            seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-            hidden = top_hidden(rm.base_model, [self.bottom[id(e)] for e in seqs], self.cfg.train_layers)
+            hidden = pair_top_hidden(model, self.bottom, pairs, self.cfg.train_layers)
             ids = batch["input_ids"]
             last = (torch.arange(ids.shape[1]) * (ids != self.pad_id)).argmax(-1)  # as transformers picks it
-            scores = rm.score(hidden[torch.arange(len(seqs)), last]).squeeze(-1).float()
+            rm = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
+            scores = rm.score(hidden[torch.arange(len(ids)), last]).squeeze(-1).float()
         else:
             scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             scores = scores.squeeze(-1).float()
