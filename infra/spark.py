@@ -74,7 +74,9 @@ def get_spark(cfg, app_name: str = "refinery"):
     if archive and archive.exists() and not any(k in conf for k in _CLASS_PATH_CONF):
         ours.append(f"-XX:SharedArchiveFile={archive}")
     # the user's own options come last, so theirs win (HotSpot takes the last of a repeated flag)
-    conf["spark.driver.extraJavaOptions"] = " ".join([*ours, conf.get("spark.driver.extraJavaOptions", "")]).strip()
+    java_options = " ".join([*ours, conf.get("spark.driver.extraJavaOptions", "")]).strip()
+    if java_options:
+        conf["spark.driver.extraJavaOptions"] = java_options
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
@@ -87,6 +89,7 @@ def _archive_workload(out_dir: Path) -> None:
     join, a collect_set aggregation, a local checkpoint), in a driver JVM that dumps the classes it
     loaded to ``out_dir/classes.jsa`` as it exits."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -101,7 +104,7 @@ def _archive_workload(out_dir: Path) -> None:
 
     def lengths(batches):
         for b in batches:
-            yield pa.RecordBatch.from_arrays([b.column("doc_id"), pa.compute.utf8_length(b.column("text"))], names=["doc_id", "n"])
+            yield pa.RecordBatch.from_arrays([b.column("doc_id"), pc.utf8_length(b.column("text"))], names=["doc_id", "n"])
 
     n = df.mapInArrow(lengths, "doc_id string, n int").localCheckpoint()
     ranked = df.join(n, "doc_id").withColumn("first", F.min("doc_id").over(Window.partitionBy("text")))
@@ -117,22 +120,24 @@ def build_class_archive(timeout_s: float = 300) -> Path | None:
         return archive
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=archive.parent) as tmp:
-        partial = Path(tmp) / "classes.jsa"
+        partial, pid_file = Path(tmp) / "classes.jsa", Path(tmp) / "jvm.pid"
         subprocess.run([sys.executable, "-m", "infra.spark", "--archive-workload", tmp], check=True, timeout=timeout_s)
-        deadline = time.monotonic() + timeout_s  # the JVM writes the archive as it exits, after its Python parent
-        while not partial.exists() or _jvm_still_writing(Path(tmp) / "jvm.pid"):
+        deadline = time.monotonic() + timeout_s
+        while _running(int(pid_file.read_text())):  # the JVM writes the archive as it exits, after its Python parent
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the driver JVM wrote no class archive within {timeout_s:.0f} s")
+                raise TimeoutError(f"the driver JVM was still writing its class archive after {timeout_s:.0f} s")
             time.sleep(0.2)
+        if not partial.exists():
+            raise FileNotFoundError(f"the driver JVM exited without writing a class archive ({partial})")
         os.replace(partial, archive)
     return archive
 
 
-def _jvm_still_writing(pid_file: Path) -> bool:
+def _running(pid: int) -> bool:
     try:
-        os.kill(int(pid_file.read_text()), 0)
+        os.kill(pid, 0)
         return True
-    except (FileNotFoundError, ProcessLookupError, ValueError):
+    except ProcessLookupError:
         return False
 
 
