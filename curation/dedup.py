@@ -83,21 +83,10 @@ def text_key(text: str | None) -> str | None:
     return xxhash.xxh3_128_hexdigest(norm.encode("utf-8", "surrogatepass")) if norm else None
 
 
-def line_hashes(text: str | None) -> list[int | None]:
-    """One signed 64-bit hash per ``\\n``-separated line of the normalised line; None for blank lines."""
-    import xxhash
-
-    from curation.minhash import normalize_text
-
-    out: list[int | None] = []
-    for line in (text or "").split("\n"):
-        norm = normalize_text(line)
-        out.append(xxhash.xxh3_64_intdigest(norm.encode("utf-8", "surrogatepass")) - (1 << 63) if norm else None)
-    return out
-
-
 def doc_keys(url, text):
     """Every per-document key of the URL, exact and line levels, computed in one pass."""
+    from curation.minhash import line_hashes
+
     return {"url": normalize_url(url), "text_key": text_key(text), "line_hashes": line_hashes(text)}
 
 

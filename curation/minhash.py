@@ -33,6 +33,7 @@ _NON_WORD_CHAR = re.compile(r"[\W_]")
 _NON_DIGIT = re.compile(r"\D")
 _DELETE = np.uint32(0xFFFFFFFF)
 _SPACE = np.uint32(ord(" "))
+_NEWLINE = np.uint32(ord("\n"))
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -207,6 +208,43 @@ def _batch_signatures_kernel(code_points, starts, values, offsets, lengths, ngra
         n_words = _word_hashes_into(chars[:n_chars], words)
         n_shingles = _shingles_into(words, n_words, ngram, shingles)
         _min_into(out[d], shingles, n_shingles, a, b)
+
+
+@njit(cache=True)
+def _line_hashes_into(code_points, values, offsets, lengths, hashes, has_words):
+    """Per ``\n``-separated line of NFKC ``code_points``: its word hashes mixed in order into
+    ``hashes``, and whether it has any word into ``has_words``; returns the number of lines."""
+    size = 1
+    for c in code_points:
+        size += lengths[c]
+    chars = np.empty(size, dtype=np.uint32)
+    words = np.empty(size, dtype=np.uint64)
+    n_lines, start = 0, 0
+    for end in range(len(code_points) + 1):
+        if end < len(code_points) and code_points[end] != _NEWLINE:
+            continue
+        n_chars = _expand_into(code_points[start:end], values, offsets, lengths, chars)
+        n_words = _word_hashes_into(chars[:n_chars], words)
+        line = np.uint64(0)
+        for w in range(n_words):
+            line = _mix64(line * _GOLDEN + words[w])
+        hashes[n_lines] = line
+        has_words[n_lines] = n_words > 0
+        n_lines += 1
+        start = end + 1
+    return n_lines
+
+
+def line_hashes(text: str | None) -> list[int | None]:
+    """One signed 64-bit hash per ``\n``-separated line of the text: equal for lines that
+    :func:`normalize_text` makes equal (NFKC does not act across a newline); None for a line with
+    no words."""
+    code_points, _ = _nfkc_code_points([text or ""])
+    n = int((code_points == _NEWLINE).sum()) + 1
+    hashes, has_words = np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.bool_)
+    _line_hashes_into(code_points, *_expansions(), hashes, has_words)
+    signed = hashes.view(np.int64).tolist()
+    return [h if ok else None for h, ok in zip(signed, has_words.tolist())]
 
 
 def word_hashes(code_points: np.ndarray) -> np.ndarray:

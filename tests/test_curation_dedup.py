@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from curation.components import connected_components
-from curation.dedup import DedupConfig, deduplicate, line_hashes, normalize_url, text_key
+from curation.dedup import DedupConfig, deduplicate, normalize_url, text_key
+from curation.minhash import line_hashes
 from infra.runstore import content_hash, listing, write_json_atomic
 
 # a config file with no sections: every stage at its defaults (independent of configs/demo.yaml)

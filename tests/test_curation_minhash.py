@@ -19,6 +19,7 @@ from curation.minhash import (
     batch_signatures,
     estimated_jaccard,
     jaccard,
+    line_hashes,
     normalize_text,
     s_curve,
     shingle_hashes,
@@ -73,6 +74,29 @@ def test_normalize_text_equals_its_definition_on_75_languages(shared_data):
         assert [normalize_text(t) for t in sample] == [reference_normalize(t) for t in sample], lang
         joined = "\n".join(sample)
         assert normalize_text(joined) == reference_normalize(joined), lang
+
+
+def test_line_hashes_equal_exactly_when_normalised_lines_are_equal(shared_data):
+    """Real sentences of 75 languages as the lines of documents, with case/width/punctuation
+    variants and blank lines mixed in: one hash per line, None exactly for lines that normalise to
+    nothing, equal hashes exactly for equal normalised lines."""
+    rng = random.Random(3)
+    with gzip.open(shared_data / "langid_lingua_testdata" / "lingua_testdata.jsonl.gz", "rt") as fh:
+        sentences = [json.loads(line)["text"] for i, line in enumerate(fh) if i % 50 == 0]
+    variants = [s.upper() + " !!" for s in sentences[:300]] + ["", "  ", "...", "\t"] * 20
+    lines = sentences + variants
+    by_norm: dict[str, int] = {}
+    for start in range(0, len(lines), 40):
+        chunk = rng.sample(lines, 40)
+        hashes = line_hashes("\n".join(chunk))
+        assert len(hashes) == len(chunk)
+        for line, h in zip(chunk, hashes):
+            norm = normalize_text(line)
+            assert (h is None) == (norm == "")
+            if h is not None:
+                assert by_norm.setdefault(norm, h) == h
+    assert len(set(by_norm.values())) == len(by_norm) > 1000  # different lines, different hashes
+    assert line_hashes(None) == [None] and line_hashes("x\n")[1] is None
 
 
 def test_word_hashes_identify_words(wiki_docs):
