@@ -1,7 +1,7 @@
 """MinHash dedup throughput, same documents, word 5-grams, 14 bands × 8 rows, equal cores per engine:
 
 * shingling limit — normalise + build the set of 5-gram strings (the floor of any signature step);
-* our signature core (curation.minhash, vectorised NumPy 64-bit) — ratio vs the shingling limit;
+* our signature core (curation.minhash: 64-bit MinHash compiled with numba, fused per batch) — ratio vs the shingling limit;
 * datasketch — per-document MinHash.update_batch + MinHashLSH insert/query, single process;
 * our Spark ``dedup`` fuzzy level (local[cores]: read Parquet, signatures, buckets, verification,
   connected components, kept count) with the project's Spark settings (in local mode the JVM's JIT

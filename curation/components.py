@@ -54,9 +54,10 @@ def connected_components(edges, max_rounds: int = 64, log=None):
     ``(node, component, rounds)``.
 
     Returns a DataFrame ``(node, component)`` for every node that has an edge to another node,
-    ``component`` being the smallest node of its component, and the number of rounds run. Each
-    round's neighbourhoods are checkpointed locally, materialised by that round's convergence
-    check (one job), so the query plan does not grow with the rounds.
+    ``component`` being the smallest node of its component, and the number of rounds: passes
+    over the neighbourhoods, the last of which finds a star forest. Each round's neighbourhoods
+    are checkpointed locally, materialised by that round's convergence check (one job), so the
+    query plan does not grow with the rounds.
     """
     from pyspark.sql import functions as F
 
