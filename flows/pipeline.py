@@ -1,50 +1,100 @@
-"""The parent ``pipeline`` flow: runs the selected stages in order, each as its own stage flow run."""
+"""The parent ``pipeline`` flow: runs the selected stages in order, each as its own stage flow run,
+then publishes one run summary (stages, funnel, evaluation, links) as the parent run's artifact."""
 
-from typing import Any, Optional
+from typing import Any, Literal
 
+import prefect.settings
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
-from flows.stages import STAGE_FLOWS, resolve_config
+from flows.stages import STAGE_FLOWS, explorer_link, label_flow_run, markdown_table, resolve_config
 from infra.config import DEFAULT_CONFIG
 from infra.executor import parse_from
 from infra.runstore import check_run_id, new_run_id
 
+StageName = Literal[tuple(STAGE_FLOWS)]  # the UI offers a picker of the known stages
+
 
 @flow(name="pipeline", log_prints=True, validate_parameters=True)
 def pipeline(
-    stages: Optional[list[str]] = None,
-    run_id: Optional[str] = None,
-    from_run: Optional[str] = None,
+    stages: list[StageName] = [],  # noqa: B006 (read only; Prefect needs a plain default for the form)
+    run_id: str = "",
+    from_run: str = "",
     config_file: str = str(DEFAULT_CONFIG),
-    overrides: Optional[dict[str, Any]] = None,
+    overrides: dict[str, Any] = {},  # noqa: B006
     force: bool = False,
 ) -> dict:
     """Run Refinery stages in pipeline order.
 
-    stages: subset to run (default: the config's pipeline.stages, or every stage);
-    run_id: write into this run (default: a new one); from_run: RUN or RUN/STAGE whose outputs feed
-    the first selected stage (later stages read this run first, then RUN);
-    overrides: dotted config keys, e.g. {"heuristics.c4_min_sentences": 3}; force: ignore the cache.
+    Args:
+        stages: Stages to run, in any order (they run in pipeline order); empty = the config's pipeline.stages.
+        run_id: Refinery run to write into; empty = a new run id.
+        from_run: RUN or RUN/STAGE whose outputs feed the first selected stage (later stages read this run
+            first, then RUN); empty = none.
+        config_file: Refinery config YAML on the machine that runs the flow.
+        overrides: Dotted config keys, e.g. {"heuristics.c4.min_sentences": 3, "spark.master": "local[2]"}.
+        force: Recompute every selected stage even if its inputs and config are unchanged.
     """
     config = resolve_config(config_file, overrides)
     order = config.pipeline_stages()
-    selected = stages or order
+    selected = list(stages) or order
     unknown = [s for s in selected if s not in STAGE_FLOWS]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGE_FLOWS)}")
     selected = sorted(selected, key=lambda s: order.index(s) if s in order else len(order))
     run_id = check_run_id(run_id or new_run_id())
-    from_run_id, _ = parse_from(from_run)
+    from_run_id, _ = parse_from(from_run or None)
+    label_flow_run(run_id, ["refinery", f"run:{run_id}", "pipeline"])
     logger = get_run_logger()
     logger.info("run %s: stages %s (run root %s)", run_id, ", ".join(selected), config.run_root)
-    results = {}
+    results, manifests = {}, {}
     for i, stage in enumerate(selected):
         manifest = STAGE_FLOWS[stage](
-            run_id=run_id, from_run=from_run if i == 0 else from_run_id,
+            run_id=run_id, from_run=(from_run if i == 0 else from_run_id) or "",
             config_file=config_file, overrides=overrides, force=force,
         )
+        manifests[stage] = manifest
         results[stage] = {
             "status": "skipped" if manifest.get("skipped") else "reused" if manifest.get("cached_from") else "completed",
             "dir": str(manifest["manifest_path"]).rsplit("/", 1)[0],
         }
+    create_markdown_artifact(markdown=run_summary_markdown(run_id, results, manifests), key="refinery-run-summary",
+                             description=f"Refinery run {run_id}: stages, funnel, evaluation, lineage")
     return {"run_id": run_id, "run_root": config.run_root, "stages": results}
+
+
+def run_summary_markdown(run_id: str, results: dict, manifests: dict) -> str:
+    """The parent run's summary: stage table with links, the curation funnel, the evaluation table."""
+    ui = (prefect.settings.get_current_settings().ui_url or "").rstrip("/")
+    lines = [f"# Refinery run {run_id}", "", explorer_link(f"/run/{run_id}") + f" · CLI: `refinery lineage show {run_id}`",
+             "", "## Stages", ""]
+    rows = []
+    for stage, info in results.items():
+        m = manifests[stage]
+        art = m.get("summary_artifact_id")
+        summary = f"[summary]({ui}/artifacts/artifact/{art})" if art and ui else ("-" if not art else art)
+        rows.append({"stage": stage, "status": info["status"] + (f" ({m['cached_from']})" if m.get("cached_from") else ""),
+                     "seconds": m.get("timings", {}).get("seconds", 0),
+                     "outputs": ", ".join(f"{k} `{v['hash'].split(':')[-1][:10]}`" for k, v in m["outputs"].items()),
+                     "summary": summary})
+    lines += markdown_table(rows)
+    funnel = [{"stage": s, "in": m["metrics"]["rows_in"], "kept": m["metrics"]["kept"],
+               "top drop reasons": ", ".join(f"{r} {n}" for r, n in sorted(
+                   (m["metrics"].get("drop_reasons") or {}).items(), key=lambda kv: -kv[1])[:3])}
+              for s, m in manifests.items() if "kept" in m["metrics"] and "rows_in" in m["metrics"]]
+    if funnel:
+        lines += ["", "## Curation funnel (documents)", "", *markdown_table(funnel)]
+    evals = eval_rows([{"stage": s, "metrics": m["metrics"]} for s, m in manifests.items() if s.startswith("eval_")])
+    if evals:
+        lines += ["", "## Evaluation (one row per trained checkpoint)", "", *markdown_table(evals)]
+    return "\n".join(lines)
+
+
+def eval_rows(eval_runs: list[dict]) -> list[dict]:
+    """One row of ``task/metric`` values per eval stage (n and malformed counts left out)."""
+    skip = ("/n", "/malformed", "tasks_skipped")
+    columns = sorted({k for r in eval_runs for k, v in r["metrics"].items()
+                      if isinstance(v, (int, float)) and not k.endswith(skip)})
+    return [{"checkpoint": r["stage"].removeprefix("eval_"),
+             **{c: f"{r['metrics'][c]:.4g}" if isinstance(r["metrics"].get(c), (int, float)) else "-" for c in columns}}
+            for r in eval_runs]

@@ -1,20 +1,27 @@
-"""Deployments the UI can launch and schedule: the pipeline (cron from config) and one per stage."""
+"""Deployments the UI can launch and schedule: the pipeline (cron from config) and one per stage.
+
+Every deployment's parameters are prefilled from the served config (file + ``serve -o`` overrides):
+a stage's typed ``params`` form shows the resolved section of the config file, not the code's
+defaults, so submitting it untouched runs exactly the served config.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from flows.pipeline import pipeline
+from flows.stages import STAGE_FLOWS
 
 
-def build_deployments(config_file: str, config) -> list:
+def build_deployments(config_file: str, config, overrides: dict[str, Any] | None = None) -> list:
     """``pipeline`` (scheduled if ``prefect.schedule_cron`` is set) plus every stage flow."""
-    from flows.pipeline import pipeline
-    from flows.stages import STAGE_FLOWS
-
     config_file = str(Path(config_file).resolve())
+    shared = {"config_file": config_file, "overrides": dict(overrides or {})}
     deployments = [
         pipeline.to_deployment(
             name="refinery-pipeline", cron=config.prefect.schedule_cron,
-            parameters={"config_file": config_file},
+            parameters={**shared, "stages": config.pipeline_stages()},
             description="Full Refinery pipeline. Set `stages` and `from_run` to rerun part of it on an earlier run.",
             tags=["refinery"],
         )
@@ -22,8 +29,10 @@ def build_deployments(config_file: str, config) -> list:
     for name, stage_flow in STAGE_FLOWS.items():
         deployments.append(
             stage_flow.to_deployment(
-                name=f"refinery-{name}", parameters={"config_file": config_file},
-                description=f"Run or rerun the `{name}` stage (from_run = RUN or RUN/STAGE to reuse earlier outputs).",
+                name=f"refinery-{name}",
+                parameters={**shared, "params": config.stage_config(name).model_dump(mode="json")},
+                description=f"Run or rerun the `{name}` stage (from_run = RUN or RUN/STAGE to reuse earlier outputs). "
+                            "`params` shows the served config's section; edited keys are merged into it.",
                 tags=["refinery", "stage"],
             )
         )

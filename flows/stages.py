@@ -17,14 +17,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import prefect.runtime as prefect_runtime
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import materialize
+from prefect.client.orchestration import get_client
 
 from infra.config import DEFAULT_CONFIG, BaseRefineryConfig, load_config
 from infra.executor import RESULT_MARKER
+from infra.lineage import flatten
 from infra.registry import all_stages
 from infra.runstore import new_run_id
+
+EXPLORER_URL_ENV = "REFINERY_EXPLORER_URL"  # set by `refinery serve`; summaries link to the lineage explorer
 
 
 class StageFailed(RuntimeError):
@@ -32,12 +37,35 @@ class StageFailed(RuntimeError):
 
 
 def resolve_config(config_file: str, overrides: Optional[dict[str, Any]], section: Optional[tuple[str, Any]] = None):
-    """Config file + dotted overrides (+ a whole stage section from a typed UI parameter)."""
+    """Config file + dotted overrides (+ a stage section from the typed UI parameter ``params``).
+
+    ``params`` is merged key by key (nested keys too) over the file's section: only the keys the
+    caller set count, so a partial edit changes those keys and nothing else, and an untouched UI
+    form (prefilled with the served config) resolves to exactly the config file.
+    """
     merged = dict(overrides or {})
     if section is not None and section[1] is not None:
-        value = section[1].model_dump(mode="json") if hasattr(section[1], "model_dump") else section[1]
-        merged.update({f"{section[0]}.{k}": v for k, v in value.items()})
+        value = section[1]
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json", exclude_unset=True)
+        merged.update({f"{section[0]}.{k}": v for k, v in flatten(value).items()})
     return load_config(config_file, overrides=merged)
+
+
+def label_flow_run(name: str, tags: list[str]) -> None:
+    """Name the current Prefect flow run (e.g. ``RUN_ID/STAGE``) and add tags, so the UI lists runs by them."""
+    flow_run_id = prefect_runtime.flow_run.id
+    if not flow_run_id:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run_id)
+        client.update_flow_run(flow_run_id, name=name, tags=sorted(set(current.tags) | set(tags)))
+
+
+def explorer_link(path: str) -> str:
+    """Markdown link to a page of the lineage explorer that ``refinery serve`` runs (or the CLI equivalent)."""
+    base = os.environ.get(EXPLORER_URL_ENV)
+    return f"[lineage explorer]({base.rstrip('/')}{path})" if base else "lineage explorer: run `refinery serve`"
 
 
 def _artifact_key(*parts: str) -> str:
@@ -80,8 +108,11 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
     return {**json.loads(Path(result["manifest"]).read_text()), "skipped": result["skipped"]}
 
 
-def publish(manifest: dict) -> None:
-    """Prefect side of a finished stage: asset materializations with explicit deps, and artifacts."""
+def publish(manifest: dict) -> Optional[str]:
+    """Prefect side of a finished stage: asset materializations with explicit deps, and artifacts.
+
+    Returns the id of the stage's summary artifact.
+    """
     stage, run_id = manifest["stage"], manifest["run_id"]
     outputs = [o["uri"] for o in manifest["outputs"].values()]
     deps = [i["uri"] for i in manifest["inputs"].values()]
@@ -97,18 +128,32 @@ def publish(manifest: dict) -> None:
     for name, rows in (manifest.get("tables") or {}).items():
         if rows:
             create_table_artifact(table=rows, key=_artifact_key(stage, name), description=f"{run_id}/{stage}: {name}")
-    create_markdown_artifact(markdown=stage_markdown(manifest), key=_artifact_key(stage, "summary"),
-                             description=f"{run_id}/{stage} summary and lineage")
+    artifact_id = create_markdown_artifact(markdown=stage_markdown(manifest), key=_artifact_key(stage, "summary"),
+                                           description=f"{run_id}/{stage} summary and lineage")
+    return str(artifact_id) if artifact_id else None
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """Rows of dicts as markdown table lines (columns: the union of keys, in first-seen order)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")).replace("|", "\\|") for c in columns) + " |")
+    return lines
 
 
 def stage_markdown(manifest: dict) -> str:
-    """Markdown summary of a stage run: metrics, inputs and outputs with hashes, cache status."""
-    lines = [f"# {manifest['run_id']}/{manifest['stage']}", ""]
+    """Markdown summary of a stage run: metrics (list-valued ones as tables), lineage with hashes, cache status."""
+    run_id, stage = manifest["run_id"], manifest["stage"]
+    lines = [f"# {run_id}/{stage}", "", explorer_link(f"/stage/{run_id}/{stage}"), ""]
     if manifest.get("cached_from"):
         lines += [f"Reused the outputs of `{manifest['cached_from']}` (same inputs and config).", ""]
+    scalars = {k: v for k, v in flatten(manifest["metrics"]).items() if not _is_rows(v)}
     lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
-    for key, value in flatten_metrics(manifest["metrics"]).items():
-        lines.append(f"| {key} | {value} |")
+    lines += [f"| {key} | {value} |" for key, value in scalars.items()]
+    for key, value in flatten(manifest["metrics"]).items():
+        if _is_rows(value):
+            lines += ["", f"## {key}", "", *markdown_table(value)]
     lines += ["", "## Lineage", "", "| direction | name | uri | hash |", "|---|---|---|---|"]
     for name, inp in manifest["inputs"].items():
         lines.append(f"| input | {name} | {inp['uri']} | `{inp['hash'][:19]}` |")
@@ -121,20 +166,15 @@ def stage_markdown(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out.update(flatten_metrics(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _is_rows(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def run_stage(stage: str, config: BaseRefineryConfig, run_id: str, from_ref: Optional[str], force: bool) -> dict:
+    label_flow_run(f"{run_id}/{stage}", ["refinery", f"run:{run_id}", f"stage:{stage}"])
     manifest = run_stage_process(stage, run_id, config, from_ref, force)
     if not manifest.get("skipped"):
-        publish(manifest)
+        manifest["summary_artifact_id"] = publish(manifest)
     get_run_logger().info(
         "%s/%s: %s", run_id, stage,
         "skipped (unchanged)" if manifest.get("skipped") else
@@ -145,17 +185,26 @@ def run_stage(stage: str, config: BaseRefineryConfig, run_id: str, from_ref: Opt
 
 def _make_stage_flow(name: str, config_model: type, description: str):
     def stage_flow(
-        run_id: Optional[str] = None,
-        from_run: Optional[str] = None,
+        run_id: str = "",
+        from_run: str = "",
         config_file: str = str(DEFAULT_CONFIG),
         params: Optional[config_model] = None,
-        overrides: Optional[dict[str, Any]] = None,
+        overrides: dict[str, Any] = {},  # noqa: B006 (read only; Prefect needs a plain default for the form)
         force: bool = False,
     ) -> dict:
-        """Run one stage. from_run: RUN or RUN/STAGE whose outputs to use; params: this stage's settings
-        (replace the config file's section); overrides: dotted keys, e.g. {"spark.master": "local[2]"}."""
+        """Run one stage of Refinery (or rerun it on an earlier run's outputs).
+
+        Args:
+            run_id: Refinery run to write into; empty = a new run id.
+            from_run: RUN or RUN/STAGE whose outputs this stage reads (rerun on an earlier run); empty = this run's.
+            config_file: Refinery config YAML on the machine that runs the flow.
+            params: This stage's settings, prefilled with the served config; edited keys are merged into the
+                config file's section, untouched keys keep the file's values.
+            overrides: Dotted config keys for any section, e.g. {"spark.master": "local[2]"}.
+            force: Recompute even if the inputs and config are unchanged (ignore the cache).
+        """
         config = resolve_config(config_file, overrides, (name, params))
-        return run_stage(name, config, run_id or new_run_id(), from_run, force)
+        return run_stage(name, config, run_id or new_run_id(), from_run or None, force)
 
     stage_flow.__name__ = f"{name}_flow"
     stage_flow.__qualname__ = stage_flow.__name__

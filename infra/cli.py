@@ -2,7 +2,8 @@
 
   refinery run       run the pipeline or chosen stages (rerun a stage on an earlier run with --from)
   refinery demo      run the whole pipeline on the bundled sample and print where everything is
-  refinery serve     start a local Prefect server (UI) and serve every stage and the pipeline as deployments
+  refinery serve     start a local Prefect server (UI), serve every stage and the pipeline as deployments,
+                     and the lineage explorer next to it
   refinery lineage   show where an artifact came from / what was built from it; diff two runs
   refinery stages    list the stages with their inputs and config keys
   refinery train-quality   train the fastText quality classifier (the train_quality stage)
@@ -30,7 +31,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG), help="config YAML (default: %(default)s)")
     p.add_argument(
         "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. -o heuristics.c4_min_sentences=3 (repeatable; value parsed as YAML)",
+        help="override a config key, e.g. -o heuristics.c4.min_sentences=3 (repeatable; value parsed as YAML)",
     )
 
 
@@ -55,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
 
     result = pipeline(
-        stages=stages, run_id=args.run_id, from_run=args.from_ref, config_file=args.config,
+        stages=stages or [], run_id=args.run_id or "", from_run=args.from_ref or "", config_file=args.config,
         overrides=overrides, force=args.force,
     )
     print(f"run {result['run_id']} under {result['run_root']}:")
@@ -73,9 +74,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configure_prefect_env()
     overrides = _overrides_dict(args.override)
     config = load_config(args.config, overrides)
-    from flows.pipeline import pipeline
+    from flows.pipeline import eval_rows, pipeline
 
-    result = pipeline(config_file=args.config, overrides=overrides, run_id=args.run_id)
+    result = pipeline(config_file=args.config, overrides=overrides, run_id=args.run_id or "")
     run_root = Path(config.run_root).resolve()
     run_dir = run_root / result["run_id"]
     print("\n=== Refinery demo finished ===")
@@ -93,50 +94,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("funnel (documents kept per stage):")
         for r in funnel:
             print(f"  {r['stage']:<16} {r['metrics']['rows_in']:>7} in  {r['metrics']['kept']:>7} kept")
-    evals = [r for r in catalog.stage_runs(result["run_id"]) if r["stage"].startswith("eval_")]
+    evals = eval_rows([r for r in catalog.stage_runs(result["run_id"]) if r["stage"].startswith("eval_")])
     if evals:
         print("evaluation (one row per trained checkpoint):")
-        for line in eval_table(evals):
-            print("  " + line)
+        for row in [list(evals[0]), *(row.values() for row in evals)]:
+            print("  " + " | ".join(map(str, row)))
     print(f"UI: run `refinery serve` and open http://{config.prefect.host}:{config.prefect.port} "
           f"(flow runs, logs, artifacts; PREFECT_HOME={os.environ['PREFECT_HOME']})")
     print(f"lineage: refinery lineage show {result['run_id']}  |  refinery lineage diff RUN_A RUN_B")
     return 0
 
 
-def eval_table(eval_runs: list[dict]) -> list[str]:
-    """Rows of ``task/metric`` values (n and malformed counts left out) for the eval stages of a run."""
-    skip = ("/n", "/malformed", "tasks_skipped")
-    columns = sorted({k for r in eval_runs for k, v in r["metrics"].items()
-                      if isinstance(v, (int, float)) and not k.endswith(skip)})
-    lines = [" | ".join(["checkpoint", *columns])]
-    for r in eval_runs:
-        cells = [r["stage"].removeprefix("eval_")]
-        cells += [f"{r['metrics'][c]:.4g}" if isinstance(r["metrics"].get(c), (int, float)) else "-" for c in columns]
-        lines.append(" | ".join(cells))
-    return lines
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from infra.prefect_server import configure_prefect_env, prefect_server
-
+    import os
     import signal
 
+    from infra.prefect_server import configure_prefect_env, prefect_server
+
     configure_prefect_env()
-    config = load_config(args.config, _overrides_dict(args.override))
+    overrides = _overrides_dict(args.override)
+    config = load_config(args.config, overrides)
     host, port = args.host or config.prefect.host, args.port or config.prefect.port
+    explorer_port = config.prefect.explorer_port if args.explorer_port is None else args.explorer_port
     # on SIGTERM, unwind normally so the Prefect server this command started is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with prefect_server(host, port) as api_url:
-        from flows.serve import build_deployments
+    with prefect_server(host, port, on_error=lambda line: print(line, file=sys.stderr, flush=True)) as api_url:
         from prefect import serve
 
-        deployments = build_deployments(args.config, config)
-        print(f"Prefect UI: http://{host}:{port}  (API {api_url}); serving {len(deployments)} deployments. Ctrl-C stops.")
-        if args.check:
-            return 0
-        serve(*deployments, print_starting_message=False)
+        from flows.explorer import start_explorer
+        from flows.serve import build_deployments
+        from flows.stages import EXPLORER_URL_ENV
+
+        explorer = None
+        if explorer_port:
+            explorer = start_explorer(Path(config.run_root).resolve(), host, explorer_port)
+            os.environ[EXPLORER_URL_ENV] = f"http://{host}:{explorer.server_address[1]}"
+        deployments = build_deployments(args.config, config, overrides)
+        print(f"Prefect UI: http://{host}:{port}  (API {api_url}); serving {len(deployments)} deployments "
+              f"(run root {Path(config.run_root).resolve()}).")
+        if explorer:
+            print(f"Lineage explorer: {os.environ[EXPLORER_URL_ENV]}")
+        print("Errors of Prefect's server services (scheduler, ...) are shown here; Ctrl-C stops.", flush=True)
+        try:
+            if not args.check:
+                serve(*deployments, print_starting_message=False)
+        finally:
+            if explorer:
+                explorer.shutdown()
     return 0
+
+
+def cmd_lineage_ui(args: argparse.Namespace) -> int:
+    import time
+
+    from flows.explorer import start_explorer
+
+    config = load_config(args.config, _overrides_dict(args.override))
+    server = start_explorer(Path(config.run_root).resolve(), args.host or config.prefect.host, args.port)
+    print(f"Lineage explorer: http://{server.server_address[0]}:{server.server_address[1]}  "
+          f"(run root {Path(config.run_root).resolve()}); Ctrl-C stops.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.shutdown()
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
@@ -187,14 +208,14 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
 def cmd_lineage_trace(args: argparse.Namespace) -> int:
     """A token sequence of a shard → its document → the WARC record it was extracted from."""
     from curation.megatron_shards import trace_tokens
-    from infra.lineage import LineageCatalog, label
+    from infra.lineage import LineageCatalog, artifact_path, label
 
     catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
     matches = catalog.resolve(args.shards)
     if len(matches) != 1:
         print(f"error: {args.shards!r} matches {len(matches)} artifacts; give RUN/tokenize/shards", file=sys.stderr)
         return 2
-    shards_dir = Path(matches[0]["uri"].removeprefix("file://"))
+    shards_dir = artifact_path(matches[0])
     doc = trace_tokens(shards_dir, args.shard, args.seq_index)
     print(f"{args.shard}[{args.seq_index}]: {doc['tokens']} tokens")
     print(f"  doc_id  {doc['doc_id']}\n  url     {doc['url']}\n  source  {doc['source']}")
@@ -263,10 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="run id (default: a new one)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="start the Prefect UI/server and serve every stage and the pipeline as deployments")
+    p = sub.add_parser("serve", help="start the Prefect UI/server and serve every stage and the pipeline as deployments",
+                       description="Start a local Prefect server (or use PREFECT_API_URL), serve `refinery-pipeline` and "
+                                   "one `refinery-STAGE` deployment per stage, and the lineage explorer. -o overrides "
+                                   "apply to every run started from the UI (they prefill each deployment's parameters).")
     _add_config_args(p)
     p.add_argument("--host", help="bind address (default: prefect.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: prefect.port, 4200)")
+    p.add_argument("--explorer-port", type=int,
+                   help="port of the lineage explorer served next to the UI (default: prefect.explorer_port, 4201; 0 = off)")
     p.add_argument("--check", action="store_true", help="start the server, build the deployments, and exit")
     p.set_defaults(func=cmd_serve)
 
@@ -287,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("shard", help="shard name (file name without .bin/.idx)")
     q.add_argument("seq_index", type=int, help="sequence (document) index within the shard")
     q.set_defaults(func=cmd_lineage_trace)
+    q = lsub.add_parser("ui", help="serve the lineage explorer (graph across runs, diffs, token trace) in a browser",
+                        description="The same explorer `refinery serve` starts next to the Prefect UI, on its own.")
+    _add_config_args(q)
+    q.add_argument("--host", help="bind address (default: prefect.host, 127.0.0.1)")
+    q.add_argument("--port", type=int, default=4201, help="port (default: %(default)s)")
+    q.set_defaults(func=cmd_lineage_ui)
     q = lsub.add_parser("runs", help="list runs in the catalog (* = stage reused from cache)")
     _add_config_args(q)
     q.set_defaults(func=cmd_lineage_runs)

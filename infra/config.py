@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -49,6 +49,24 @@ class PrefectConfig(Strict):
     port: int = Field(4200, ge=1, le=65535)
     schedule_cron: str | None = None  # cron for the pipeline deployment, e.g. "0 3 * * *"
     work_pool: str = "refinery-process"
+    explorer_port: int = Field(4201, ge=0, le=65535, description="port of the lineage explorer `refinery serve` "
+                                                                 "starts next to the Prefect UI (0 = off)")
+
+
+class OpenLineageConfig(Strict):
+    """Where OpenLineage run events go."""
+
+    transport: Literal["file", "http", "none"] = Field("file", description="file (JSON lines), http, or none")
+    file: str | None = Field(None, description="events file; default RUN_ROOT/openlineage/events.jsonl")
+    url: str | None = Field(None, description="http transport: base URL, e.g. http://localhost:5000 (Marquez)")
+    endpoint: str = Field("api/v1/lineage", description="http transport: path of the lineage endpoint")
+    namespace: str = Field("refinery", description="OpenLineage job namespace")
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> "OpenLineageConfig":
+        if self.transport == "http" and not self.url:
+            raise ValueError("transport http needs url (e.g. http://localhost:5000 for Marquez)")
+        return self
 
 
 class PipelineConfig(Strict):
@@ -71,6 +89,7 @@ class BaseRefineryConfig(Strict):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    openlineage: OpenLineageConfig = Field(default_factory=OpenLineageConfig)
 
     def stage_config(self, name: str):
         return getattr(self, name)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from infra.config import BaseRefineryConfig, ConfigError, validate_config
 from infra.lineage import LineageCatalog
+from infra.openlineage_events import StageRunEvents
 from infra.registry import get_stage
 from infra.runstore import (
     MANIFEST,
@@ -172,8 +173,14 @@ def execute_stage(
                 cached = read_manifest(run_root, hit["run_id"], hit["stage"])
             except RunStoreError:
                 continue
-            return _reuse_cached(cached, run_root, run_id, name, catalog, log)
+            events = StageRunEvents(config.openlineage, run_root, name, run_id, log)
+            events.start(records, key)
+            manifest = _reuse_cached(cached, records, run_root, run_id, name, catalog, log, events.ol_run_id)
+            events.complete(manifest)
+            return manifest
 
+    events = StageRunEvents(config.openlineage, run_root, name, run_id, log)
+    events.start(records, key)
     tmp = make_temp_dir(run_root, run_id, name)
     started, t0 = _now(), time.time()
     ctx = StageContext(
@@ -205,25 +212,40 @@ def execute_stage(
             "images": {k: str(final / v) for k, v in result.images.items()},
             "code_version": code_version(), "host": socket.gethostname(),
             "timings": {"started_at": started, "finished_at": _now(), "seconds": round(time.time() - t0, 3)},
-            "manifest_path": str(final / MANIFEST),
+            "manifest_path": str(final / MANIFEST), "openlineage_run_id": events.ol_run_id,
         }
         write_json_atomic(tmp / MANIFEST, manifest)
         commit_stage_dir(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        events.fail(records, exc)
         raise
     catalog.record_stage_run(manifest)
+    events.complete(manifest)
     log.info("stage %s: done in %.1f s -> %s", name, manifest["timings"]["seconds"], final)
     return manifest
 
 
-def _reuse_cached(cached: dict, run_root: Path, run_id: str, name: str, catalog: LineageCatalog, log) -> dict:
-    """Point this run's stage at an identical earlier result instead of recomputing it."""
+def _reuse_cached(
+    cached: dict, records: dict[str, dict], run_root: Path, run_id: str, name: str, catalog: LineageCatalog, log,
+    openlineage_run_id: str,
+) -> dict:
+    """Point this run's stage at an identical earlier result instead of recomputing it.
+
+    The stage gets artifacts of its own (this run's URIs, the computed run's files) and records
+    this run's inputs, so lineage never borrows the earlier run's upstream.
+    """
     source = f"{cached['run_id']}/{cached['stage']}"
     final = stage_dir(run_root, run_id, name)
+    outputs = {
+        out_name: {**out, "uri": (final / out_name).as_uri(), "run_id": run_id, "stage": name}
+        for out_name, out in cached["outputs"].items()
+    }
     manifest = {
         **cached, "run_id": run_id, "cached_from": source, "manifest_path": str(final / MANIFEST),
+        "inputs": {k: records[k] for k in cached["inputs"] if k in records}, "outputs": outputs,
         "timings": {"started_at": _now(), "finished_at": _now(), "seconds": 0.0},
+        "openlineage_run_id": openlineage_run_id,
     }
     tmp = make_temp_dir(run_root, run_id, name)
     write_json_atomic(tmp / MANIFEST, manifest)

@@ -1,9 +1,12 @@
 """Lineage catalog: artifacts, stage runs and input→output edges across runs (SQLite in the run root).
 
 An artifact is a stage output (``RUN/STAGE/OUTPUT``) or an external input (a WARC folder, a model
-file), identified by URI and carrying its content hash. Edges link every input of a stage run to
-every output it produced, so ``upstream``/``downstream`` answer "where did this checkpoint come
-from?" and "what was built from this data?".
+file), identified by URI and carrying its content hash as an attribute. A stage that reused an
+earlier run's outputs from the cache has artifacts of its own (``file://RUN_ROOT/RUN/STAGE/OUTPUT``,
+files stored where they were computed: ``meta.path``); equal content is a relation
+(:meth:`LineageCatalog.same_content`), never a merge, so each artifact's upstream is its own.
+Edges link every input of a stage run to every output it produced, so ``upstream``/``downstream``
+answer "where did this checkpoint come from?" and "what was built from this data?".
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ class LineageCatalog:
                     "VALUES (?,?,?,?,?,?,?,?)",
                     (
                         out["uri"], out["hash"], "stage_output", out.get("run_id", run_id),
-                        out.get("stage", stage), name, _now(), json.dumps({"n_files": len(out["files"])}),
+                        out.get("stage", stage), name, _now(),
+                        json.dumps({"n_files": len(out["files"]), "path": out["path"]}),
                     ),
                 )
                 for src in input_uris:
@@ -119,13 +123,7 @@ class LineageCatalog:
     def stage_runs(self, run_id: str) -> list[dict]:
         with self._conn() as c:
             rows = c.execute("SELECT * FROM stage_runs WHERE run_id=? ORDER BY started_at", (run_id,)).fetchall()
-        out = []
-        for r in rows:
-            d = dict(r)
-            for k in ("config", "inputs", "outputs", "metrics", "code_version"):
-                d[k] = json.loads(d[k])
-            out.append(d)
-        return out
+        return [_decode_stage_run(r) for r in rows]
 
     def runs(self) -> list[str]:
         with self._conn() as c:
@@ -175,6 +173,33 @@ class LineageCatalog:
             ).fetchall()
         return [dict(r) for r in rows]
 
+    def stage_run(self, run_id: str, stage: str) -> dict | None:
+        """One stage run (config, inputs, outputs, metrics decoded), or None."""
+        with self._conn() as c:
+            row = c.execute("SELECT * FROM stage_runs WHERE run_id=? AND stage=?", (run_id, stage)).fetchone()
+        return _decode_stage_run(row) if row else None
+
+    def consumers(self, uri: str) -> list[tuple[str, str]]:
+        """(run_id, stage) of every stage run that read this artifact."""
+        with self._conn() as c:
+            rows = c.execute("SELECT DISTINCT run_id, stage FROM edges WHERE src=? ORDER BY run_id, stage", (uri,))
+            return [(r[0], r[1]) for r in rows]
+
+    def reusers(self, run_id: str, stage: str) -> list[tuple[str, str]]:
+        """(run_id, stage) of the stage runs that reused this one's outputs from the cache."""
+        with self._conn() as c:
+            rows = c.execute("SELECT run_id, stage FROM stage_runs WHERE cached_from=? ORDER BY run_id",
+                             (f"{run_id}/{stage}",))
+            return [(r[0], r[1]) for r in rows]
+
+    def same_content(self, uri: str) -> list[dict]:
+        """Other artifacts whose content hash equals this one's ("same content as"; never merged)."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT b.* FROM artifacts a JOIN artifacts b ON a.hash=b.hash AND a.uri<>b.uri WHERE a.uri=? "
+                "ORDER BY b.run_id, b.stage, b.name", (uri,)).fetchall()
+        return [dict(r) for r in rows]
+
     def tree(self, uri: str, direction: str, depth: int = 20) -> list[tuple[int, dict]]:
         """Depth-first (level, artifact) list walking ``up`` (parents) or ``down`` (children)."""
         step = self.parents if direction == "up" else self.children
@@ -194,6 +219,93 @@ class LineageCatalog:
         return out
 
 
+def _decode_stage_run(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    for k in ("config", "inputs", "outputs", "metrics", "code_version"):
+        d[k] = json.loads(d[k])
+    return d
+
+
+def artifact_path(artifact: dict) -> Path:
+    """Where an artifact's files are (a reused stage's outputs live in the run that computed them)."""
+    stored = json.loads(artifact.get("meta") or "{}").get("path")
+    return Path(stored) if stored else Path(artifact["uri"].removeprefix("file://"))
+
+
+def lineage_graph(catalog: LineageCatalog, focus: list[tuple[str, str]], depth: int = 50) -> dict:
+    """The full upstream and downstream graph, across runs, of the given stage runs.
+
+    Nodes: ``{"id", "kind": "stage" | "external", ...}``; a stage node carries its run, stage,
+    ``cached_from`` and outputs (name, hash, and the other artifacts with the same content).
+    Edges: ``{"src", "dst", "label", "kind": "data" | "reuse"}`` — data flows from a producer (stage
+    run or external input) to the stage run that read it; ``reuse`` links a computed stage run to a
+    later run that reused its outputs from the cache.
+    """
+    nodes: dict[str, dict] = {}
+    edges: dict[tuple[str, str, str], dict] = {}
+
+    def stage_node(run_id: str, stage: str) -> dict | None:
+        node_id = f"{run_id}/{stage}"
+        if node_id not in nodes:
+            run = catalog.stage_run(run_id, stage)
+            if run is None:
+                return None
+            outputs = {
+                name: {"uri": out["uri"], "hash": out["hash"],
+                       "same_as": [label(a) for a in catalog.same_content(out["uri"])]}
+                for name, out in run["outputs"].items()
+            }
+            nodes[node_id] = {"id": node_id, "kind": "stage", "run_id": run_id, "stage": stage,
+                              "cached_from": run["cached_from"], "outputs": outputs, "inputs": run["inputs"],
+                              "finished_at": run["finished_at"]}
+        return nodes[node_id]
+
+    def add_edge(src: str, dst: str, edge_label: str, kind: str = "data") -> None:
+        edges.setdefault((src, dst, edge_label), {"src": src, "dst": dst, "label": edge_label, "kind": kind})
+
+    def walk_up(node: dict, level: int) -> None:
+        if level > depth:
+            return
+        if node["cached_from"]:
+            src_run, _, src_stage = node["cached_from"].partition("/")
+            src = stage_node(src_run, src_stage)
+            if src is not None:
+                add_edge(src["id"], node["id"], "reused", "reuse")
+                walk_up(src, level + 1)
+        for name, inp in node["inputs"].items():
+            if inp.get("stage"):
+                producer = stage_node(inp["run_id"], inp["stage"])
+                if producer is not None:
+                    add_edge(producer["id"], node["id"], inp.get("output") or name)
+                    walk_up(producer, level + 1)
+                    continue
+            ext_id = inp["uri"]
+            nodes.setdefault(ext_id, {"id": ext_id, "kind": "external", "name": name, "hash": inp["hash"],
+                                      "path": inp["uri"].removeprefix("file://")})
+            add_edge(ext_id, node["id"], name)
+
+    def walk_down(node: dict, level: int) -> None:
+        if level > depth:
+            return
+        nexts = [(stage_node(r, s), "reused", "reuse") for r, s in catalog.reusers(node["run_id"], node["stage"])]
+        for name, out in node["outputs"].items():
+            nexts += [(stage_node(r, s), name, "data") for r, s in catalog.consumers(out["uri"])]
+        for child, edge_label, kind in nexts:
+            if child is None:
+                continue
+            new = (node["id"], child["id"], edge_label) not in edges
+            add_edge(node["id"], child["id"], edge_label, kind)
+            if new:
+                walk_down(child, level + 1)
+
+    for run_id, stage in focus:
+        node = stage_node(run_id, stage)
+        if node is not None:
+            walk_up(node, 1)
+            walk_down(node, 1)
+    return {"nodes": list(nodes.values()), "edges": list(edges.values())}
+
+
 def label(artifact: dict) -> str:
     """Short human label: ``RUN/STAGE/OUTPUT  sha256:abcd1234`` or the external path."""
     h = artifact["hash"].split(":", 1)[-1][:12]
@@ -211,39 +323,63 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
-def diff_runs(catalog: LineageCatalog, run_a: str, run_b: str) -> list[str]:
-    """Lines describing what differs between two runs: stages, config keys, input and output hashes."""
+def run_differences(catalog: LineageCatalog, run_a: str, run_b: str) -> list[dict[str, Any]]:
+    """What differs between two runs, one row per difference.
+
+    Each row: ``stage``, ``kind`` (only_in | config | input | output | metric | cache | identical),
+    ``key``, ``a``, ``b``. Stages equal in every respect get one ``identical`` row.
+    """
     a = {r["stage"]: r for r in catalog.stage_runs(run_a)}
     b = {r["stage"]: r for r in catalog.stage_runs(run_b)}
     if not a:
         raise KeyError(f"run {run_a!r} is not in the lineage catalog")
     if not b:
         raise KeyError(f"run {run_b!r} is not in the lineage catalog")
-    lines: list[str] = []
+    rows: list[dict[str, Any]] = []
     for stage in list(dict.fromkeys([*a, *b])):
         if stage not in a or stage not in b:
-            lines.append(f"{stage}: only in {run_a if stage in a else run_b}")
+            rows.append({"stage": stage, "kind": "only_in", "key": "", "a": stage in a, "b": stage in b})
             continue
         ra, rb = a[stage], b[stage]
-        ca, cb = flatten(ra["config"]), flatten(rb["config"])
         changes = []
-        for k in sorted(set(ca) | set(cb)):
-            if ca.get(k) != cb.get(k):
-                changes.append(f"  config {stage}.{k}: {ca.get(k)!r} -> {cb.get(k)!r}")
-        for k in sorted(set(ra["inputs"]) | set(rb["inputs"])):
-            ha, hb = ra["inputs"].get(k, {}).get("hash"), rb["inputs"].get(k, {}).get("hash")
-            if ha != hb:
-                changes.append(f"  input {k}: {str(ha)[:19]} -> {str(hb)[:19]}")
-        for k in sorted(set(ra["outputs"]) | set(rb["outputs"])):
-            ha, hb = ra["outputs"].get(k, {}).get("hash"), rb["outputs"].get(k, {}).get("hash")
-            if ha != hb:
-                changes.append(f"  output {k}: {str(ha)[:19]} -> {str(hb)[:19]}")
+        ca, cb = flatten(ra["config"]), flatten(rb["config"])
+        changes += [("config", k, ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+        for kind in ("inputs", "outputs"):
+            for k in sorted(set(ra[kind]) | set(rb[kind])):
+                ha, hb = ra[kind].get(k, {}).get("hash"), rb[kind].get(k, {}).get("hash")
+                if ha != hb:
+                    changes.append((kind[:-1], k, ha, hb))
         ma, mb = flatten(ra["metrics"]), flatten(rb["metrics"])
-        for k in sorted(set(ma) | set(mb)):
-            if ma.get(k) != mb.get(k) and not k.startswith("seconds"):
-                changes.append(f"  metric {k}: {ma.get(k)!r} -> {mb.get(k)!r}")
+        changes += [("metric", k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))
+                    if ma.get(k) != mb.get(k) and not k.startswith("seconds")]
         if ra["cached_from"] or rb["cached_from"]:
-            changes.append(f"  cache: {ra['cached_from'] or 'computed'} | {rb['cached_from'] or 'computed'}")
-        lines.append(f"{stage}: " + ("identical" if not changes else "changed"))
-        lines.extend(changes)
+            changes.append(("cache", "", ra["cached_from"] or "computed", rb["cached_from"] or "computed"))
+        if not changes:
+            rows.append({"stage": stage, "kind": "identical", "key": "", "a": None, "b": None})
+        rows += [{"stage": stage, "kind": kind, "key": key, "a": va, "b": vb} for kind, key, va, vb in changes]
+    return rows
+
+
+def diff_runs(catalog: LineageCatalog, run_a: str, run_b: str) -> list[str]:
+    """Lines describing what differs between two runs: stages, config keys, input and output hashes."""
+    lines: list[str] = []
+    for row in run_differences(catalog, run_a, run_b):
+        stage, kind, key, va, vb = row["stage"], row["kind"], row["key"], row["a"], row["b"]
+        if kind == "only_in":
+            lines.append(f"{stage}: only in {run_a if va else run_b}")
+            continue
+        if kind == "identical":
+            lines.append(f"{stage}: identical")
+            continue
+        header = f"{stage}: changed"
+        if header not in lines:
+            lines.append(header)
+        if kind == "config":
+            lines.append(f"  config {stage}.{key}: {va!r} -> {vb!r}")
+        elif kind in ("input", "output"):
+            lines.append(f"  {kind} {key}: {str(va)[:19]} -> {str(vb)[:19]}")
+        elif kind == "metric":
+            lines.append(f"  metric {key}: {va!r} -> {vb!r}")
+        else:
+            lines.append(f"  cache: {va} | {vb}")
     return lines

@@ -6,10 +6,11 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 
 def configure_prefect_env(home: str | Path | None = None) -> None:
@@ -19,6 +20,49 @@ def configure_prefect_env(home: str | Path | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_UI_SHOW_PROMOTIONAL_CONTENT", "false")
+    # One UI: deployment pages and the "View at" links of flow runs open the classic (V1) UI, which also
+    # has the typed custom-run form; the root URL would otherwise open the new (V2) UI.
+    os.environ.setdefault("PREFECT_SERVER_UI_V2_ENABLED", "false")
+
+
+def service_errors(lines: Iterable[str]) -> Iterator[str]:
+    """The error lines of a Prefect server log: ERROR/CRITICAL records and each traceback's exception line.
+
+    Prefect's server services (scheduler, late runs, ...) log their failures only there; ``refinery
+    serve`` echoes these lines on its console so a failing scheduler is never silent.
+    """
+    in_traceback = False
+    for line in lines:
+        line = line.rstrip("\n")
+        if "| ERROR" in line or "| CRITICAL" in line:
+            yield line
+        elif line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and line and not line.startswith((" ", "During handling", "The above exception")):
+            yield "  " + line
+            in_traceback = False
+
+
+def follow_server_errors(log_path: Path, emit: Callable[[str], None], stop: threading.Event) -> threading.Thread:
+    """Echo new error lines of the server log through ``emit`` until ``stop`` is set (a daemon thread)."""
+
+    def lines() -> Iterator[str]:
+        with open(log_path, errors="replace") as fh:
+            fh.seek(0, os.SEEK_END)
+            while not stop.is_set():
+                line = fh.readline()
+                if line:
+                    yield line
+                else:
+                    time.sleep(0.5)
+
+    def run() -> None:
+        for line in service_errors(lines()):
+            emit(f"prefect server: {line}")
+
+    thread = threading.Thread(target=run, name="prefect-server-errors", daemon=True)
+    thread.start()
+    return thread
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -30,8 +74,14 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 
 @contextlib.contextmanager
-def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_timeout: float = 180) -> Iterator[str]:
-    """Use the server already at PREFECT_API_URL / host:port, or start one for the duration of the block."""
+def prefect_server(
+    host: str = "127.0.0.1", port: int = 4200, startup_timeout: float = 180,
+    on_error: Callable[[str], None] | None = None,
+) -> Iterator[str]:
+    """Use the server already at PREFECT_API_URL / host:port, or start one for the duration of the block.
+
+    ``on_error`` receives the error lines of a server this block started (see :func:`service_errors`).
+    """
     configure_prefect_env()
     api_url = os.environ.get("PREFECT_API_URL") or f"http://{host}:{port}/api"
     if healthy(api_url):
@@ -48,6 +98,9 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_timeout: f
             env={**os.environ, "PREFECT_API_URL": "", "PREFECT_UI_API_URL": api_url,
                  "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)},
         )
+    stop = threading.Event()
+    if on_error is not None:
+        follow_server_errors(log_path, on_error, stop)
     try:
         deadline = time.time() + startup_timeout
         while not healthy(api_url):
@@ -59,6 +112,7 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_timeout: f
         os.environ["PREFECT_API_URL"] = api_url
         yield api_url
     finally:
+        stop.set()
         os.environ.pop("PREFECT_API_URL", None)
         proc.terminate()
         try:

@@ -75,61 +75,134 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_served_deployments_run_pipeline_and_single_stage_rerun(tmp_path):
-    """What the UI does: create flow runs of the served deployments through the API."""
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
-    env.pop("PREFECT_API_URL")
+@contextlib.contextmanager
+def served(tmp_path, env_extra: dict | None = None):
+    """`refinery serve` in a subprocess with `-o run_root=TMP`; yields (api url, explorer url, serve log)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from infra.prefect_server import healthy
+
+    port, explorer_port = _free_port(), _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), **(env_extra or {})}
+    env.pop("PREFECT_API_URL", None)
     serve_log = tmp_path / "serve.log"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "serve", "--port", str(port), "-o", f"run_root={tmp_path / 'runs'}",
-         "-o", "spark.master=local[2]"],
+        [sys.executable, "-m", "infra.cli", "serve", "--port", str(port), "--explorer-port", str(explorer_port),
+         "-o", f"run_root={tmp_path / 'runs'}", "-o", "spark.master=local[2]"],
         cwd=REPO, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT,
     )
     api = f"http://127.0.0.1:{port}/api"
-    stack = contextlib.ExitStack()
     try:
-        from infra.prefect_server import healthy
-
         deadline = time.time() + 300
         while not healthy(api):
             assert serve.poll() is None, serve_log.read_text()
             assert time.time() < deadline, "server did not start"
             time.sleep(2)
-        from prefect.deployments import run_deployment
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
         # talk to the served server, not a harness another test of this module may have left active
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api}))
-
-        overrides = {"run_root": str(tmp_path / "runs"), "spark.master": "local[2]"}
-        deadline = time.time() + 400
-        while True:  # deployments appear once `serve` has registered them
-            try:
-                run = run_deployment("pipeline/refinery-pipeline", timeout=600,
-                                     parameters={"stages": ["ingest"], "overrides": overrides, "run_id": "ui-run"})
-                break
-            except Exception as exc:  # ObjectNotFound until serve has registered the deployments
-                assert serve.poll() is None, serve_log.read_text()
-                assert time.time() < deadline, f"deployments were not registered: {exc}"
-                time.sleep(3)
-        assert run.state.is_completed(), run.state
-        assert (tmp_path / "runs" / "ui-run" / "ingest" / "manifest.json").is_file()
-        rerun = run_deployment("ingest/refinery-ingest", timeout=600, parameters={
-            "run_id": "ui-rerun", "from_run": "ui-run", "overrides": overrides,
-            "params": {"input_paths": [str(REPO / "tests/data/warc")], "max_record_bytes": 100000}, "force": True,
-        })
-        assert rerun.state.is_completed(), rerun.state
-        import json
-
-        manifest = json.loads((tmp_path / "runs" / "ui-rerun" / "ingest" / "manifest.json").read_text())
-        assert manifest["config"]["max_record_bytes"] == 100000
-        assert manifest["metrics"]["drop_reasons"].get("too_large", 0) >= 1
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            yield api, f"http://127.0.0.1:{explorer_port}", serve_log
     finally:
-        stack.close()
         serve.terminate()
         try:
             serve.wait(timeout=60)
         except subprocess.TimeoutExpired:
             serve.kill()
+
+
+def _wait_for_deployment(name: str, serve_log: Path):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.time() + 400
+    while True:  # deployments appear once `serve` has registered them
+        try:
+            with get_client(sync_client=True) as client:
+                return client.read_deployment_by_name(name)
+        except Exception as exc:  # ObjectNotFound until serve has registered the deployments
+            assert time.time() < deadline, f"deployments were not registered: {exc}\n{serve_log.read_text()}"
+            time.sleep(3)
+
+
+@pytest.mark.slow
+def test_served_deployments_run_pipeline_and_single_stage_rerun(tmp_path):
+    """What the UI does: create flow runs of the served deployments through the API."""
+    import json
+    import urllib.request
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from infra.config import DEFAULT_CONFIG, load_config
+
+    with served(tmp_path) as (_, explorer, serve_log):
+        _wait_for_deployment("pipeline/refinery-pipeline", serve_log)
+        # `serve -o run_root=...` is honoured: no overrides passed here
+        run = run_deployment("pipeline/refinery-pipeline", timeout=600, parameters={"stages": ["ingest"], "run_id": "ui-run"})
+        assert run.state.is_completed(), run.state
+        assert (tmp_path / "runs" / "ui-run" / "ingest" / "manifest.json").is_file()
+        with get_client(sync_client=True) as client:
+            parent = client.read_flow_run(run.id)
+            children = client.read_flow_runs()
+            artifacts = client.read_artifacts()
+        assert parent.name == "ui-run" and "run:ui-run" in parent.tags
+        assert any(r.name == "ui-run/ingest" and "stage:ingest" in r.tags for r in children)
+        summary = [a for a in artifacts if a.key == "refinery-run-summary"]
+        assert summary and "ingest" in summary[0].data and f"{explorer}/run/ui-run" in summary[0].data
+
+        # the stage form untouched (deployment defaults): exactly the served config, nothing reset
+        untouched = run_deployment("ingest/refinery-ingest", timeout=600, parameters={"run_id": "ui-untouched", "force": True})
+        assert untouched.state.is_completed(), untouched.state
+        manifest = json.loads((tmp_path / "runs" / "ui-untouched" / "ingest" / "manifest.json").read_text())
+        served_config = load_config(DEFAULT_CONFIG, {"run_root": str(tmp_path / "runs"), "spark.master": "local[2]"})
+        assert manifest["config"] == served_config.ingest.model_dump(mode="json")
+
+        # a partial edit merges into the section
+        rerun = run_deployment("ingest/refinery-ingest", timeout=600, parameters={
+            "run_id": "ui-rerun", "from_run": "ui-run", "params": {"max_record_bytes": 100000}, "force": True,
+        })
+        assert rerun.state.is_completed(), rerun.state
+        manifest = json.loads((tmp_path / "runs" / "ui-rerun" / "ingest" / "manifest.json").read_text())
+        assert manifest["config"] == {**served_config.ingest.model_dump(mode="json"), "max_record_bytes": 100000}
+        assert manifest["metrics"]["drop_reasons"].get("too_large", 0) >= 1
+        page = urllib.request.urlopen(f"{explorer}/run/ui-rerun", timeout=30).read().decode()
+        assert "<svg" in page and "ui-rerun/ingest" in page
+
+
+@pytest.mark.slow
+def test_a_schedule_added_like_the_ui_does_fires_and_the_run_completes(tmp_path):
+    """Prefect's scheduler (real server, short loop) creates a run from an interval schedule with a
+    parameter override, and the served deployment runs it to completion."""
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    env = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    with served(tmp_path, env) as (_, _, serve_log):
+        deployment = _wait_for_deployment("pipeline/refinery-pipeline", serve_log)
+        with get_client(sync_client=True) as client:
+            saved = time.time()  # "Save schedule"
+            [schedule] = client.create_deployment_schedules(
+                deployment.id, [(IntervalSchedule(interval=timedelta(seconds=5)), True)],
+                parameters={"stages": ["ingest"]},
+            )
+            only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            started = None
+            deadline = time.time() + 420
+            while True:
+                runs = [r for r in client.read_flow_runs(deployment_filter=only_this) if r.auto_scheduled]
+                if started is None and any(r.state and not r.state.is_scheduled() for r in runs):
+                    started = time.time()  # one run is under way: stop further ones piling up
+                    client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+                done = [r for r in runs if r.state and r.state.is_completed()]
+                if done:
+                    break
+                assert not [r for r in runs if r.state and r.state.is_final()], [r.state for r in runs]
+                assert time.time() < deadline, f"no scheduled run completed; serve log:\n{serve_log.read_text()[-3000:]}"
+                time.sleep(2)
+        print(f"schedule saved -> scheduled run completed: {time.time() - saved:.0f} s "
+              f"(run started after {started - saved:.0f} s)")
+        assert done[0].parameters["stages"] == ["ingest"]
+        run_id = done[0].name
+        assert (tmp_path / "runs" / run_id / "ingest" / "manifest.json").is_file()
+        assert "InvalidRequestError" not in serve_log.read_text()

@@ -1,0 +1,333 @@
+"""Lineage explorer: a small web app next to the Prefect UI (started by ``refinery serve``).
+
+Pages (server-rendered HTML with the lineage graph as inline SVG, no JavaScript or network needed):
+
+  /                          runs in the catalog, artifact lookup, run diff and token-trace forms
+  /run/RUN                   every stage of a run with its full upstream and downstream graph across runs
+  /stage/RUN/STAGE           one stage run: graph, inputs/outputs with content hashes, same-content
+                             artifacts, config and metrics
+  /artifact?ref=REF          an artifact (RUN/STAGE[/OUTPUT], path, hash prefix) → its stage run's page
+  /diff?a=RUN_A&b=RUN_B      config keys, input/output hashes and metrics that differ
+  /trace?shards=RUN/tokenize/shards&shard=NAME&seq=N
+                             a token sequence → its document → its WARC record
+  /api/graph?run=RUN | ?stage=RUN/STAGE   the graph as JSON
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from curation.megatron_shards import trace_tokens
+from infra.lineage import LineageCatalog, artifact_path, flatten, label, lineage_graph, run_differences
+
+NODE_W, LINE_H, GAP_X, GAP_Y = 300, 16, 40, 70
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:0;color:#1d2433;background:#f6f7fb}
+header{background:#1d2433;color:#fff;padding:10px 20px;display:flex;gap:24px;align-items:center}
+header a{color:#cfe0ff;text-decoration:none} main{padding:16px 20px}
+table{border-collapse:collapse;margin:8px 0 16px;background:#fff} td,th{border:1px solid #d5d9e2;padding:4px 8px;
+font-size:13px;text-align:left;vertical-align:top} th{background:#eef1f7} code{font-size:12px}
+.graph{background:#fff;border:1px solid #d5d9e2;overflow:auto;max-height:80vh} form{display:inline-block;
+margin:0 16px 8px 0;padding:8px;background:#fff;border:1px solid #d5d9e2} .muted{color:#667}
+.err{color:#a40000;font-weight:600} h2{margin-top:22px}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _short(h: str | None) -> str:
+    return (h or "").split(":", 1)[-1][:12]
+
+
+def _q(**params: Any) -> str:
+    return urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+
+
+def page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)} · Refinery lineage</title>"
+            f"<style>{STYLE}</style></head><body><header><b>Refinery lineage</b><a href='/'>runs</a>"
+            f"<span class='muted'>{_e(title)}</span></header><main>{body}</main></body></html>")
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """An HTML table; cells are already-escaped HTML."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _node_lines(node: dict) -> list[tuple[str, str]]:
+    """(text, css colour) lines drawn inside a node box."""
+    if node["kind"] == "external":
+        return [(f"external: {node['name']}", "#1d2433"), (Path(node["path"]).name or node["path"], "#445"),
+                (f"[{_short(node['hash'])}]", "#667")]
+    status = f"reused from {node['cached_from']}" if node["cached_from"] else "computed"
+    lines = [(f"{node['run_id']}/{node['stage']}", "#1d2433"), (status, "#b35900" if node["cached_from"] else "#2a7")]
+    for name, out in node["outputs"].items():
+        lines.append((f"→ {name} [{_short(out['hash'])}]", "#334"))
+        if out["same_as"]:
+            lines.append((f"   = same content as {len(out['same_as'])} other", "#667"))
+    return lines
+
+
+def render_svg(graph: dict, focus: set[str]) -> str:
+    """Layered drawing of a lineage graph: producers above consumers, one row per layer."""
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    if not nodes:
+        return "<p class='muted'>no lineage recorded</p>"
+    parents: dict[str, list[str]] = {n: [] for n in nodes}
+    for e in graph["edges"]:
+        parents[e["dst"]].append(e["src"])
+    layer: dict[str, int] = {}
+
+    def depth(n: str, trail: frozenset = frozenset()) -> int:
+        if n not in layer:
+            layer[n] = 1 + max((depth(p, trail | {n}) for p in parents[n] if p not in trail), default=-1)
+        return layer[n]
+
+    for n in nodes:
+        depth(n)
+    rows: dict[int, list[str]] = {}
+    for n in sorted(nodes, key=lambda n: (nodes[n].get("finished_at") or "", n)):
+        rows.setdefault(layer[n], []).append(n)
+    heights = {n: (len(_node_lines(nodes[n])) + 1) * LINE_H for n in nodes}
+    pos: dict[str, tuple[float, float]] = {}
+    y = 20.0
+    for level in sorted(rows):
+        for i, n in enumerate(rows[level]):
+            pos[n] = (20 + i * (NODE_W + GAP_X), y)
+        y += max(heights[n] for n in rows[level]) + GAP_Y
+    width = 40 + max(len(r) for r in rows.values()) * (NODE_W + GAP_X)
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{y}' font-size='12' "
+             "font-family='monospace'><defs><marker id='arrow' viewBox='0 0 10 10' refX='9' refY='5' "
+             "markerWidth='7' markerHeight='7' orient='auto'><path d='M0,0L10,5L0,10z' fill='#778'/></marker></defs>"]
+    for e in graph["edges"]:
+        (x1, y1), (x2, y2) = pos[e["src"]], pos[e["dst"]]
+        x1, y1, x2 = x1 + NODE_W / 2, y1 + heights[e["src"]], x2 + NODE_W / 2
+        reuse = e["kind"] == "reuse"
+        stroke = "stroke='#d9822b' stroke-dasharray='6,4'" if reuse else "stroke='#778'"
+        parts.append(f"<path class='edge edge-{e['kind']}' d='M{x1},{y1} C{x1},{y1 + 40} {x2},{y2 - 40} {x2},{y2}' "
+                     f"fill='none' {stroke} stroke-width='1.4' marker-end='url(#arrow)'/>")
+        parts.append(f"<text x='{(x1 + x2) / 2 + 4}' y='{(y1 + y2) / 2}' fill='#556'>{_e(e['label'])}</text>")
+    for n, node in nodes.items():
+        x, y0 = pos[n]
+        fill = "#fff4e0" if node["kind"] == "external" else ("#e6f0ff" if n in focus else "#fff")
+        href = f"/stage/{n}" if node["kind"] == "stage" else f"/artifact?{_q(ref=node['path'])}"
+        parts.append(f"<a href='{_e(href)}'><g class='node node-{node['kind']}' data-id='{_e(n)}'>"
+                     f"<rect x='{x}' y='{y0}' width='{NODE_W}' height='{heights[n]}' rx='6' fill='{fill}' "
+                     f"stroke='{'#2b6cdf' if n in focus else '#99a'}' stroke-width='{2 if n in focus else 1}'/>")
+        for i, (text, colour) in enumerate(_node_lines(node)):
+            weight = " font-weight='bold'" if i == 0 else ""
+            parts.append(f"<text x='{x + 8}' y='{y0 + (i + 1) * LINE_H + 2}' fill='{colour}'{weight}>"
+                         f"{_e(text[:44])}</text>")
+        parts.append("</g></a>")
+    parts.append("</svg>")
+    return "<div class='graph'>" + "".join(parts) + "</div>"
+
+
+class Explorer:
+    """Page builders over one run root's lineage catalog."""
+
+    def __init__(self, run_root: str | Path):
+        self.run_root = Path(run_root).resolve()
+
+    @property
+    def catalog(self) -> LineageCatalog:
+        return LineageCatalog(self.run_root)
+
+    def index(self) -> str:
+        catalog = self.catalog
+        runs = catalog.runs()
+        rows = []
+        for run in reversed(runs):
+            stages = catalog.stage_runs(run)
+            reused = sum(1 for s in stages if s["cached_from"])
+            rows.append([f"<a href='/run/{_e(run)}'>{_e(run)}</a>", str(len(stages)), str(reused),
+                         _e(stages[0]["started_at"] if stages else ""),
+                         _e(", ".join(s["stage"] for s in stages))])
+        options = "".join(f"<option value='{_e(r)}'>{_e(r)}</option>" for r in reversed(runs))
+        forms = (
+            "<form action='/artifact'>Artifact <input name='ref' size='40' placeholder='RUN/STAGE/OUTPUT, path or hash'>"
+            " <button>show</button></form>"
+            f"<form action='/diff'>Diff <select name='a'>{options}</select> vs <select name='b'>{options}</select>"
+            " <button>compare</button></form>"
+            "<form action='/trace'>Trace <input name='shards' placeholder='RUN/tokenize/shards' size='24'> "
+            "<input name='shard' placeholder='shard name' size='22'> <input name='seq' placeholder='seq' size='4'>"
+            " <button>trace</button></form>"
+        )
+        body = forms + f"<p class='muted'>catalog: {_e(catalog.path)}</p>"
+        body += table(["run", "stages", "reused", "started", "stages"], rows) if rows else "<p>No runs yet.</p>"
+        return page("runs", body)
+
+    def run(self, run_id: str) -> str:
+        stages = self.catalog.stage_runs(run_id)
+        if not stages:
+            return page(run_id, f"<p class='err'>run {_e(run_id)} is not in the lineage catalog</p>")
+        focus = [(run_id, s["stage"]) for s in stages]
+        graph = lineage_graph(self.catalog, focus)
+        rows = [[f"<a href='/stage/{_e(run_id)}/{_e(s['stage'])}'>{_e(s['stage'])}</a>",
+                 _e(f"reused {s['cached_from']}" if s["cached_from"] else "computed"),
+                 "<br>".join(f"{_e(k)} <code>{_short(v['hash'])}</code>" for k, v in s["outputs"].items())]
+                for s in stages]
+        body = (f"<h2>Run {_e(run_id)}</h2>" + table(["stage", "status", "outputs"], rows)
+                + f"<p><a href='/api/graph?{_q(run=run_id)}'>graph as JSON</a></p><h2>Lineage across runs</h2>"
+                + render_svg(graph, {f"{r}/{s}" for r, s in focus}))
+        return page(run_id, body)
+
+    def stage(self, run_id: str, stage: str) -> str:
+        catalog = self.catalog
+        run = catalog.stage_run(run_id, stage)
+        if run is None:
+            return page(f"{run_id}/{stage}", f"<p class='err'>{_e(run_id)}/{_e(stage)} is not in the catalog</p>")
+        in_rows = []
+        for name, inp in run["inputs"].items():
+            src = (f"<a href='/stage/{_e(inp['run_id'])}/{_e(inp['stage'])}'>{_e(inp['run_id'])}/{_e(inp['stage'])}"
+                   f"/{_e(inp.get('output', ''))}</a>" if inp.get("stage") else _e(inp["uri"].removeprefix("file://")))
+            in_rows.append([_e(name), src, f"<code>{_e(inp['hash'])}</code>"])
+        out_rows = []
+        for name, out in run["outputs"].items():
+            art = catalog.artifact(out["uri"]) or {"uri": out["uri"], "meta": "{}"}
+            same = "<br>".join(_e(label(a)) for a in catalog.same_content(out["uri"])) or "-"
+            out_rows.append([_e(name), _e(artifact_path(art)), f"<code>{_e(out['hash'])}</code>", same])
+        metrics = [[_e(k), _e(v)] for k, v in flatten(run["metrics"]).items()]
+        config = [[_e(k), _e(v)] for k, v in flatten(run["config"]).items()]
+        graph = lineage_graph(catalog, [(run_id, stage)])
+        status = f"reused from {run['cached_from']}" if run["cached_from"] else "computed"
+        body = (f"<h2>{_e(run_id)}/{_e(stage)} <span class='muted'>({_e(status)})</span></h2>"
+                "<h2>Inputs</h2>" + table(["name", "from", "content hash"], in_rows)
+                + "<h2>Outputs</h2>" + table(["name", "files at", "content hash", "same content as"], out_rows)
+                + "<h2>Lineage across runs</h2>" + render_svg(graph, {f"{run_id}/{stage}"})
+                + "<h2>Metrics</h2>" + table(["metric", "value"], metrics)
+                + "<h2>Config</h2>" + table(["key", "value"], config))
+        return page(f"{run_id}/{stage}", body)
+
+    def artifact(self, ref: str) -> tuple[str | None, str]:
+        """(redirect target, page) for an artifact reference."""
+        matches = self.catalog.resolve(ref)
+        if len(matches) == 1 and matches[0]["kind"] == "stage_output":
+            return f"/stage/{matches[0]['run_id']}/{matches[0]['stage']}", ""
+        if len(matches) == 1:  # an external input: every stage run that read it
+            focus = sorted(set(self.catalog.consumers(matches[0]["uri"])))
+            graph = lineage_graph(self.catalog, focus)
+            body = (f"<h2>External input {_e(matches[0]['uri'].removeprefix('file://'))}</h2>"
+                    f"<p>content hash <code>{_e(matches[0]['hash'])}</code>; read by {len(focus)} stage run(s)</p>"
+                    + render_svg(graph, {f"{r}/{s}" for r, s in focus}))
+            return None, page("artifact", body)
+        if not matches:
+            return None, page("artifact", f"<p class='err'>no artifact matches {_e(ref)!s} (try RUN/STAGE[/OUTPUT], "
+                                          "a path or a hash prefix)</p>")
+        rows = [[f"<a href='/artifact?{_q(ref=a['uri'].removeprefix('file://'))}'>{_e(label(a))}</a>"] for a in matches]
+        return None, page("artifact", f"<h2>{len(matches)} artifacts match {_e(ref)}</h2>" + table(["artifact"], rows))
+
+    def diff(self, run_a: str, run_b: str) -> str:
+        try:
+            rows = run_differences(self.catalog, run_a, run_b)
+        except KeyError as exc:
+            return page("diff", f"<p class='err'>{_e(exc.args[0])}</p>")
+
+        def cell(value: Any) -> str:
+            return f"<code>{_e(value)}</code>" if value is not None else ""
+
+        cells = [[_e(r["stage"]), _e(r["kind"]), _e(r["key"]),
+                  cell(r["a"]) if r["kind"] != "only_in" else ("yes" if r["a"] else "no"),
+                  cell(r["b"]) if r["kind"] != "only_in" else ("yes" if r["b"] else "no")] for r in rows]
+        changed = len({r["stage"] for r in rows if r["kind"] != "identical"})
+        body = (f"<h2>{_e(run_a)} vs {_e(run_b)}</h2><p>{changed} stage(s) differ</p>"
+                + table(["stage", "what", "key", run_a, run_b], cells))
+        return page(f"diff {run_a} {run_b}", body)
+
+    def trace(self, shards: str, shard: str, seq: str) -> str:
+        matches = self.catalog.resolve(shards) if shards else []
+        if len(matches) != 1:
+            return page("trace", f"<p class='err'>{_e(shards)!s} matches {len(matches)} artifacts; "
+                                 "give RUN/tokenize/shards</p>")
+        shards_dir = artifact_path(matches[0])
+        names = sorted(p.name[:-4] for p in shards_dir.glob("*.bin"))
+        if not shard or not seq:
+            rows = [[f"<a href='/trace?{_q(shards=shards, shard=n, seq=0)}'>{_e(n)}</a>"] for n in names]
+            return page("trace", f"<h2>Shards of {_e(shards)}</h2>" + table(["shard (click: sequence 0)"], rows))
+        try:
+            doc = trace_tokens(shards_dir, shard, int(seq))
+        except (OSError, ValueError, IndexError) as exc:
+            return page("trace", f"<p class='err'>{_e(exc)}</p>")
+        warc_file, _, offset = (doc["source"] or "").rpartition("@")
+        rows = [["shard", _e(shard)], ["sequence", _e(seq)], ["tokens", _e(doc["tokens"])],
+                ["doc_id", f"<code>{_e(doc['doc_id'])}</code>"], ["url", _e(doc["url"])],
+                ["source", _e(doc["source"])]]
+        if warc_file and offset.isdigit():
+            rows.append(["WARC record", f"byte {_e(offset)} of {_e(warc_file)}"])
+        producer = matches[0]
+        body = (f"<h2>Token sequence → document → WARC record</h2>" + table(["", ""], rows)
+                + f"<p>Shards built by <a href='/stage/{_e(producer['run_id'])}/{_e(producer['stage'])}'>"
+                f"{_e(producer['run_id'])}/{_e(producer['stage'])}</a></p>")
+        return page("trace", body)
+
+    def graph_json(self, query: dict[str, str]) -> dict:
+        if "run" in query:
+            focus = [(query["run"], s["stage"]) for s in self.catalog.stage_runs(query["run"])]
+        else:
+            run_id, _, stage = query.get("stage", "").partition("/")
+            focus = [(run_id, stage)]
+        return lineage_graph(self.catalog, focus)
+
+
+def _handler(explorer: Explorer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep `refinery serve`'s console for what matters
+            pass
+
+        def _send(self, status: int, body: str, content_type: str = "text/html; charset=utf-8") -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            url = urllib.parse.urlparse(self.path)
+            query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+            parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p]
+            try:
+                if not parts:
+                    self._send(200, explorer.index())
+                elif parts[0] == "run" and len(parts) == 2:
+                    self._send(200, explorer.run(parts[1]))
+                elif parts[0] == "stage" and len(parts) == 3:
+                    self._send(200, explorer.stage(parts[1], parts[2]))
+                elif parts == ["artifact"]:
+                    target, body = explorer.artifact(query.get("ref", ""))
+                    if target:
+                        self.send_response(302)
+                        self.send_header("Location", target)
+                        self.end_headers()
+                    else:
+                        self._send(200, body)
+                elif parts == ["diff"]:
+                    self._send(200, explorer.diff(query.get("a", ""), query.get("b", "")))
+                elif parts == ["trace"]:
+                    self._send(200, explorer.trace(query.get("shards", ""), query.get("shard", ""), query.get("seq", "")))
+                elif parts == ["api", "graph"]:
+                    self._send(200, json.dumps(explorer.graph_json(query)), "application/json")
+                else:
+                    self._send(404, page("not found", f"<p class='err'>no page {_e(url.path)}</p>"))
+            except Exception as exc:  # one broken page must not stop the explorer
+                self._send(500, page("error", f"<p class='err'>{_e(type(exc).__name__)}: {_e(exc)}</p>"))
+
+    return Handler
+
+
+def start_explorer(run_root: str | Path, host: str, port: int) -> ThreadingHTTPServer:
+    """Serve the explorer for ``run_root`` on a daemon thread; ``server.shutdown()`` stops it."""
+    server = ThreadingHTTPServer((host, port), _handler(Explorer(run_root)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="lineage-explorer", daemon=True).start()
+    return server

@@ -1,0 +1,141 @@
+"""What a Prefect UI user meets: deployment forms prefilled with the served config (an untouched form
+changes nothing, a partial edit merges), `serve -o`, a stage picker with descriptions, server-service
+errors on the console, and the lineage explorer (graph across runs, same-content relation, diff)."""
+
+import json
+
+import pytest
+
+from flows.pipeline import pipeline
+from flows.serve import build_deployments
+from flows.stages import STAGE_FLOWS, resolve_config
+from infra.config import DEFAULT_CONFIG, load_config
+from infra.prefect_server import service_errors
+
+
+def _submit_untouched(deployment) -> dict:
+    """What the UI sends for an untouched form: the deployment's parameters, as JSON, validated by the flow."""
+    flow = STAGE_FLOWS[deployment.name.removeprefix("refinery-")]
+    return flow.validate_parameters(json.loads(json.dumps(deployment.parameters)))
+
+
+@pytest.mark.parametrize("serve_overrides", [{}, {"run_root": "/tmp/elsewhere", "quality.threshold": 0.35}])
+def test_untouched_stage_forms_resolve_to_exactly_the_served_config(serve_overrides):
+    served = load_config(DEFAULT_CONFIG, serve_overrides)
+    deployments = build_deployments(str(DEFAULT_CONFIG), served, serve_overrides)
+    assert len(deployments) == 1 + len(STAGE_FLOWS)
+    for deployment in deployments[1:]:
+        name = deployment.name.removeprefix("refinery-")
+        params = _submit_untouched(deployment)
+        resolved = resolve_config(params["config_file"], params["overrides"], (name, params["params"]))
+        assert resolved.model_dump(mode="json") == served.model_dump(mode="json"), name
+    # the code defaults differ from the file for many stages: the form must not show them
+    quality = deployments[1 + list(STAGE_FLOWS).index("quality")].parameters["params"]
+    assert quality["threshold"] == (0.35 if serve_overrides else 0.2)
+    pipeline_params = deployments[0].parameters
+    assert pipeline_params["overrides"] == serve_overrides and pipeline_params["stages"] == served.pipeline_stages()
+
+
+def test_partial_params_edit_merges_into_the_file_section():
+    flow = STAGE_FLOWS["heuristics"]
+    params = flow.validate_parameters({"params": {"gopher_quality": {"min_doc_words": 100}}})
+    resolved = resolve_config(str(DEFAULT_CONFIG), {}, ("heuristics", params["params"]))
+    file_config = load_config(DEFAULT_CONFIG)
+    assert resolved.heuristics.gopher_quality.min_doc_words == 100
+    expected = file_config.model_dump(mode="json")
+    expected["heuristics"]["gopher_quality"]["min_doc_words"] = 100
+    assert resolved.model_dump(mode="json") == expected  # every other key keeps the file's value
+
+
+def test_pipeline_form_offers_a_stage_picker_and_describes_every_parameter():
+    schema = pipeline.parameters.model_dump()
+    props = schema["properties"]
+    assert props["stages"]["items"]["enum"] == list(STAGE_FLOWS)
+    for name, prop in props.items():
+        assert len(prop.get("description", "")) > 20, name
+    stage_props = STAGE_FLOWS["quality"].parameters.model_dump()["properties"]
+    for name in ("run_id", "from_run", "overrides", "force", "params"):
+        assert stage_props[name].get("description"), name
+    assert "anyOf" not in stage_props["run_id"]  # a plain text box, not a "type None" toggle
+
+
+def test_scheduler_failure_in_the_server_log_reaches_the_console():
+    log = """\
+21:40:01.120 | INFO    | prefect.server.services.scheduler - Scheduled 0 runs.
+21:40:02.500 | ERROR   | prefect.server.services.scheduler - Unexpected error in: Scheduler
+Traceback (most recent call last):
+  File "prefect/server/services/scheduler.py", line 180, in _insert_scheduled_flow_runs
+    await session.execute(stmt)
+sqlalchemy.exc.InvalidRequestError: Can't evaluate bulk DML statement; please supply a bulk_dml decorated function
+21:40:03.000 | INFO    | uvicorn.access - GET /api/health 200
+"""
+    assert list(service_errors(log.splitlines(keepends=True))) == [
+        "21:40:02.500 | ERROR   | prefect.server.services.scheduler - Unexpected error in: Scheduler",
+        "  sqlalchemy.exc.InvalidRequestError: Can't evaluate bulk DML statement; please supply a bulk_dml "
+        "decorated function",
+    ]
+
+
+@pytest.fixture
+def three_runs(fake_registry, tmp_path):
+    """r1 computes alpha and beta; r2 reuses alpha from the cache and computes beta with another
+    suffix; r3 recomputes alpha (same content, its own artifact)."""
+    from infra.executor import execute_stage
+
+    src = tmp_path / "input.txt"
+    src.write_text("one\ntwo\nthree\n")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(f"run_root: {tmp_path / 'runs'}\nalpha:\n  source: {src}\n")
+    config = load_config(cfg_file)
+    execute_stage("alpha", config, "r1")
+    execute_stage("beta", config, "r1")
+    assert execute_stage("alpha", config, "r2")["cached_from"] == "r1/alpha"
+    execute_stage("beta", load_config(cfg_file, ["beta.suffix=x!"]), "r2")
+    execute_stage("alpha", config, "r3", force=True)
+    return tmp_path / "runs", src
+
+
+def test_reused_and_recomputed_outputs_are_artifacts_of_their_own_with_a_same_content_relation(three_runs):
+    from infra.lineage import LineageCatalog, artifact_path, lineage_graph
+
+    root, src = three_runs
+    catalog = LineageCatalog(root)
+    [a1], [a2], [a3] = (catalog.resolve(f"{r}/alpha/data") for r in ("r1", "r2", "r3"))
+    assert len({a1["uri"], a2["uri"], a3["uri"]}) == 3 and a1["hash"] == a2["hash"] == a3["hash"]
+    assert artifact_path(a2) == artifact_path(a1)  # the reused stage's files live where they were computed
+    assert (artifact_path(a2) / "lines.txt").is_file()
+    # the earlier artifact does not borrow the later runs' upstream (no merge by hash)
+    assert {p["via_run"] for p in catalog.parents(a1["uri"])} == {"r1"}
+    assert {p["via_run"] for p in catalog.parents(a2["uri"])} == {"r2"}
+    assert {a["uri"] for a in catalog.same_content(a1["uri"])} == {a2["uri"], a3["uri"]}
+    # r2/beta read r2's (reused) alpha, not r1's
+    [beta2] = catalog.resolve("r2/beta/data")
+    assert [p["uri"] for p in catalog.parents(beta2["uri"])] == [a2["uri"]]
+
+    graph = lineage_graph(catalog, [("r2", "beta")])
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert set(nodes) == {"r2/beta", "r2/alpha", "r1/alpha", src.as_uri()}
+    edges = {(e["src"], e["dst"], e["kind"]) for e in graph["edges"]}
+    assert edges == {("r2/alpha", "r2/beta", "data"), ("r1/alpha", "r2/alpha", "reuse"),
+                     (src.as_uri(), "r1/alpha", "data"), (src.as_uri(), "r2/alpha", "data")}
+    down = lineage_graph(catalog, [("r1", "alpha")])
+    assert {"r1/beta", "r2/alpha", "r2/beta"} <= {n["id"] for n in down["nodes"]}
+
+
+def test_explorer_pages_show_the_cross_run_graph_diff_and_same_content(three_runs):
+    from flows.explorer import Explorer
+
+    root, _ = three_runs
+    explorer = Explorer(root)
+    index = explorer.index()
+    assert all(f"/run/{r}" in index for r in ("r1", "r2", "r3"))
+    run_page = explorer.run("r2")
+    assert run_page.count("class='node node-stage'") == 3 and "edge-reuse" in run_page
+    assert "reused from r1/alpha" in run_page
+    stage_page = explorer.stage("r3", "alpha")
+    assert "r1/alpha/data" in stage_page and "r2/alpha/data" in stage_page  # same content as
+    diff = explorer.diff("r1", "r2")
+    assert "suffix" in diff and "x!" in diff and "cache" in diff
+    target, _ = explorer.artifact("r2/beta/data")
+    assert target == "/stage/r2/beta"
+    assert "not in the lineage catalog" in explorer.diff("r1", "nope")
