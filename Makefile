@@ -29,6 +29,10 @@ install: $(VENV)/.installed
 	$(PY) -m infra.spark --build-class-archive
 
 install-dev: install
+	# headless-browser tests (lineage explorer, Prefect UI) drive Debian's chromium through chromium-driver
+	command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } || \
+	  echo "chromium-driver not installed: the browser tests will skip"
 
 demo: install
 	$(VENV)/bin/refinery demo --config configs/$(PROFILE).yaml
@@ -43,6 +47,5 @@ clean:
 	rm -rf runs .prefect spark-warehouse
 
 # Headless-browser check of the Prefect UI served by `refinery serve` (installs Debian chromium).
-ui-check: install
-	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+ui-check: install-dev
 	$(PY) bench/ui_check.py

@@ -105,7 +105,7 @@ def render_svg(graph: dict, focus: set[str]) -> str:
         for i, n in enumerate(rows[level]):
             pos[n] = (20 + i * (NODE_W + GAP_X), y)
         y += max(heights[n] for n in rows[level]) + GAP_Y
-    width = 40 + max(len(r) for r in rows.values()) * (NODE_W + GAP_X)
+    width = 40 + max(len(r) for r in rows.values()) * (NODE_W + GAP_X) + NODE_W
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{y}' font-size='12' "
              "font-family='monospace'><defs><marker id='arrow' viewBox='0 0 10 10' refX='9' refY='5' "
              "markerWidth='7' markerHeight='7' orient='auto'><path d='M0,0L10,5L0,10z' fill='#778'/></marker></defs>"]
@@ -114,9 +114,17 @@ def render_svg(graph: dict, focus: set[str]) -> str:
         x1, y1, x2 = x1 + NODE_W / 2, y1 + heights[e["src"]], x2 + NODE_W / 2
         reuse = e["kind"] == "reuse"
         stroke = "stroke='#d9822b' stroke-dasharray='6,4'" if reuse else "stroke='#778'"
-        parts.append(f"<path class='edge edge-{e['kind']}' d='M{x1},{y1} C{x1},{y1 + 40} {x2},{y2 - 40} {x2},{y2}' "
-                     f"fill='none' {stroke} stroke-width='1.4' marker-end='url(#arrow)'/>")
-        parts.append(f"<text x='{(x1 + x2) / 2 + 4}' y='{(y1 + y2) / 2}' fill='#556'>{_e(e['label'])}</text>")
+        if layer[e["dst"]] - layer[e["src"]] > 1:  # skips layers: route around the boxes in between, on the right
+            reach = (NODE_W / 2 + 16) / 0.75  # a cubic reaches 3/4 of the way to its control points
+            bend = max(x1, x2) + reach
+            d = f"M{x1},{y1} C{bend},{y1 + 30} {bend},{y2 - 30} {x2},{y2}"
+            label_x = max(x1, x2) + 0.75 * reach + 4
+        else:
+            d = f"M{x1},{y1} C{x1},{y1 + 40} {x2},{y2 - 40} {x2},{y2}"
+            label_x = (x1 + x2) / 2 + 4
+        parts.append(f"<path class='edge edge-{e['kind']}' d='{d}' fill='none' {stroke} stroke-width='1.4' "
+                     "marker-end='url(#arrow)'/>")
+        parts.append(f"<text x='{label_x}' y='{(y1 + y2) / 2}' fill='#556'>{_e(e['label'])}</text>")
     for n, node in nodes.items():
         x, y0 = pos[n]
         fill = "#fff4e0" if node["kind"] == "external" else ("#e6f0ff" if n in focus else "#fff")

@@ -3,6 +3,7 @@ changes nothing, a partial edit merges), `serve -o`, a stage picker with descrip
 errors on the console, and the lineage explorer (graph across runs, same-content relation, diff)."""
 
 import json
+import os
 
 import pytest
 
@@ -139,3 +140,57 @@ def test_explorer_pages_show_the_cross_run_graph_diff_and_same_content(three_run
     target, _ = explorer.artifact("r2/beta/data")
     assert target == "/stage/r2/beta"
     assert "not in the lineage catalog" in explorer.diff("r1", "nope")
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian Chromium driven by selenium (`make test` installs chromium and chromium-driver)."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("headless browser test needs Debian's chromium and chromium-driver (make test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    yield session
+    session.quit()
+
+
+def test_explorer_renders_the_cross_run_graph_in_chromium(three_runs, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from flows.explorer import start_explorer
+
+    root, _ = three_runs
+    server = start_explorer(root, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        browser.get(base)
+        browser.find_element(By.LINK_TEXT, "r2").click()  # a user picks a run
+        nodes = browser.find_elements(By.CSS_SELECTOR, "svg g.node")
+        ids = {n.get_attribute("data-id") for n in nodes}
+        assert {"r2/alpha", "r2/beta", "r1/alpha"} <= ids and any(i.startswith("file://") for i in ids)
+        assert browser.find_elements(By.CSS_SELECTOR, "path.edge-reuse")
+        box = browser.find_element(By.CSS_SELECTOR, "svg").size
+        assert box["width"] > 300 and box["height"] > 200  # laid out, not collapsed
+        browser.save_screenshot(os.environ.get("REFINERY_SCREENSHOT", str(tmp_path / "explorer_run.png")))
+        # click through to a stage and then diff two runs with the form
+        browser.find_element(By.CSS_SELECTOR, "g.node[data-id='r1/alpha']").find_element(By.XPATH, "..").click()
+        assert "same content as" in browser.page_source and "r3/alpha/data" in browser.page_source
+        browser.get(base)
+        form = browser.find_element(By.CSS_SELECTOR, "form[action='/diff']")
+        selects = form.find_elements(By.TAG_NAME, "select")
+        for select, run in zip(selects, ("r1", "r2")):
+            select.find_element(By.CSS_SELECTOR, f"option[value='{run}']").click()
+        form.find_element(By.TAG_NAME, "button").click()
+        assert "r1 vs r2" in browser.page_source and "suffix" in browser.page_source
+    finally:
+        server.shutdown()
