@@ -1,12 +1,17 @@
-"""Headless-browser check of the Prefect UI served by `refinery serve`.
+"""Headless-browser check of what a user does in the Prefect UI served by `refinery serve`.
 
-Starts `refinery serve` on a free port, waits until the deployments are registered, opens the UI's
-deployments page in headless Debian Chromium, saves a screenshot and counts how many Refinery
-deployments the rendered page shows. Needs `chromium` (`make ui-check` installs it with apt).
+Starts `refinery serve` (own PREFECT_HOME, run root in a temp dir, free ports) and drives Debian's
+Chromium with selenium:
+  1. the deployments page lists the pipeline and every stage deployment;
+  2. the `refinery-ingest` custom-run form is opened and submitted untouched; the run must complete
+     and resolve to exactly the served config (no lineage diff);
+  3. a pipeline run (ingest only) shows its summary artifact on the parent run, named after the run id;
+  4. the lineage explorer shows the run's graph.
+Screenshots go to --out-dir (default bench/out/ui). Needs chromium + chromium-driver (`make ui-check`).
 
-    python bench/ui_check.py [--out bench/out/ui_deployments.png]
+    python bench/ui_check.py [--out-dir bench/out/ui]
 
-Last line: `deployments_visible <n>`.
+Last line: `ui_checks_passed <n>/4`.
 """
 
 from __future__ import annotations
@@ -24,11 +29,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1440,1000", "--virtual-time-budget=20000",
-]
+sys.path.insert(0, str(REPO))
 
 
 def free_port() -> int:
@@ -37,73 +38,146 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def api_post(url: str, body: dict) -> list:
+def api_post(url: str, body: dict):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
+    with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
 
-def chromium(url: str, *args: str, user_dir: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not exe:
-        sys.exit("chromium not found: install it with `make ui-check` (apt-get install chromium)")
-    return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={user_dir}", *args, url],
-                          capture_output=True, text=True, timeout=180)
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        sys.exit("chromium / chromedriver not found: `make ui-check` installs Debian's chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1440,1100"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 2.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def flow_runs(api: str) -> list[dict]:
+    return api_post(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 50})
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "ui_deployments.png"))
+    parser.add_argument("--out-dir", default=str(REPO / "bench" / "out" / "ui"))
     args = parser.parse_args()
-    port = free_port()
-    home = tempfile.mkdtemp(prefix="refinery-ui-")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    port, explorer_port = free_port(), free_port()
+    work = Path(tempfile.mkdtemp(prefix="refinery-ui-"))
+    run_root = work / "runs"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = home
-    serve = subprocess.Popen([sys.executable, "-m", "infra.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    api = f"http://127.0.0.1:{port}/api"
+    env["PREFECT_HOME"] = str(work / "prefect")
+    overrides = [f"run_root={run_root}", "spark.master=local[2]"]
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "serve", "--port", str(port), "--explorer-port", str(explorer_port),
+         *(a for o in overrides for a in ("-o", o))],
+        cwd=REPO, env=env, stdout=open(work / "serve.log", "w"), stderr=subprocess.STDOUT)
+    ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
+    passed = 0
+    driver = None
     try:
-        deadline = time.time() + 400
-        names: list[str] = []
-        sys.path.insert(0, str(REPO))
+        from selenium.webdriver.common.by import By
+
+        from infra.config import DEFAULT_CONFIG, load_config
         from infra.registry import all_stages
 
-        expected = 1 + len(all_stages())  # the pipeline + one per stage
-        while time.time() < deadline:
+        expected = 1 + len(all_stages())
+
+        def deployments() -> list[dict]:
             try:
-                names = [d["name"] for d in api_post(f"{api}/deployments/filter", {})]
-                if len(names) >= expected:
-                    break
+                found = api_post(f"{api}/deployments/filter", {})
             except OSError:
-                pass
-            assert serve.poll() is None, "refinery serve exited"
-            time.sleep(2)
-        print(f"API lists {len(names)} deployments: {', '.join(sorted(names))}")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as user_dir:
-            chromium(f"http://127.0.0.1:{port}/deployments", f"--screenshot={out}", user_dir=user_dir)
-            dom = chromium(f"http://127.0.0.1:{port}/deployments", "--dump-dom", user_dir=user_dir).stdout
-            # the custom-run form of one stage deployment: generated from the stage's typed parameters
-            deployments = api_post(f"{api}/deployments/filter", {})
-            heuristics = next((d for d in deployments if d["name"] == "refinery-heuristics"), None)
-            if heuristics:
-                form = out.with_name(out.stem + "_heuristics_form.png")
-                chromium(f"http://127.0.0.1:{port}/deployments/deployment/{heuristics['id']}/run",
-                         f"--screenshot={form}", user_dir=user_dir)
-                print(f"run form screenshot: {form}")
-        visible = sorted({n for n in names if n in dom})
-        print(f"screenshot: {out} ({out.stat().st_size if out.exists() else 0} bytes)")
-        print(f"deployments named in the rendered page: {', '.join(visible) or 'none'}")
-        print(f"deployments_visible {len(visible)}")
-        return 0 if visible else 1
+                return []
+            return found if len(found) >= expected else []
+
+        deps = {d["name"]: d for d in wait_for(deployments, 400, "the served deployments")}
+        driver = browser()
+
+        # 1. deployments page
+        driver.get(f"{ui}/deployments")
+        wait_for(lambda: "Deployments" in driver.page_source and "refinery-" in driver.page_source, 60,
+                 "the deployments page")
+        time.sleep(2)
+        driver.save_screenshot(str(out / "1_deployments.png"))
+        counted = f"{expected} Deployments" in driver.page_source  # the list is paginated (10 a page)
+        print(f"1. deployments page: '{expected} Deployments' shown: {counted} -> {out / '1_deployments.png'}")
+        passed += counted
+
+        # 2. custom run of refinery-ingest, form untouched
+        before = {r["id"] for r in flow_runs(api)}
+        driver.get(f"{ui}/deployments/deployment/{deps['refinery-ingest']['id']}/run")
+        wait_for(lambda: driver.find_elements(By.XPATH, "//button[normalize-space()='Submit']"), 60, "the run form")
+        time.sleep(2)
+        driver.save_screenshot(str(out / "2_ingest_custom_run_form.png"))
+        driver.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+        new = wait_for(lambda: [r for r in flow_runs(api) if r["id"] not in before], 60, "the submitted run")[0]
+        done = wait_for(lambda: next((r for r in flow_runs(api) if r["id"] == new["id"]
+                                      and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")), None),
+                        600, "the submitted run to finish", every=5)
+        driver.get(f"{ui}/runs/flow-run/{done['id']}")
+        time.sleep(4)
+        driver.save_screenshot(str(out / "2_ingest_run.png"))
+        run_id = done["name"].split("/")[0]
+        manifest = json.loads((run_root / run_id / "ingest" / "manifest.json").read_text())
+        served = load_config(DEFAULT_CONFIG, [*overrides])
+        same = manifest["config"] == served.ingest.model_dump(mode="json")
+        print(f"2. untouched ingest form -> run {done['name']} {done['state_type']}; "
+              f"config {'equals' if same else 'DIFFERS FROM'} the served config")
+        passed += done["state_type"] == "COMPLETED" and same
+
+        # 3. a pipeline run: named after the run id, summary artifact on the parent
+        body = {"parameters": {"stages": ["ingest"], "run_id": "ui-check-run"}}
+        parent = api_post(f"{api}/deployments/{deps['refinery-pipeline']['id']}/create_flow_run", body)
+        finished = wait_for(lambda: next((r for r in flow_runs(api) if r["id"] == parent["id"]
+                                          and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")), None),
+                            600, "the pipeline run", every=5)
+        driver.get(f"{ui}/runs/flow-run/{parent['id']}?tab=Artifacts")
+        time.sleep(5)
+        driver.save_screenshot(str(out / "3_pipeline_run_artifacts.png"))
+        arts = api_post(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": ["refinery-run-summary"]}}})
+        ok = finished["state_type"] == "COMPLETED" and finished["name"] == "ui-check-run" and bool(arts)
+        if arts:
+            driver.get(f"{ui}/artifacts/artifact/{arts[0]['id']}")
+            time.sleep(4)
+            driver.save_screenshot(str(out / "3_run_summary_artifact.png"))
+        print(f"3. pipeline run {finished['name']} {finished['state_type']}; run summary artifact: {bool(arts)}")
+        passed += ok
+
+        # 4. the lineage explorer
+        driver.get(f"http://127.0.0.1:{explorer_port}/run/ui-check-run")
+        nodes = driver.find_elements(By.CSS_SELECTOR, "svg g.node")
+        driver.save_screenshot(str(out / "4_explorer_run.png"))
+        print(f"4. lineage explorer: {len(nodes)} nodes in the run's graph")
+        passed += len(nodes) >= 2
     finally:
+        if driver is not None:
+            driver.quit()
         serve.terminate()
         try:
             serve.wait(timeout=60)
         except subprocess.TimeoutExpired:
             serve.kill()
-        shutil.rmtree(home, ignore_errors=True)
+        print(f"serve log: {work / 'serve.log'}")
+    print(f"ui_checks_passed {passed}/4")
+    return 0 if passed == 4 else 1
 
 
 if __name__ == "__main__":
