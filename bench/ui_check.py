@@ -99,7 +99,7 @@ def main() -> int:
         from infra.config import DEFAULT_CONFIG, load_config
         from infra.registry import all_stages
 
-        expected = 1 + len(all_stages())
+        expected = 2 + len(all_stages())  # the pipeline, the sweep and one per stage
 
         def deployments() -> list[dict]:
             try:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
-TaskName = Literal["hellaswag", "gsm8k", "perplexity", "heldout", "reward_accuracy"]
+TaskName = Literal["hellaswag", "gsm8k", "perplexity", "web_perplexity", "heldout", "reward_accuracy"]
 FIXTURES = "tests/data/eval"
 
 # eval stage → the training stage whose hf/ checkpoint it evaluates
@@ -73,8 +73,19 @@ class EvalConfig(StageConfig):
     hellaswag: HellaSwagConfig = Field(default_factory=HellaSwagConfig, description="HellaSwag settings")
     gsm8k: GSM8KConfig = Field(default_factory=GSM8KConfig, description="GSM8K settings")
     perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig, description="WikiText perplexity settings")
+    web_perplexity: PerplexityConfig = Field(
+        default_factory=lambda: PerplexityConfig(path="", limit=None),
+        description="bits per byte on held-out web text (a .jsonl[.gz] with `text`, e.g. "
+                    "../shared/data/web_text_samples_dolma/cc_en_head-0091.jsonl.gz); needed when listed in tasks",
+    )
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig, description="held-out shard loss settings")
     reward_accuracy: RewardAccuracyConfig = Field(default_factory=RewardAccuracyConfig, description="reward-model accuracy settings")
+
+    @model_validator(mode="after")
+    def _web_text_is_set(self) -> "EvalConfig":
+        if "web_perplexity" in self.tasks and not self.web_perplexity.path:
+            raise ValueError("web_perplexity is in tasks but web_perplexity.path is not set")
+        return self
 
 
 def task_files(cfg: EvalConfig) -> dict[str, str]:
@@ -88,6 +99,8 @@ def task_files(cfg: EvalConfig) -> dict[str, str]:
             files["gsm8k_train"] = cfg.gsm8k.train_path
     if "perplexity" in cfg.tasks:
         files["perplexity"] = cfg.perplexity.path
+    if "web_perplexity" in cfg.tasks:
+        files["web_perplexity"] = cfg.web_perplexity.path
     if "reward_accuracy" in cfg.tasks:
         files["reward_pairs"] = cfg.reward_accuracy.path
     return files
@@ -131,6 +144,10 @@ def _run_task(task: str, cfg: EvalConfig, model, files, shards_dir, reward_dir):
     if task == "perplexity":
         p = cfg.perplexity
         return perplexity.evaluate(model, files["perplexity"], p.window, p.limit, cfg.seed, cfg.progress)
+    if task == "web_perplexity":
+        p = cfg.web_perplexity
+        return perplexity.evaluate(model, files["web_perplexity"], p.window, p.limit, cfg.seed, cfg.progress,
+                                   task="web_perplexity")
     if task == "heldout":
         if shards_dir is None:
             raise EvalDataError("no tokenize stage output (shards/) in this run")

@@ -12,10 +12,11 @@ from typing import Any
 
 from flows.pipeline import pipeline
 from flows.stages import STAGE_FLOWS
+from flows.sweep import sweep
 
 
 def build_deployments(config_file: str, config, overrides: dict[str, Any] | None = None) -> list:
-    """``pipeline`` (scheduled if ``prefect.schedule_cron`` is set) plus every stage flow."""
+    """``pipeline`` (scheduled if ``prefect.schedule_cron`` is set), ``sweep``, and every stage flow."""
     config_file = str(Path(config_file).resolve())
     shared = {"config_file": config_file, "overrides": dict(overrides or {})}
     deployments = [
@@ -26,6 +27,16 @@ def build_deployments(config_file: str, config, overrides: dict[str, Any] | None
             tags=["refinery"],
         )
     ]
+    deployments.append(
+        sweep.to_deployment(
+            name="refinery-sweep",
+            parameters={**shared, "axes": config.sweep.axes, "mode": config.sweep.mode, "seeds": config.sweep.seeds,
+                        "stages": config.sweep.stages, "parallel": config.sweep.parallel},
+            description="Data-ablation sweep: one run per arm (axis values × seeds), upstream stages reused from "
+                        "the cache, one report (HTML file + artifact).",
+            tags=["refinery", "sweep"],
+        )
+    )
     for name, stage_flow in STAGE_FLOWS.items():
         deployments.append(
             stage_flow.to_deployment(

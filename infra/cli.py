@@ -5,6 +5,7 @@
   refinery serve     start a local Prefect server (UI), serve every stage and the pipeline as deployments,
                      and the lineage explorer next to it
   refinery lineage   show where an artifact came from / what was built from it; diff two runs
+  refinery sweep     data-ablation sweep: one run per arm, upstream stages reused, one report
   refinery stages    list the stages with their inputs and config keys
   refinery train-quality   train the fastText quality classifier (the train_quality stage)
   refinery eval      compare evaluation results of two runs
@@ -158,6 +159,40 @@ def cmd_lineage_ui(args: argparse.Namespace) -> int:
             time.sleep(3600)
     finally:
         server.shutdown()
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from infra.prefect_server import configure_prefect_env
+
+    configure_prefect_env()
+    overrides = _overrides_dict(args.override)
+    config = load_config(args.config, overrides)
+    from flows.sweep import Axis, parse_axis, plan_sweep, sweep
+
+    spec = config.sweep
+    axes = [parse_axis(a) for a in args.axis] or [Axis(k, tuple(v)) for k, v in spec.axes.items()]
+    mode, seeds = args.mode or spec.mode, args.seeds or spec.seeds
+    stages = [s for s in (args.stages or "").split(",") if s] or spec.stages
+    parallel = args.parallel or spec.parallel
+    plan = plan_sweep(args.config, overrides, axes, mode, seeds, stages or None, args.name)  # fail fast
+    print(f"sweep {plan.sweep_id}: {len(plan.arms)} arm runs, stages {', '.join(plan.stages)}; "
+          f"first changed stage: {plan.first_varying_stage}", flush=True)
+    if args.dry_run:
+        for arm in plan.arms:
+            print(f"  {arm.run_id}  {arm.overrides}")
+        return 0
+    summary = sweep(axes={a.key: list(a.values) for a in axes}, mode=mode, seeds=seeds, stages=plan.stages,
+                    parallel=parallel, config_file=args.config, overrides=overrides, name=plan.sweep_id)
+    ex = summary["stage_executions"]
+    print(f"\nsweep {summary['sweep_id']}: stage executions {ex['computed']} computed, {ex['reused']} reused from "
+          f"the cache, {ex['skipped']} already done")
+    for arm in summary["arms"]:
+        print(f"  {arm['run_id']:<28} {arm['status']:<10} {arm['values']} seed={arm['seed']}"
+              + (f"  {arm['error']}" if arm["error"] else ""))
+    for line in summary["lines"]:
+        print("  " + line)
+    print(f"report: {summary['report']}")
+    return 0 if all(a["status"] == "completed" for a in summary["arms"]) else 1
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
@@ -331,6 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="write into this run id (default: a new one)")
     p.add_argument("--force", action="store_true", help="retrain even if inputs and config are unchanged")
     p.set_defaults(func=cmd_train_quality)
+
+    p = sub.add_parser(
+        "sweep", help="data-ablation sweep: one run per arm (axis values × seeds), compared in one report",
+        description="Change curation knobs, retrain a proxy model per arm under a fixed token budget with one "
+                    "tokenizer, evaluate, and compare. Each arm is an ordinary run; stages upstream of the changed "
+                    "keys are reused from the cache; rerunning the same command finishes only what is missing.",
+        epilog="example: refinery sweep -a heuristics.gopher_quality.min_doc_words=[50,100,200] --seeds 2 "
+               "--stages ingest,extract,langid,heuristics,train_quality,quality,dedup,tokenizer,tokenize,pretrain,eval_pretrain")
+    _add_config_args(p)
+    p.add_argument("-a", "--axis", action="append", default=[], metavar="KEY=[V1,V2]",
+                   help="a config key and its values (YAML list), repeatable (default: the config's sweep.axes)")
+    p.add_argument("--mode", choices=["grid", "zip"], help="grid: every combination (default); zip: i-th values together")
+    p.add_argument("--seeds", type=int, help="pretraining seeds per arm (default: sweep.seeds, 1)")
+    p.add_argument("--stages", help="comma-separated stages each arm runs (default: sweep.stages or the pipeline)")
+    p.add_argument("--parallel", type=int, help="arms running at the same time (default: sweep.parallel, 1)")
+    p.add_argument("--name", help="sweep id (default: derived from config, overrides, axis keys and stages)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the arms, run nothing")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("stages", help="list stages, their inputs, and (with -v) their config keys")
     p.add_argument("-v", "--verbose", action="store_true")

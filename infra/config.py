@@ -69,6 +69,16 @@ class OpenLineageConfig(Strict):
         return self
 
 
+class SweepConfig(Strict):
+    """A data-ablation sweep for `refinery sweep` (its -a/--mode/--seeds/--stages/--parallel win)."""
+
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="config key -> values, one arm per value")
+    mode: Literal["grid", "zip"] = Field("grid", description="grid = every combination; zip = i-th values together")
+    seeds: int = Field(1, ge=1, description="pretraining seeds per arm")
+    stages: list[str] = Field(default_factory=list, description="stages every arm runs (empty = pipeline.stages)")
+    parallel: int = Field(1, ge=1, description="arms running at the same time")
+
+
 class PipelineConfig(Strict):
     stages: list[str] = Field(default_factory=list)  # empty = every registered stage in order
 
@@ -90,6 +100,7 @@ class BaseRefineryConfig(Strict):
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     openlineage: OpenLineageConfig = Field(default_factory=OpenLineageConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     def stage_config(self, name: str):
         return getattr(self, name)

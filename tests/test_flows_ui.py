@@ -23,17 +23,18 @@ def _submit_untouched(deployment) -> dict:
 @pytest.mark.parametrize("serve_overrides", [{}, {"run_root": "/tmp/elsewhere", "quality.threshold": 0.35}])
 def test_untouched_stage_forms_resolve_to_exactly_the_served_config(serve_overrides):
     served = load_config(DEFAULT_CONFIG, serve_overrides)
-    deployments = build_deployments(str(DEFAULT_CONFIG), served, serve_overrides)
-    assert len(deployments) == 1 + len(STAGE_FLOWS)
-    for deployment in deployments[1:]:
-        name = deployment.name.removeprefix("refinery-")
+    deployments = {d.name: d for d in build_deployments(str(DEFAULT_CONFIG), served, serve_overrides)}
+    assert set(deployments) == {"refinery-pipeline", "refinery-sweep", *(f"refinery-{s}" for s in STAGE_FLOWS)}
+    for name in STAGE_FLOWS:
+        deployment = deployments[f"refinery-{name}"]
         params = _submit_untouched(deployment)
         resolved = resolve_config(params["config_file"], params["overrides"], (name, params["params"]))
         assert resolved.model_dump(mode="json") == served.model_dump(mode="json"), name
     # the code defaults differ from the file for many stages: the form must not show them
-    quality = deployments[1 + list(STAGE_FLOWS).index("quality")].parameters["params"]
+    quality = deployments["refinery-quality"].parameters["params"]
     assert quality["threshold"] == (0.35 if serve_overrides else 0.2)
-    pipeline_params = deployments[0].parameters
+    assert deployments["refinery-sweep"].parameters["overrides"] == serve_overrides
+    pipeline_params = deployments["refinery-pipeline"].parameters
     assert pipeline_params["overrides"] == serve_overrides and pipeline_params["stages"] == served.pipeline_stages()
 
 

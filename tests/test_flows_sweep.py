@@ -1,0 +1,136 @@
+"""Sweeps: arm expansion (grid / zip / seeds), bad axes failing before anything runs, cache reuse across
+arms, resume after a kill, one new arm for one added value, and the report."""
+
+import json
+import shutil
+
+import pytest
+
+from flows.sweep import Axis, expand_arms, parse_axis, plan_sweep, run_sweep
+from infra.config import DEFAULT_CONFIG, ConfigError, load_config
+from infra.executor import execute_stage
+
+
+def test_grid_zip_and_seeds_expand_as_documented():
+    a, b = Axis("x.a", (1, 2, 3)), Axis("x.b", ("p", "q", "r"))
+    grid = expand_arms([a, b], "grid")
+    assert len(grid) == 9 and grid[1].values == {"x.a": 1, "x.b": "q"}
+    zipped = expand_arms([a, b], "zip", seeds=2)
+    assert [(arm.values["x.a"], arm.values["x.b"], arm.seed) for arm in zipped] == [
+        (1, "p", 1), (1, "p", 2), (2, "q", 1), (2, "q", 2), (3, "r", 1), (3, "r", 2)]
+    assert zipped[1].overrides == {"x.a": 1, "x.b": "p", "pretrain.seed": 2}
+    with pytest.raises(ConfigError, match="equal length"):
+        expand_arms([a, Axis("x.c", (1,))], "zip")
+    assert parse_axis("dedup.threshold=[0.7, 0.8]") == Axis("dedup.threshold", (0.7, 0.8))
+    assert parse_axis("dedup.url=false") == Axis("dedup.url", (False,))
+
+
+@pytest.mark.parametrize("axis, message", [
+    ("heuristics.gopher_quality.min_words=[50,100]", "is not a config key"),
+    ("heuristics.gopher_quality.min_doc_words=[50,lots]", "min_doc_words: Input should be a valid integer"),
+    ("nonsense=[1]", "is not a config key"),
+])
+def test_a_bad_axis_fails_with_one_line_before_anything_runs(axis, message, tmp_path):
+    with pytest.raises(ConfigError, match=message) as info:
+        plan_sweep(str(DEFAULT_CONFIG), {"run_root": str(tmp_path)}, [parse_axis(axis)], stages=["ingest", "heuristics"])
+    assert "\n" not in str(info.value)
+    assert not any(tmp_path.iterdir())  # nothing ran
+    with pytest.raises(ConfigError, match="pretrain is not among the stages"):
+        plan_sweep(str(DEFAULT_CONFIG), {}, [parse_axis("dedup.threshold=[0.7]")], seeds=2, stages=["dedup"])
+
+
+@pytest.fixture
+def fake_sweep(fake_registry, tmp_path):
+    src = tmp_path / "input.txt"
+    src.write_text("one\ntwo\nthree\n")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(f"run_root: {tmp_path / 'runs'}\nalpha:\n  source: {src}\n")
+    calls: list[tuple[str, str, str]] = []
+
+    def run_pipeline(stages, run_id, config_file, overrides):
+        """The pipeline without Prefect: each stage through the executor, statuses as the flow reports them."""
+        config = load_config(config_file, overrides)
+        result = {"run_id": run_id, "stages": {}}
+        for stage in stages:
+            m = execute_stage(stage, config, run_id)
+            status = "skipped" if m.get("skipped") else "reused" if m.get("cached_from") else "completed"
+            calls.append((run_id, stage, status))
+            result["stages"][stage] = {"status": status, "dir": str(m["manifest_path"]).rsplit("/", 1)[0]}
+        return result
+
+    return cfg_file, tmp_path / "runs", run_pipeline, calls
+
+
+def test_arms_reuse_upstream_stages_resume_after_a_kill_and_grow_by_one_arm(fake_sweep):
+    cfg_file, root, run_pipeline, calls = fake_sweep
+    axes = [parse_axis("beta.suffix=[x, y, z]")]
+    plan = plan_sweep(str(cfg_file), {}, axes)
+    assert plan.first_varying_stage == "beta" and len({a.run_id for a in plan.arms}) == 3
+    summary = run_sweep(plan, run_pipeline, root, parallel=2, log=lambda _: None)
+    # alpha computed once (base run), reused by the 3 arms; beta computed per arm
+    assert summary["stage_executions"] == {"computed": 4, "reused": 3, "skipped": 0}
+    assert [c for c in calls if c[1] == "alpha" and c[2] == "completed"] == [(f"{plan.sweep_id}-base", "alpha", "completed")]
+    assert all(a["status"] == "completed" for a in summary["arms"])
+    assert (root / "sweeps" / plan.sweep_id / "report.html").is_file()
+    assert json.loads((root / "sweeps" / plan.sweep_id / "sweep.json").read_text())["arms"][0]["run_id"] == plan.arms[0].run_id
+
+    # a killed sweep: one arm's beta never finished -> the same command finishes only that
+    shutil.rmtree(root / plan.arms[1].run_id / "beta")
+    calls.clear()
+    again = run_sweep(plan_sweep(str(cfg_file), {}, axes), run_pipeline, root, log=lambda _: None)
+    assert [c for c in calls if c[2] == "completed"] == [(plan.arms[1].run_id, "beta", "completed")]
+    assert again["sweep_id"] == plan.sweep_id
+
+    # one more value: one new arm computes, the others are already done
+    calls.clear()
+    grown = plan_sweep(str(cfg_file), {}, [parse_axis("beta.suffix=[x, y, z, w]")])
+    assert grown.sweep_id == plan.sweep_id and [a.run_id for a in grown.arms[:3]] == [a.run_id for a in plan.arms]
+    run_sweep(grown, run_pipeline, root, log=lambda _: None)
+    assert [c for c in calls if c[2] == "completed"] == [(grown.arms[3].run_id, "beta", "completed")]
+
+
+def test_report_compares_arms_with_seed_spread(fake_sweep):
+    from flows.sweep import sweep_report
+    from infra.lineage import LineageCatalog
+
+    cfg_file, root, run_pipeline, _ = fake_sweep
+    summary = run_sweep(plan_sweep(str(cfg_file), {}, [parse_axis("alpha.min_len=[0, 4]")]), run_pipeline, root,
+                        log=lambda _: None)
+    report = sweep_report(summary, LineageCatalog(root))
+    kept = {r["arm"]: r["alpha/kept"] for r in report["rows"]}
+    assert kept == {"alpha.min_len=0": "3", "alpha.min_len=4": "1"}  # "one", "two", "three": only "three" >= 4
+    assert "alpha.min_len" in report["html"] and "what differs from the first arm" in report["html"]
+
+
+def test_a_failed_arm_is_recorded_and_the_others_finish(fake_sweep):
+    cfg_file, root, run_pipeline, _ = fake_sweep
+    plan = plan_sweep(str(cfg_file), {}, [parse_axis("alpha.fail=[false, true]")])
+    summary = run_sweep(plan, run_pipeline, root, log=lambda _: None)
+    assert [a["status"] for a in summary["arms"]] == ["completed", "failed"]
+    assert "injected failure" in summary["arms"][1]["error"]
+
+
+@pytest.mark.slow
+def test_refinery_sweep_runs_arms_through_prefect_and_reuses_the_cache(tmp_path):
+    """The CLI end to end on real Spark stages: ingest runs once (base), each arm reuses it and runs extract."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "infra.cli", "sweep", "-a", "extract.timeout_s=[5, 10]", "--stages", "ingest,extract",
+           "--parallel", "2", "-o", f"run_root={tmp_path / 'runs'}", "-o", "spark.master=local[1]", "--name", "sw"]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "sweeps" / "sw" / "sweep.json").read_text())
+    assert summary["stage_executions"] == {"computed": 3, "reused": 2, "skipped": 0}
+    assert "2 reused from the cache" in done.stdout
+    for arm in summary["arms"]:
+        manifest = json.loads((tmp_path / "runs" / arm["run_id"] / "extract" / "manifest.json").read_text())
+        assert manifest["config"]["timeout_s"] == arm["values"]["extract.timeout_s"]
+    # the same command again: everything already done
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "0 computed" in again.stdout, again.stdout[-2000:]
