@@ -7,7 +7,7 @@ CPUs (``sched_setaffinity``, inherited by the JVM and the Python workers):
 
 - bare loop: one process, for each record ``read_archive`` → ``extract_record`` → ``identify`` →
   ``language_decision`` → ``all_signals`` → ``first_failure``, kept rows written to Parquet;
-- Spark: the four stages through ``infra.executor.execute_stage`` with ``local[<cores>]`` (session
+- Spark: the four stages through ``flows.registry.execute_stage`` with ``local[<cores>]`` (session
   start-up timed separately and left out of docs/s).
 
 Last line: ``ratio_vs_bare_loop <Spark docs/s / bare docs/s>``.
@@ -112,8 +112,7 @@ def bare_loop(files: list[Path], out: Path) -> Counter:
 
 def spark_pipeline(files_dir: Path, run_root: Path, cores: int) -> tuple[dict, float, float]:
     """Run the four stages; returns (heuristics manifest, session start seconds, stage seconds)."""
-    from infra.config import load_config
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage, load_config
     from infra.spark import get_spark
 
     config = load_config(overrides={

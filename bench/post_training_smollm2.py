@@ -93,8 +93,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
 
-    from infra.config import load_config
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage, load_config
 
     t0, load0 = time.time(), os.getloadavg()[0]
     run_root = args.run_root or tempfile.mkdtemp(prefix="post-smollm2-")

@@ -87,7 +87,7 @@ def main() -> int:
     env["PREFECT_HOME"] = str(work / "prefect")
     overrides = [f"run_root={run_root}", "spark.master=local[2]"]
     serve = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "serve", "--port", str(port), "--explorer-port", str(explorer_port),
+        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--explorer-port", str(explorer_port),
          *(a for o in overrides for a in ("-o", o))],
         cwd=REPO, env=env, stdout=open(work / "serve.log", "w"), stderr=subprocess.STDOUT)
     ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
@@ -96,8 +96,8 @@ def main() -> int:
     try:
         from selenium.webdriver.common.by import By
 
-        from infra.config import DEFAULT_CONFIG, load_config
-        from infra.registry import all_stages
+        from flows.registry import all_stages, load_config
+        from infra.config import DEFAULT_CONFIG
 
         expected = 2 + len(all_stages())  # the pipeline, the sweep and one per stage
 

@@ -60,9 +60,9 @@ def eval_tables(run_root: str | Path, run_id: str) -> dict[str, list[dict]]:
 
 
 def _pipeline_order(tables: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    from infra.registry import all_stages
+    from evaluation.stages import EVALUATED
 
-    order = {name: i for i, name in enumerate(all_stages())}
+    order = {name: i for i, name in enumerate(EVALUATED)}
     return dict(sorted(tables.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 

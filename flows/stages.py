@@ -3,7 +3,7 @@
 Each stage flow has typed parameters (the UI form is generated from them): ``params`` is the
 stage's own pydantic config section, ``overrides`` takes dotted keys for any section,
 ``from_run`` points at an earlier run (``RUN`` or ``RUN/STAGE``) to rerun on its outputs.
-The stage itself runs in a child process (``python -m infra.executor``) whose output streams
+The stage itself runs in a child process (``python -m flows.stage_process``) whose output streams
 into the flow run's logs; the flow then publishes the manifest's metrics, tables and lineage as
 Prefect artifacts and asset materializations.
 """
@@ -23,10 +23,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import materialize
 from prefect.client.orchestration import get_client
 
-from infra.config import DEFAULT_CONFIG, BaseRefineryConfig, load_config
+from flows.registry import all_stages, load_config
+from infra.config import DEFAULT_CONFIG, BaseRefineryConfig
 from infra.executor import RESULT_MARKER
 from infra.lineage import flatten
-from infra.registry import all_stages
 from infra.runstore import new_run_id
 
 EXPLORER_URL_ENV = "REFINERY_EXPLORER_URL"  # set by `refinery serve`; summaries link to the lineage explorer
@@ -79,7 +79,7 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(config.model_dump(mode="json"), fh)
         config_json = fh.name
-    cmd = [sys.executable, "-m", "infra.executor", "--stage", stage, "--run-id", run_id, "--config-json", config_json]
+    cmd = [sys.executable, "-m", "flows.stage_process", "--stage", stage, "--run-id", run_id, "--config-json", config_json]
     if from_ref:
         cmd += ["--from", from_ref]
     if force:

@@ -37,7 +37,8 @@ from prefect.futures import as_completed
 
 from flows.pipeline import StageName, pipeline
 from flows.stages import label_flow_run
-from infra.config import DEFAULT_CONFIG, ConfigError, load_config, parse_override
+from flows.registry import load_config
+from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.lineage import LineageCatalog, flatten, run_differences
 from infra.runstore import write_json_atomic
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+if TYPE_CHECKING:
+    from infra.stage import Stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -80,18 +83,7 @@ class SweepConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    stages: list[str] = Field(default_factory=list)  # empty = every registered stage in order
-
-    @field_validator("stages")
-    @classmethod
-    def _known_stages(cls, value: list[str]) -> list[str]:
-        from infra.registry import all_stages
-
-        known = all_stages()
-        unknown = [s for s in value if s not in known]
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; known: {list(known)}")
-        return value
+    stages: list[str] = Field(default_factory=list)  # empty = every stage, in the order of their inputs
 
 
 class BaseRefineryConfig(Strict):
@@ -102,25 +94,33 @@ class BaseRefineryConfig(Strict):
     openlineage: OpenLineageConfig = Field(default_factory=OpenLineageConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
+    stage_order: ClassVar[tuple[str, ...]] = ()  # set on the model config_model() builds
+
     def stage_config(self, name: str):
         return getattr(self, name)
 
     def pipeline_stages(self) -> list[str]:
-        from infra.registry import all_stages
+        return self.pipeline.stages or list(self.stage_order)
 
-        return self.pipeline.stages or list(all_stages())
+    @model_validator(mode="after")
+    def _known_pipeline_stages(self) -> "BaseRefineryConfig":
+        unknown = [s for s in self.pipeline.stages if s not in self.stage_order]
+        if unknown:
+            raise ValueError(f"pipeline.stages: unknown stage(s) {unknown}; known: {list(self.stage_order)}")
+        return self
 
 
-@lru_cache(maxsize=1)
-def config_model() -> type[BaseRefineryConfig]:
-    """The root model: the fixed sections plus one section per registered stage."""
-    from infra.registry import all_stages
+@lru_cache(maxsize=8)
+def _config_model(stages: tuple["Stage", ...]) -> type[BaseRefineryConfig]:
+    fields = {stage.name: (stage.config_model, Field(default_factory=stage.config_model)) for stage in stages}
+    model = create_model("RefineryConfig", __base__=BaseRefineryConfig, **fields)
+    model.stage_order = tuple(stage.name for stage in stages)
+    return model
 
-    fields = {
-        name: (stage.config_model, Field(default_factory=stage.config_model))
-        for name, stage in all_stages().items()
-    }
-    return create_model("RefineryConfig", __base__=BaseRefineryConfig, **fields)
+
+def config_model(stages: Mapping[str, "Stage"]) -> type[BaseRefineryConfig]:
+    """The root model: the fixed sections plus one section per stage (in pipeline order)."""
+    return _config_model(tuple(stages.values()))
 
 
 def _format_error(err: ValidationError) -> str:
@@ -173,10 +173,10 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) ->
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+    path: str | Path | None, overrides: list[str] | dict[str, Any] | None, stages: Mapping[str, "Stage"]
 ) -> BaseRefineryConfig:
     """Load and validate a config file (default ``configs/demo.yaml``) with overrides applied."""
-    return validate_config(apply_overrides(read_config_file(Path(path) if path else DEFAULT_CONFIG), overrides))
+    return validate_config(apply_overrides(read_config_file(Path(path) if path else DEFAULT_CONFIG), overrides), stages)
 
 
 def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -208,8 +208,8 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def validate_config(data: dict) -> BaseRefineryConfig:
+def validate_config(data: dict, stages: Mapping[str, "Stage"]) -> BaseRefineryConfig:
     try:
-        return config_model().model_validate(data)
+        return config_model(stages).model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None

@@ -1,27 +1,24 @@
 """Run one stage: resolve inputs, compute the content-hash cache key, skip or reuse a cached result,
 otherwise run into a temp dir, write the manifest, rename into place and record lineage.
 
-``python -m infra.executor --stage S --run-id R --config-json F`` is the process entry the Prefect
-task launches (its stdout/stderr stream into the Prefect run logs).
+The process entry the Prefect task launches is ``python -m flows.stage_process`` (the application
+layer knows the stage list); this module only knows the :class:`~infra.stage.Stage` it is given.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
 import logging
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 
-from infra.config import BaseRefineryConfig, ConfigError, validate_config
+from infra.config import BaseRefineryConfig
 from infra.lineage import LineageCatalog
 from infra.openlineage_events import StageRunEvents
-from infra.registry import get_stage
 from infra.runstore import (
     MANIFEST,
     RunStoreError,
@@ -138,8 +135,8 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def execute_stage(
-    name: str,
+def execute(
+    stage: Stage,
     config: BaseRefineryConfig,
     run_id: str,
     from_ref: str | None = None,
@@ -147,7 +144,7 @@ def execute_stage(
     log: logging.Logger | None = None,
 ) -> dict:
     """Run (or skip, or reuse) one stage and return its manifest."""
-    stage = get_stage(name)
+    name = stage.name
     cfg = config.stage_config(name)
     run_root = Path(config.run_root).resolve()
     log = log or logging.getLogger(f"refinery.{name}")
@@ -184,7 +181,7 @@ def execute_stage(
     tmp = make_temp_dir(run_root, run_id, name)
     started, t0 = _now(), time.time()
     ctx = StageContext(
-        run_id=run_id, stage=name, config=cfg, root_config=config, inputs=inputs,
+        run_id=run_id, stage=name, config=cfg, spark_config=config.spark, inputs=inputs,
         external_inputs=external, out_dir=tmp, run_root=run_root, log=log,
     )
     log.info("stage %s: running into %s", name, tmp)
@@ -253,29 +250,3 @@ def _reuse_cached(
     catalog.record_stage_run(manifest)
     log.info("stage %s: same inputs and config as %s, reused its outputs", name, source)
     return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run one Refinery stage (launched by the Prefect stage task).")
-    parser.add_argument("--stage", required=True)
-    parser.add_argument("--run-id", required=True)
-    parser.add_argument("--config-json", required=True, help="resolved config as a JSON file")
-    parser.add_argument("--from", dest="from_ref")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    try:
-        config = validate_config(json.loads(Path(args.config_json).read_text()))
-        manifest = execute_stage(args.stage, config, args.run_id, args.from_ref, args.force)
-    except (ConfigError, StageInputError, RunStoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    result = {"manifest": manifest["manifest_path"], "skipped": bool(manifest.get("skipped"))}
-    print(RESULT_MARKER + json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
+from infra.config import SparkConfig
+
 
 class StageConfig(BaseModel):
     """Base for every stage's config section: unknown keys are errors."""
@@ -69,7 +71,7 @@ class StageContext:
     run_id: str
     stage: str
     config: StageConfig
-    root_config: Any  # infra.config.RefineryConfig
+    spark_config: SparkConfig  # the run's ``spark`` section, for :meth:`spark`
     inputs: dict[str, StageInput]
     external_inputs: dict[str, Path]
     out_dir: Path
@@ -87,11 +89,11 @@ class StageContext:
         return self.out_dir / name
 
     def spark(self):
-        """The shared SparkSession for this stage process, built from the root config's ``spark`` section."""
+        """The shared SparkSession for this stage process, built from the run's ``spark`` section."""
         if self._spark is None:
-            from infra.spark import get_spark
+            from infra.spark import get_spark  # pyspark: imported by the stages that use Spark only
 
-            self._spark = get_spark(self.root_config.spark, app_name=f"refinery-{self.stage}-{self.run_id}")
+            self._spark = get_spark(self.spark_config, app_name=f"refinery-{self.stage}-{self.run_id}")
         return self._spark
 
 

@@ -36,7 +36,8 @@ def spark():
 @pytest.fixture
 def make_config(tmp_path):
     """Build a validated config with ``run_root`` in a temp dir; pass overrides as dotted keys."""
-    from infra.config import DEFAULT_CONFIG, load_config
+    from flows.registry import load_config
+    from infra.config import DEFAULT_CONFIG
 
     def build(overrides: dict | None = None, path: Path | None = None):
         data = {"run_root": str(tmp_path / "runs"), "spark.master": "local[2]", **(overrides or {})}
@@ -47,12 +48,12 @@ def make_config(tmp_path):
 
 @pytest.fixture
 def fake_registry(monkeypatch):
-    """Swap the stage registry for the two Spark-free stages in tests/fake_stages.py."""
-    from infra import config, registry
+    """Swap the stage list for the two Spark-free stages in tests/fake_stages.py."""
+    import fake_stages
 
-    monkeypatch.setattr(registry, "STAGE_MODULES", ("fake_stages",))
+    from flows import registry
+
+    monkeypatch.setattr(registry, "STAGE_MODULES", (fake_stages,))
     registry.all_stages.cache_clear()
-    config.config_model.cache_clear()
     yield
     registry.all_stages.cache_clear()
-    config.config_model.cache_clear()

@@ -91,7 +91,7 @@ def test_pure_helpers():
 def test_stage_all_levels_then_rerun_alone_with_other_threshold(spark, corpus, make_config, tmp_path):
     """The dedup stage on real text with every level on; then dedup alone in a new run, its input
     taken from the first run (``--from``), with a threshold no edited near-duplicate reaches."""
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage
 
     data = tmp_path / "quality_data"
     spark.createDataFrame(corpus, SCHEMA).coalesce(1).write.parquet(str(data))

@@ -7,7 +7,7 @@ import pytest
 
 from curation.filters import FILTERS, all_signals, first_failure
 from curation.heuristics import HeuristicsConfig, rules_for
-from infra.executor import execute_stage
+from flows.registry import execute_stage
 
 INPUTS = ["tests/data/warc", "tests/data/curation/whirlwind.warc.wet.gz"]
 STAGES = ("ingest", "extract", "langid", "heuristics")

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.ingest import find_archives, make_doc_id, read_archive
-from infra.executor import StageInputError, execute_stage
+from flows.registry import execute_stage
+from infra.executor import StageInputError
 
 WARC_DIR = "tests/data/warc"
 

@@ -80,7 +80,7 @@ def seed_stage(run_root, run_id, stage, outputs: dict):
 
 
 def test_train_and_score_stages(spark, shared_data, make_config, tmp_path):
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage
 
     base = shared_data / "web_text_samples_dolma"
     docs = [json.loads(line) for name in ("cc_en_head-0091.jsonl.gz", "cc_en_head-0174.jsonl.gz", "provided_documents_000.json.gz")

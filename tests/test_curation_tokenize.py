@@ -58,8 +58,8 @@ def fake_completed_stage(run_root: Path, run_id: str, stage: str, rows: list[dic
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, shared_data, spark):
     """Run store with a fake dedup output, an external jsonl source with a lone surrogate, a trained tokenizer."""
-    from infra.config import load_config
-    from infra.executor import execute_stage
+    from flows.registry import load_config
+    from flows.registry import execute_stage
 
     root = tmp_path_factory.mktemp("tokenize")
     rows = web_rows(shared_data)
@@ -176,7 +176,7 @@ def test_gpt_dataset_from_blend_draws_samples_equal_to_the_documents_tokens(setu
 
 
 def test_stage_via_executor_matches_core_byte_for_byte_and_traces_to_records(setup, core_run):
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage
 
     out, stats, _ = core_run
     manifest = execute_stage("tokenize", setup.config, "r1", from_ref="up/dedup")

@@ -365,11 +365,9 @@ def _fake_shards(tokenizer_dir: Path, dest: Path) -> Path:
 
 
 def test_eval_stages_via_executor_and_compare(tiny_dirs, make_config, tmp_path, capsys):
-    import argparse
-
-    from evaluation import cli
     from evaluation.report import compare_runs
-    from infra.executor import execute_stage
+    from flows.cli import main
+    from flows.registry import execute_stage
 
     small = {"hellaswag.limit": 4, "gsm8k.limit": 2, "gsm8k.max_new_tokens": 8, "perplexity.limit": 1,
              "perplexity.window": 64, "heldout.window": 64, "batch_size": 4, "progress": False}
@@ -406,16 +404,13 @@ def test_eval_stages_via_executor_and_compare(tiny_dirs, make_config, tmp_path, 
     assert rows and all(r["delta"] == pytest.approx(0.0) for r in rows)
     assert {r["stage"] for r in rows} == {"eval_pretrain"} and "Eval stages in only one run: eval_dpo" in md
 
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
-    args = parser.parse_args(["eval", "compare", "run-a", "run-b", "--run-root", str(run_root)])
-    assert args.func(args) == 0
+    assert main(["eval", "compare", "run-a", "run-b", "--run-root", str(run_root)]) == 0
     assert "| eval_pretrain | hellaswag | acc |" in capsys.readouterr().out
 
 
 def test_eval_stage_rejects_a_checkpoint_without_tokenizer(tiny_dirs, make_config):
     from evaluation.model import EvalModelError
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage
 
     config = make_config({"eval_sft.tasks": ["hellaswag"], "eval_sft.hellaswag.limit": 2, "eval_sft.progress": False})
     _fake_stage(Path(config.run_root), "run-x", "sft", {"hf": tiny_dirs["no_tokenizer"]})

@@ -87,7 +87,7 @@ def served(tmp_path, env_extra: dict | None = None):
     env.pop("PREFECT_API_URL", None)
     serve_log = tmp_path / "serve.log"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "serve", "--port", str(port), "--explorer-port", str(explorer_port),
+        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--explorer-port", str(explorer_port),
          "-o", f"run_root={tmp_path / 'runs'}", "-o", "spark.master=local[2]"],
         cwd=REPO, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT,
     )
@@ -131,7 +131,8 @@ def test_served_deployments_run_pipeline_and_single_stage_rerun(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from infra.config import DEFAULT_CONFIG, load_config
+    from flows.registry import load_config
+    from infra.config import DEFAULT_CONFIG
 
     with served(tmp_path) as (_, explorer, serve_log):
         _wait_for_deployment("pipeline/refinery-pipeline", serve_log)

@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 from flows.sweep import Axis, expand_arms, parse_axis, plan_sweep, run_sweep
-from infra.config import DEFAULT_CONFIG, ConfigError, load_config
-from infra.executor import execute_stage
+from flows.registry import load_config
+from infra.config import DEFAULT_CONFIG, ConfigError
+from flows.registry import execute_stage
 
 
 def test_grid_zip_and_seeds_expand_as_documented():
@@ -121,7 +122,7 @@ def test_refinery_sweep_runs_arms_through_prefect_and_reuses_the_cache(tmp_path)
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "infra.cli", "sweep", "-a", "extract.timeout_s=[5, 10]", "--stages", "ingest,extract",
+    cmd = [sys.executable, "-m", "flows.cli", "sweep", "-a", "extract.timeout_s=[5, 10]", "--stages", "ingest,extract",
            "--parallel", "2", "-o", f"run_root={tmp_path / 'runs'}", "-o", "spark.master=local[1]", "--name", "sw"]
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -10,7 +10,8 @@ import pytest
 from flows.pipeline import pipeline
 from flows.serve import build_deployments
 from flows.stages import STAGE_FLOWS, resolve_config
-from infra.config import DEFAULT_CONFIG, load_config
+from flows.registry import load_config
+from infra.config import DEFAULT_CONFIG
 from infra.prefect_server import service_errors
 
 
@@ -82,7 +83,7 @@ sqlalchemy.exc.InvalidRequestError: Can't evaluate bulk DML statement; please su
 def three_runs(fake_registry, tmp_path):
     """r1 computes alpha and beta; r2 reuses alpha from the cache and computes beta with another
     suffix; r3 recomputes alpha (same content, its own artifact)."""
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage
 
     src = tmp_path / "input.txt"
     src.write_text("one\ntwo\nthree\n")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from infra import config as config_mod
-from infra.cli import build_parser, main
-from infra.executor import execute_stage
+from flows import registry
+from flows.cli import build_parser, main
+from flows.registry import execute_stage
 
 
 def test_help_explains_every_command(capsys):
@@ -38,10 +38,10 @@ def fake_runs(fake_registry, tmp_path):
     src.write_text("one\ntwo\n")
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(f"run_root: {tmp_path / 'runs'}\nalpha:\n  source: {src}\n")
-    config = config_mod.load_config(cfg_file)
+    config = registry.load_config(cfg_file)
     execute_stage("alpha", config, "r1")
     execute_stage("beta", config, "r1")
-    execute_stage("beta", config_mod.load_config(cfg_file, ["beta.suffix=x"]), "r2", from_ref="r1")
+    execute_stage("beta", registry.load_config(cfg_file, ["beta.suffix=x"]), "r2", from_ref="r1")
     yield cfg_file
 
 

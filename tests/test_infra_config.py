@@ -2,11 +2,12 @@
 
 import pytest
 
-from infra.config import ConfigError, apply_overrides, load_config, parse_override
+from flows.registry import load_config
+from infra.config import ConfigError, apply_overrides, parse_override
 
 
 def test_demo_config_validates_and_has_every_stage_section():
-    from infra.registry import all_stages
+    from flows.registry import all_stages
 
     config = load_config()
     for name in all_stages():

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from infra import config as config_mod
-from infra.executor import StageInputError, execute_stage
+from flows import registry
+from flows.registry import execute_stage
+from infra.executor import StageInputError
 from infra.lineage import LineageCatalog, diff_runs
 from infra.runstore import RunStoreError, read_manifest
 
@@ -20,7 +21,7 @@ def fake(fake_registry, tmp_path):
         for key, value in overrides.items():
             section, field = key.split("__")
             data.setdefault(section, {})[field] = value
-        return config_mod.validate_config(data)
+        return registry.validate_config(data)
 
     yield build, src, tmp_path / "runs"
 

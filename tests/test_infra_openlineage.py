@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infra import config as config_mod
-from infra.executor import execute_stage
+from flows import registry
+from infra.config import ConfigError
+from flows.registry import execute_stage
 from infra.openlineage_events import dataset_facets, output_facets
 
 FACET = {"type": "object", "required": ["_producer", "_schemaURL"],
@@ -54,12 +55,12 @@ def runs(fake_registry, tmp_path):
 
 def test_every_stage_run_emits_valid_start_and_complete_or_fail(runs):
     cfg_file, root = runs
-    config = config_mod.load_config(cfg_file)
+    config = registry.load_config(cfg_file)
     first = execute_stage("alpha", config, "r1")
     execute_stage("beta", config, "r1")
     reused = execute_stage("alpha", config, "r2")
     with pytest.raises(RuntimeError, match="injected failure"):
-        execute_stage("alpha", config_mod.load_config(cfg_file, ["alpha.fail=true"]), "r3")
+        execute_stage("alpha", registry.load_config(cfg_file, ["alpha.fail=true"]), "r3")
     events = _events(root)
     checker = jsonschema.Draft202012Validator(RUN_EVENT, format_checker=jsonschema.FormatChecker())
     for event in events:
@@ -100,5 +101,5 @@ def test_parquet_datasets_carry_schema_and_row_count(tmp_path):
 
 
 def test_http_transport_without_url_is_a_config_error(tmp_path):
-    with pytest.raises(config_mod.ConfigError, match="openlineage.*transport http needs url"):
-        config_mod.load_config(None, {"openlineage.transport": "http"})
+    with pytest.raises(ConfigError, match="openlineage.*transport http needs url"):
+        registry.load_config(None, {"openlineage.transport": "http"})

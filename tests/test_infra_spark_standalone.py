@@ -5,7 +5,7 @@ import socket
 import pyarrow.parquet as pq
 import pytest
 
-from infra.executor import execute_stage
+from flows.registry import execute_stage
 from infra.spark_standalone import standalone_cluster
 
 

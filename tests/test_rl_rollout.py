@@ -122,7 +122,7 @@ def test_hf_engine_same_contract(tiny_dir):
 
 
 def _run_stage(make_config, name, overrides):
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage
 
     config = make_config({f"{name}.{k}": v for k, v in overrides.items()})
     return execute_stage(name, config, "t1")

@@ -279,7 +279,7 @@ def _overrides(stage: str, **extra) -> dict:
 
 
 def test_upstream_model_without_pretrain_is_a_clear_error(make_config):
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage
     from training.learner import LearnerError
 
     config = make_config(_overrides("sft"))
@@ -290,7 +290,7 @@ def test_upstream_model_without_pretrain_is_a_clear_error(make_config):
 def test_sft_reward_dpo_chain(make_config, tiny_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from infra.executor import execute_stage
+    from flows.registry import execute_stage
 
     config = make_config({**_overrides("sft", model=str(tiny_dir)), **_overrides("reward", train_layers=1), **_overrides("dpo", loss="kto")})
     sft = execute_stage("sft", config, run_id="r1")

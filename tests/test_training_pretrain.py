@@ -102,6 +102,7 @@ def assert_close(a: dict[int, float], b: dict[int, float], rel: float = 1e-4):
 
 def run_stage(root: Path, cfg, shards: Path, tokenizer: Path):
     """The pretrain stage itself on ``shards``/``tokenizer``, into ``root/out``; returns (out dir, result)."""
+    from infra.config import SparkConfig
     from infra.stage import StageContext, StageInput
     from training.pretrain_stage import run
 
@@ -112,7 +113,7 @@ def run_stage(root: Path, cfg, shards: Path, tokenizer: Path):
         return StageInput(stage=stage, run_id="t", dir=path.parent, manifest={"outputs": {name: {"path": str(path)}}})
 
     ctx = StageContext(
-        run_id="t", stage="pretrain", config=cfg, root_config=None, external_inputs={}, out_dir=out, run_root=root,
+        run_id="t", stage="pretrain", config=cfg, spark_config=SparkConfig(), external_inputs={}, out_dir=out, run_root=root,
         log=LOG, inputs={"tokenize": upstream("tokenize", "shards", shards),
                          "tokenizer": upstream("tokenizer", "tokenizer", tokenizer)},
     )

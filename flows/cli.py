@@ -14,14 +14,25 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
-from infra.config import DEFAULT_CONFIG, ConfigError, load_config, parse_override
+from curation.megatron_shards import trace_tokens
+from evaluation.report import compare_runs
+from flows.explorer import start_explorer
+from flows.registry import all_stages, load_config
+from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
+from infra.executor import StageInputError, parse_from
+from infra.lineage import LineageCatalog, artifact_path, diff_runs, label
+from infra.prefect_server import configure_prefect_env, prefect_server
+from infra.runstore import RunStoreError
 
-# Modules that add their own subcommands with ``register(subparsers)``.
-CLI_EXTENSIONS: tuple[str, ...] = ("evaluation.cli",)
+# Modules that import Prefect (flows.pipeline, .stages, .serve, .sweep) are imported inside the commands,
+# after configure_prefect_env() has set Prefect's environment defaults (PREFECT_HOME, analytics off).
 
 
 def _overrides_dict(items: list[str]) -> dict:
@@ -37,19 +48,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from infra.prefect_server import configure_prefect_env
-
     configure_prefect_env()
     overrides = _overrides_dict(args.override)
     config = load_config(args.config, overrides)  # fail fast with one clear line
     stages = [s for s in (args.stages or "").split(",") if s] or None
     if stages:
-        unknown = [s for s in stages if s not in config.pipeline_stages() and s not in _stage_names()]
+        unknown = [s for s in stages if s not in all_stages()]
         if unknown:
-            raise ConfigError(f"unknown stage(s) {unknown}; known: {_stage_names()}")
+            raise ConfigError(f"unknown stage(s) {unknown}; known: {list(all_stages())}")
     if args.from_ref:
-        from infra.executor import parse_from
-
         run, _ = parse_from(args.from_ref)
         if not (Path(config.run_root) / run).is_dir():
             print(f"error: --from {args.from_ref!r}: run {run!r} does not exist under {config.run_root}", file=sys.stderr)
@@ -67,11 +74,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import os
-
-    from infra.lineage import LineageCatalog
-    from infra.prefect_server import configure_prefect_env
-
     configure_prefect_env()
     overrides = _overrides_dict(args.override)
     config = load_config(args.config, overrides)
@@ -107,11 +109,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-    import signal
-
-    from infra.prefect_server import configure_prefect_env, prefect_server
-
     configure_prefect_env()
     overrides = _overrides_dict(args.override)
     config = load_config(args.config, overrides)
@@ -122,7 +119,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with prefect_server(host, port, on_error=lambda line: print(line, file=sys.stderr, flush=True)) as api_url:
         from prefect import serve
 
-        from flows.explorer import start_explorer
         from flows.serve import build_deployments
         from flows.stages import EXPLORER_URL_ENV
 
@@ -146,10 +142,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage_ui(args: argparse.Namespace) -> int:
-    import time
-
-    from flows.explorer import start_explorer
-
     config = load_config(args.config, _overrides_dict(args.override))
     server = start_explorer(Path(config.run_root).resolve(), args.host or config.prefect.host, args.port)
     print(f"Lineage explorer: http://{server.server_address[0]}:{server.server_address[1]}  "
@@ -162,8 +154,6 @@ def cmd_lineage_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from infra.prefect_server import configure_prefect_env
-
     configure_prefect_env()
     overrides = _overrides_dict(args.override)
     config = load_config(args.config, overrides)
@@ -196,8 +186,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from infra.registry import all_stages
-
     for name, stage in all_stages().items():
         inputs = ", ".join([*stage.inputs, *(f"{s}?" for s in stage.optional_inputs)]) or "external files"
         print(f"{name:<16} {stage.description}\n{'':<16} inputs: {inputs}")
@@ -209,10 +197,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage_show(args: argparse.Namespace) -> int:
-    from infra.config import load_config as _load
-    from infra.lineage import LineageCatalog, label
-
-    catalog = LineageCatalog(Path(_load(args.config, _overrides_dict(args.override)).run_root).resolve())
+    catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
     ref = args.ref
     if "/" not in ref and ref in catalog.runs():
         for r in catalog.stage_runs(ref):
@@ -242,9 +227,6 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
 
 def cmd_lineage_trace(args: argparse.Namespace) -> int:
     """A token sequence of a shard → its document → the WARC record it was extracted from."""
-    from curation.megatron_shards import trace_tokens
-    from infra.lineage import LineageCatalog, artifact_path, label
-
     catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
     matches = catalog.resolve(args.shards)
     if len(matches) != 1:
@@ -269,8 +251,6 @@ def cmd_train_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage_diff(args: argparse.Namespace) -> int:
-    from infra.lineage import LineageCatalog, diff_runs
-
     catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
     try:
         lines = diff_runs(catalog, args.run_a, args.run_b)
@@ -282,8 +262,6 @@ def cmd_lineage_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage_runs(args: argparse.Namespace) -> int:
-    from infra.lineage import LineageCatalog
-
     catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
     for run in catalog.runs():
         stages = catalog.stage_runs(run)
@@ -291,10 +269,16 @@ def cmd_lineage_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_names() -> list[str]:
-    from infra.registry import all_stages
-
-    return list(all_stages())
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    """``refinery eval compare RUN_A RUN_B``: the eval stages both runs completed, same tasks side by side."""
+    run_root = args.run_root or load_config(args.config).run_root
+    try:
+        rows, markdown = compare_runs(run_root, args.run_a, args.run_b)
+    except RunStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=2) if args.json else markdown)
+    return 0 if rows else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,8 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_stages)
 
-    for module in CLI_EXTENSIONS:
-        importlib.import_module(module).register(sub)
+    p = sub.add_parser("eval", help="evaluation results: compare two runs' eval stages")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    q = esub.add_parser("compare", help="same tasks side by side with deltas (reads the runs' eval manifests)")
+    q.add_argument("run_a")
+    q.add_argument("run_b")
+    q.add_argument("-c", "--config", default=str(DEFAULT_CONFIG), help="config whose run_root holds the runs")
+    q.add_argument("--run-root", help="run root (overrides the config's)")
+    q.add_argument("--json", action="store_true", help="print rows as JSON instead of markdown")
+    q.set_defaults(func=cmd_eval_compare)
     return parser
 
 
@@ -404,10 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a failed stage: the log above has the details
-        from infra.executor import StageInputError
-        from infra.runstore import RunStoreError
+        from flows.stages import StageFailed  # imports Prefect; only reached when a command failed
 
-        if isinstance(exc, (StageInputError, RunStoreError)) or type(exc).__name__ == "StageFailed":
+        if isinstance(exc, (StageInputError, RunStoreError, StageFailed)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
