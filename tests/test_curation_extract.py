@@ -66,7 +66,6 @@ def test_slow_page_times_out_as_a_recorded_drop_and_the_alarm_is_disarmed():
     slow = _page(30_000)  # ~3.5 MB of paragraphs: seconds of trafilatura work
     out = extract_record(_row(slow), ExtractConfig(timeout_s=0.2))
     assert out["drop_reason"] == "extract_timeout" and out["text"] is None
-    assert out["signals"]["extract_seconds"] >= 0.2
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, signal.default_int_handler, None)
     assert extract_html(_page(8)).drop_reason is None  # the next page extracts normally
