@@ -36,7 +36,7 @@ from infra.stage import Stage, StageConfig, StageContext, StageResult
 EXTRACT_COLUMNS = ("text", "title", "date", "lang_hint")
 SIGNAL_FIELDS = (("text_chars", int), ("text_html_ratio", float))
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_CONTROL_BYTES = bytes(set(range(32)) - {9, 10, 12, 13})
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f]")
 
 
 class ExtractConfig(StageConfig):
@@ -99,26 +99,29 @@ def clean_text(text: str | None) -> str | None:
     return None if text is None else _SURROGATE.sub("\ufffd", text)
 
 
-def looks_binary(content: bytes, sample: int = 8192) -> bool:
-    """True for payloads that are not text: NUL bytes or > 10% control bytes in the first ``sample`` bytes."""
-    head = content[:sample]
+def looks_binary(text: str, sample: int = 8192) -> bool:
+    """True for decoded payloads that are not text: NUL or > 10% control characters in the first ``sample``.
+
+    Checked after decoding, so UTF-16 pages (NUL bytes, no NUL characters) are text.
+    """
+    head = text[:sample]
     if not head:
         return False
-    if b"\x00" in head:
+    if "\x00" in head:
         return True
-    return len(head) - len(head.translate(None, _CONTROL_BYTES)) > 0.1 * len(head)
+    return len(_CONTROL.findall(head)) > 0.1 * len(head)
 
 
 def decode_html(content: bytes, charset: str | None) -> str:
-    """Bytes → str with the detected charset (unknown or missing charset: UTF-8), bad bytes replaced."""
+    """Bytes → str with the detected charset (unknown or missing charset: UTF-8), bad bytes replaced, BOM dropped."""
     for cand in (charset, "utf-8"):
         if not cand:
             continue
         try:
-            return content.decode(cand, errors="replace")
+            return content.decode(cand, errors="replace").removeprefix("\ufeff")
         except LookupError:
             continue
-    return content.decode("utf-8", errors="replace")
+    return content.decode("utf-8", errors="replace").removeprefix("\ufeff")
 
 
 def extract_html(content: bytes, url: str | None = None, charset: str | None = None, cfg: ExtractConfig | None = None) -> Extracted:
@@ -126,14 +129,15 @@ def extract_html(content: bytes, url: str | None = None, charset: str | None = N
     cfg = cfg or ExtractConfig()
     if len(content) > cfg.max_html_bytes:
         return Extracted(drop_reason="extract_too_large")
-    if looks_binary(content):
+    html = decode_html(content, charset)
+    if looks_binary(html):
         return Extracted(drop_reason="extract_binary_content")
     from trafilatura import bare_extraction
     from trafilatura.utils import load_html
 
     try:
         with time_limit(cfg.timeout_s):
-            tree = load_html(decode_html(content, charset))
+            tree = load_html(html)
             if tree is None:
                 return Extracted(drop_reason="extract_unparsable")
             lang_hint = tree.get("lang") or tree.get("xml:lang")
