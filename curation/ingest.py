@@ -123,22 +123,25 @@ def _non_latin_guess(sample: bytes) -> str | None:
     return codec if letters and latin < len(letters) / 2 else None
 
 
-def file_problem(path: str) -> str | None:
-    """Why a file cannot be an archive at all, or None: ``empty_file``, ``bad_gzip`` (gzip magic but a
-    broken stream at its start) or ``not_an_archive`` (after gzip, neither a WARC nor an ARC header)."""
+def archive_format(path: str) -> tuple[str | None, str | None]:
+    """``("warc" | "arc", None)`` from a file's first bytes, or ``(None, problem)`` for a file that is
+    no archive: ``empty_file``, ``bad_gzip`` (gzip magic, broken stream) or ``not_an_archive``
+    (after gzip, neither a WARC nor an ARC header)."""
     with open(path, "rb") as fh:
         head = fh.read(65536)
     if not head:
-        return "empty_file"
+        return None, "empty_file"
     if head[:2] == b"\x1f\x8b":
         try:
             head = zlib.decompressobj(31).decompress(head, 4096)
         except zlib.error:
-            return "bad_gzip"
+            return None, "bad_gzip"
     head = head.lstrip(b"\r\n")
-    if head.startswith(b"WARC/") or _ARC_HEADER.match(head):
-        return None
-    return "not_an_archive"
+    if head.startswith(b"WARC/"):
+        return "warc", None
+    if _ARC_HEADER.match(head):
+        return "arc", None
+    return None, "not_an_archive"
 
 
 def _charset_from_type(content_type: str | None) -> str | None:
@@ -164,11 +167,14 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
 
     Rows for records that are not HTML, too large, or unreadable carry a ``drop_reason``; a file
     that cannot be read past some point yields a ``warc_read_error`` row at that offset and stops.
-    A file that is no archive (:func:`file_problem`) yields one file-level row
+    A file that is no archive (:func:`archive_format`) yields one file-level row
     ``warc_read_error: <problem>`` and an archive without response records one
-    ``no_response_records`` row, so every input file appears in the ledger.
+    ``no_response_records`` row, so every input file appears in the ledger. A WARC file is read as
+    WARC only (warcio would otherwise parse junk after a lying Content-Length as ARC records), and a
+    WARC record not followed by its blank lines (its Content-Length is wrong, so its payload is cut
+    or padded) is dropped as ``bad_content_length``.
     """
-    from warcio.archiveiterator import ArchiveIterator
+    from warcio.archiveiterator import ArchiveIterator, WARCIterator
 
     def row(**kw) -> dict:
         base = {c: None for c in COLUMNS}
@@ -176,14 +182,14 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
         base["source"] = f"{path}@{base.get('warc_offset')}"
         return base
 
-    problem = file_problem(path)
+    fmt, problem = archive_format(path)
     if problem:
         yield row(warc_offset=0, drop_reason=f"warc_read_error: {problem}")
         return
-    offset, records = 0, 0
+    offset, records, it = 0, 0, None
     try:
         with open(path, "rb") as fh:
-            it = ArchiveIterator(fh, arc2warc=True)
+            it = WARCIterator(fh) if fmt == "warc" else ArchiveIterator(fh, arc2warc=True)
             for record in it:
                 offset = it.offset  # get_record_offset() would consume the record
                 if record.rec_type not in ("response", "conversion"):
@@ -191,7 +197,8 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
                 records += 1
                 headers = record.rec_headers
                 url = headers.get_header("WARC-Target-URI") or ""
-                record_id = headers.get_header("WARC-Record-ID")
+                # warcio invents a random WARC-Record-ID for ARC records: not an id of the source record
+                record_id = headers.get_header("WARC-Record-ID") if fmt == "warc" else None
                 fetch_date = headers.get_header("WARC-Date")
                 common = dict(
                     url=url, warc_offset=offset, warc_record_id=record_id, record_type=record.rec_type,
@@ -205,6 +212,11 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
                 if len(content) <= max_record_bytes and getattr(record.raw_stream, "limit", 0) > 0:
                     # the file ended before the record's declared Content-Length: a cut download
                     yield row(**common, drop_reason="truncated_record")
+                    continue
+                errors = it.err_count
+                it.read_to_end(record)  # consumes the blank lines after the record; counts a missing one
+                if fmt == "warc" and it.err_count > errors:
+                    yield row(**common, drop_reason="bad_content_length")
                     continue
                 digest = headers.get_header("WARC-Payload-Digest") or "sha1:" + hashlib.sha1(content).hexdigest()
                 doc_id = make_doc_id(record_id, url, digest)
@@ -239,7 +251,8 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
                 else:
                     yield row(**base, content=content, detected_charset=sniff_charset(content, declared))
     except Exception as exc:  # truncated file, broken gzip stream, garbage between records
-        yield row(warc_offset=offset, drop_reason=f"warc_read_error: {type(exc).__name__}")
+        at = max(offset, getattr(it, "offset", 0))  # where the reader stopped
+        yield row(warc_offset=at, drop_reason=f"warc_read_error: {type(exc).__name__}")
         return
     if not records:
         yield row(warc_offset=0, drop_reason="no_response_records")

@@ -36,6 +36,8 @@ def test_real_warc_rows_have_ids_offsets_and_charsets(shared_data):
 def test_arc_and_wet_are_read(shared_data):
     edge = shared_data / "warc_samples/warcio_edge_cases"
     assert _reasons(edge / "example.arc.gz") == {None: 1}
+    ids = [[(r["doc_id"], r["warc_record_id"]) for r in read_archive(str(edge / "example.arc"))] for _ in range(2)]
+    assert ids[0] == ids[1] and ids[0][0][1] is None  # stable ids, no invented WARC-Record-ID
     wet = list(read_archive(str(shared_data / "warc_samples/commoncrawl_whirlwind/whirlwind.warc.wet.gz")))
     assert len(wet) == 1 and wet[0]["record_type"] == "conversion" and wet[0]["content_type"] == "text/plain"
 
