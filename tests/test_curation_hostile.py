@@ -99,7 +99,7 @@ def test_corpus_is_reproducible(tmp_path):
     assert a["expected"] == b["expected"]
     for f in (tmp_path / "a").iterdir():
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
-    assert Counter(a["expected"].values())["kept"] == 8 and len(a["expected"]) == 20
+    assert Counter(a["expected"].values())["kept"] == 10 and len(a["expected"]) == 24
 
 
 def test_full_accounting_of_the_cores(corpora):
