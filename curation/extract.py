@@ -5,7 +5,12 @@ the page's declared language as ``lang_hint``, timing) or a drop reason; :func:`
 handles one ingest row (WET conversion records are already text and pass through). Shell: a
 ``mapInArrow`` over the ingest output that keeps every column except the raw ``content`` bytes
 (``source``/``warc_file``/``warc_offset`` point back at them) and adds ``text``, ``title``, ``date``,
-``lang_hint`` and ``signals`` (struct: ``extract_seconds``, ``text_chars``, ``text_html_ratio``).
+``lang_hint`` and ``signals`` (struct: ``text_chars``, ``text_html_ratio``).
+
+Timing is not data: two extractions of the same page must give the same row (content hashes and
+cache keys depend on it), so per-page wall time goes into the stage's metrics instead
+(``extract_seconds_total``/``extract_seconds_max``, summed by Spark accumulators; a retried task
+counts twice there).
 
 Time limit: trafilatura has no timeout, so :func:`time_limit` arms ``SIGALRM`` with
 ``signal.setitimer``. PySpark runs ``mapInArrow`` functions in the Python worker's main thread
@@ -29,9 +34,9 @@ from pydantic import Field
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 EXTRACT_COLUMNS = ("text", "title", "date", "lang_hint")
-SIGNAL_FIELDS = (("extract_seconds", float), ("text_chars", int), ("text_html_ratio", float))
+SIGNAL_FIELDS = (("text_chars", int), ("text_html_ratio", float))
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_CONTROL_BYTES = bytes(set(range(32)) - {9, 10, 12, 13})
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f]")
 
 
 class ExtractConfig(StageConfig):
@@ -58,7 +63,6 @@ class Extracted:
     date: str | None = None
     lang_hint: str | None = None
     drop_reason: str | None = None
-    seconds: float = 0.0
 
 
 class ExtractionTimeout(BaseException):
@@ -95,26 +99,29 @@ def clean_text(text: str | None) -> str | None:
     return None if text is None else _SURROGATE.sub("\ufffd", text)
 
 
-def looks_binary(content: bytes, sample: int = 8192) -> bool:
-    """True for payloads that are not text: NUL bytes or > 10% control bytes in the first ``sample`` bytes."""
-    head = content[:sample]
+def looks_binary(text: str, sample: int = 8192) -> bool:
+    """True for decoded payloads that are not text: NUL or > 10% control characters in the first ``sample``.
+
+    Checked after decoding, so UTF-16 pages (NUL bytes, no NUL characters) are text.
+    """
+    head = text[:sample]
     if not head:
         return False
-    if b"\x00" in head:
+    if "\x00" in head:
         return True
-    return len(head) - len(head.translate(None, _CONTROL_BYTES)) > 0.1 * len(head)
+    return len(_CONTROL.findall(head)) > 0.1 * len(head)
 
 
 def decode_html(content: bytes, charset: str | None) -> str:
-    """Bytes → str with the detected charset (unknown or missing charset: UTF-8), bad bytes replaced."""
+    """Bytes → str with the detected charset (unknown or missing charset: UTF-8), bad bytes replaced, BOM dropped."""
     for cand in (charset, "utf-8"):
         if not cand:
             continue
         try:
-            return content.decode(cand, errors="replace")
+            return content.decode(cand, errors="replace").removeprefix("\ufeff")
         except LookupError:
             continue
-    return content.decode("utf-8", errors="replace")
+    return content.decode("utf-8", errors="replace").removeprefix("\ufeff")
 
 
 def extract_html(content: bytes, url: str | None = None, charset: str | None = None, cfg: ExtractConfig | None = None) -> Extracted:
@@ -122,17 +129,17 @@ def extract_html(content: bytes, url: str | None = None, charset: str | None = N
     cfg = cfg or ExtractConfig()
     if len(content) > cfg.max_html_bytes:
         return Extracted(drop_reason="extract_too_large")
-    if looks_binary(content):
+    html = decode_html(content, charset)
+    if looks_binary(html):
         return Extracted(drop_reason="extract_binary_content")
     from trafilatura import bare_extraction
     from trafilatura.utils import load_html
 
-    started = time.perf_counter()
     try:
         with time_limit(cfg.timeout_s):
-            tree = load_html(decode_html(content, charset))
+            tree = load_html(html)
             if tree is None:
-                return Extracted(drop_reason="extract_unparsable", seconds=time.perf_counter() - started)
+                return Extracted(drop_reason="extract_unparsable")
             lang_hint = tree.get("lang") or tree.get("xml:lang")
             doc = bare_extraction(
                 tree, url=url, favor_precision=cfg.favor_precision, include_comments=cfg.include_comments,
@@ -140,18 +147,17 @@ def extract_html(content: bytes, url: str | None = None, charset: str | None = N
                 date_extraction_params={"extensive_search": cfg.date_extensive_search, "original_date": True},
             )
     except ExtractionTimeout:
-        return Extracted(drop_reason="extract_timeout", seconds=time.perf_counter() - started)
+        return Extracted(drop_reason="extract_timeout")
     except Exception as exc:  # a trafilatura/lxml bug on one page must not end the run
-        return Extracted(drop_reason=f"extract_error:{type(exc).__name__}", seconds=time.perf_counter() - started)
-    seconds = time.perf_counter() - started
+        return Extracted(drop_reason=f"extract_error:{type(exc).__name__}")
     text = doc.text if doc is not None else None
     if text and cfg.include_comments and doc.comments:
         text = f"{text}\n{doc.comments}"
     text = clean_text(text)
     if not text or len(text.strip()) < max(cfg.min_text_chars, 1):
-        return Extracted(drop_reason="extract_no_text", seconds=seconds)
+        return Extracted(drop_reason="extract_no_text")
     return Extracted(
-        text=text, title=clean_text(doc.title), date=doc.date, seconds=seconds,
+        text=text, title=clean_text(doc.title), date=doc.date,
         lang_hint=clean_text(lang_hint.strip()[:32]) if lang_hint and lang_hint.strip() else None,
     )
 
@@ -167,10 +173,7 @@ def extract_record(row: dict[str, Any], cfg: ExtractConfig) -> dict[str, Any]:
     text_chars = len(result.text) if result.text else 0
     return {
         "text": result.text, "title": result.title, "date": result.date, "lang_hint": result.lang_hint,
-        "signals": {
-            "extract_seconds": round(result.seconds, 6), "text_chars": text_chars,
-            "text_html_ratio": text_chars / len(content) if content else 0.0,
-        },
+        "signals": {"text_chars": text_chars, "text_html_ratio": text_chars / len(content) if content else 0.0},
         "drop_reason": result.drop_reason,
     }
 
@@ -189,8 +192,21 @@ def output_schema(input_schema):
     )
 
 
-def extract_dataframe(df, cfg: ExtractConfig):
-    """Map :func:`extract_record` over an ingest DataFrame (only rows ingest kept)."""
+class _MaxParam:
+    """Spark AccumulatorParam of a float maximum."""
+
+    def zero(self, value: float) -> float:
+        return 0.0
+
+    def addInPlace(self, a: float, b: float) -> float:
+        return max(a, b)
+
+
+def extract_dataframe(df, cfg: ExtractConfig, seconds: tuple | None = None):
+    """Map :func:`extract_record` over an ingest DataFrame (only rows ingest kept).
+
+    ``seconds``: optional (total, max) Spark accumulators that receive each page's wall time.
+    """
     import pyarrow as pa
     from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -202,7 +218,14 @@ def extract_dataframe(df, cfg: ExtractConfig):
     def extract_batches(batches):
         for batch in batches:
             rows = batch.select(["content", "url", "detected_charset", "record_type"]).to_pylist()
-            results = [extract_record(r, cfg) for r in rows]
+            results = []
+            for r in rows:
+                started = time.perf_counter()
+                results.append(extract_record(r, cfg))
+                if seconds is not None:
+                    took = time.perf_counter() - started
+                    seconds[0].add(took)
+                    seconds[1].add(took)
             arrays = [batch.column(name) for name in passthrough]
             for name in added:
                 arrays.append(pa.array([r[name] for r in results], type=arrow_schema.field(name).type))
@@ -218,7 +241,8 @@ def run(ctx: StageContext) -> StageResult:
     spark = ctx.spark()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
     pages = spark.read.parquet(str(ctx.input("ingest").path("data")))
-    counts = write_decisions(extract_dataframe(pages, cfg), ctx.output("data"), ctx.output("rejected"))
+    seconds = (spark.sparkContext.accumulator(0.0), spark.sparkContext.accumulator(0.0, _MaxParam()))
+    counts = write_decisions(extract_dataframe(pages, cfg, seconds), ctx.output("data"), ctx.output("rejected"))
     ingest_metrics = ctx.input("ingest").manifest["metrics"]
     funnel = [
         {"step": "records", "documents": ingest_metrics["rows_in"]},
@@ -226,7 +250,10 @@ def run(ctx: StageContext) -> StageResult:
         {"step": "extracted", "documents": counts["kept"]},
     ]
     return StageResult(
-        metrics={**counts, "funnel": funnel},
+        metrics={
+            **counts, "funnel": funnel,
+            "extract_seconds_total": round(seconds[0].value, 3), "extract_seconds_max": round(seconds[1].value, 3),
+        },
         tables={"funnel": funnel_rows("extract", counts), "pipeline_funnel": funnel},
     )
 

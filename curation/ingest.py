@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +20,8 @@ from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 ARCHIVE_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz", ".wet", ".wet.gz", ".warc.wet.gz")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
-_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""", re.I)
+# the first line of an ARC record: URL, IP address, 14-digit date, ... (ARC v1 files start with filedesc://)
+_ARC_HEADER = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*:\S*[ \t]+\S+[ \t]+\d{14}\b")
 
 COLUMNS = (
     "doc_id", "url", "source", "warc_file", "warc_offset", "warc_record_id", "record_type", "fetch_date",
@@ -61,26 +64,84 @@ def make_doc_id(record_id: str | None, url: str, payload_digest: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def sniff_charset(content: bytes, declared: str | None) -> str | None:
-    """The page's encoding: UTF-8 if it decodes strictly, else the <meta> or HTTP charset, else a detector's guess."""
-    head = content[:4096]
-    meta = _META_CHARSET.search(head)
+def sniff_charset(content: bytes, declared: str | None) -> str:
+    """The page's encoding as a Python codec name: the WHATWG order (BOM > HTTP charset > ``<meta>``
+    prescan > windows-1252) with w3lib's implementation of each step, and two safeguards.
+
+    1. A byte-order mark (UTF-8, UTF-16LE/BE, UTF-32) wins.
+    2. Bytes that are valid UTF-8 and not plain ASCII are UTF-8: a declaration that disagrees
+       (UTF-8 served as Latin-1) is wrong far more often than such bytes are a coincidence.
+    3. The HTTP charset, then the ``<meta>``/XML declaration, each only if it names a known encoding
+       (labels resolved the WHATWG way: latin-1 → cp1252, gb2312 → gb18030, ...) and the bytes decode
+       under it; a bogus name or a label the bytes contradict falls through. UTF-16/32 labels without
+       a BOM are ignored, as the WHATWG prescan does.
+    4. Plain ASCII is UTF-8.
+    5. Undeclared non-UTF-8 bytes: charset-normalizer's guess only where it reads as a non-Latin
+       script (Cyrillic, Greek, CJK, ...); otherwise windows-1252, the WHATWG default for Latin-script
+       locales, so Latin-1 "crème brûlée" is not guessed into cp1257 "crčme brūlée".
+    """
+    from w3lib.encoding import html_body_declared_encoding, read_bom, resolve_encoding
+
+    bom, _ = read_bom(content)
+    if bom:
+        return bom
     try:
         content.decode("utf-8")
-        return "utf-8"
+        is_utf8 = True
     except UnicodeDecodeError:
-        pass
-    for cand in (meta.group(1).decode("ascii", "ignore") if meta else None, declared):
-        if cand:
-            try:
-                content.decode(cand)
-                return cand.lower()
-            except (LookupError, UnicodeDecodeError):
-                continue
-    from charset_normalizer import from_bytes
+        is_utf8 = False
+    if is_utf8 and not content.isascii():
+        return "utf-8"
+    for label in (declared, html_body_declared_encoding(content)):
+        codec = resolve_encoding(label) if label else None
+        if codec and not codec.startswith(("utf-16", "utf-32")) and _decodes(content, codec):
+            return codec
+    if is_utf8:
+        return "utf-8"
+    return _non_latin_guess(content[:65536]) or "cp1252"
 
-    best = from_bytes(content[:65536]).best()
-    return best.encoding if best else None
+
+def _decodes(content: bytes, codec: str) -> bool:
+    try:
+        content.decode(codec)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _non_latin_guess(sample: bytes) -> str | None:
+    """charset-normalizer's encoding for ``sample`` if its letters beyond ASCII are mostly non-Latin, else None."""
+    from charset_normalizer import from_bytes
+    from w3lib.encoding import resolve_encoding
+
+    best = from_bytes(sample).best()
+    codec = resolve_encoding(best.encoding) if best else None
+    if not codec:
+        return None
+    letters = [c for c in sample.decode(codec, errors="replace") if ord(c) > 127 and c.isalpha()]
+    latin = sum(unicodedata.name(c, "").startswith("LATIN") for c in letters)
+    return codec if letters and latin < len(letters) / 2 else None
+
+
+def archive_format(path: str) -> tuple[str | None, str | None]:
+    """``("warc" | "arc", None)`` from a file's first bytes, or ``(None, problem)`` for a file that is
+    no archive: ``empty_file``, ``bad_gzip`` (gzip magic, broken stream) or ``not_an_archive``
+    (after gzip, neither a WARC nor an ARC header)."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    if not head:
+        return None, "empty_file"
+    if head[:2] == b"\x1f\x8b":
+        try:
+            head = zlib.decompressobj(31).decompress(head, 4096)
+        except zlib.error:
+            return None, "bad_gzip"
+    head = head.lstrip(b"\r\n")
+    if head.startswith(b"WARC/"):
+        return "warc", None
+    if _ARC_HEADER.match(head):
+        return "arc", None
+    return None, "not_an_archive"
 
 
 def _charset_from_type(content_type: str | None) -> str | None:
@@ -102,12 +163,18 @@ def _read_limited(stream, limit: int, chunk: int = 1 << 16) -> bytes:
 
 
 def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: bool = False) -> Iterator[dict]:
-    """Yield one row per response/conversion record of an archive file.
+    """Yield one row per response/conversion record of an archive file, and at least one row per file.
 
     Rows for records that are not HTML, too large, or unreadable carry a ``drop_reason``; a file
     that cannot be read past some point yields a ``warc_read_error`` row at that offset and stops.
+    A file that is no archive (:func:`archive_format`) yields one file-level row
+    ``warc_read_error: <problem>`` and an archive without response records one
+    ``no_response_records`` row, so every input file appears in the ledger. A WARC file is read as
+    WARC only (warcio would otherwise parse junk after a lying Content-Length as ARC records), and a
+    WARC record not followed by its blank lines (its Content-Length is wrong, so its payload is cut
+    or padded) is dropped as ``bad_content_length``.
     """
-    from warcio.archiveiterator import ArchiveIterator
+    from warcio.archiveiterator import ArchiveIterator, WARCIterator
 
     def row(**kw) -> dict:
         base = {c: None for c in COLUMNS}
@@ -115,17 +182,23 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
         base["source"] = f"{path}@{base.get('warc_offset')}"
         return base
 
-    offset = 0
+    fmt, problem = archive_format(path)
+    if problem:
+        yield row(warc_offset=0, drop_reason=f"warc_read_error: {problem}")
+        return
+    offset, records, it = 0, 0, None
     try:
         with open(path, "rb") as fh:
-            it = ArchiveIterator(fh, arc2warc=True)
+            it = WARCIterator(fh) if fmt == "warc" else ArchiveIterator(fh, arc2warc=True)
             for record in it:
                 offset = it.offset  # get_record_offset() would consume the record
                 if record.rec_type not in ("response", "conversion"):
                     continue
+                records += 1
                 headers = record.rec_headers
                 url = headers.get_header("WARC-Target-URI") or ""
-                record_id = headers.get_header("WARC-Record-ID")
+                # warcio invents a random WARC-Record-ID for ARC records: not an id of the source record
+                record_id = headers.get_header("WARC-Record-ID") if fmt == "warc" else None
                 fetch_date = headers.get_header("WARC-Date")
                 common = dict(
                     url=url, warc_offset=offset, warc_record_id=record_id, record_type=record.rec_type,
@@ -139,6 +212,11 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
                 if len(content) <= max_record_bytes and getattr(record.raw_stream, "limit", 0) > 0:
                     # the file ended before the record's declared Content-Length: a cut download
                     yield row(**common, drop_reason="truncated_record")
+                    continue
+                errors = it.err_count
+                it.read_to_end(record)  # consumes the blank lines after the record; counts a missing one
+                if fmt == "warc" and it.err_count > errors:
+                    yield row(**common, drop_reason="bad_content_length")
                     continue
                 digest = headers.get_header("WARC-Payload-Digest") or "sha1:" + hashlib.sha1(content).hexdigest()
                 doc_id = make_doc_id(record_id, url, digest)
@@ -172,8 +250,12 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
                     yield row(**base, content=content, drop_reason="empty_payload")
                 else:
                     yield row(**base, content=content, detected_charset=sniff_charset(content, declared))
-    except Exception as exc:  # not an archive, truncated file, broken gzip stream
-        yield row(warc_offset=offset, drop_reason=f"warc_read_error: {type(exc).__name__}")
+    except Exception as exc:  # truncated file, broken gzip stream, garbage between records
+        at = max(offset, getattr(it, "offset", 0))  # where the reader stopped
+        yield row(warc_offset=at, drop_reason=f"warc_read_error: {type(exc).__name__}")
+        return
+    if not records:
+        yield row(warc_offset=0, drop_reason="no_response_records")
 
 
 def spark_schema():

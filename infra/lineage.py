@@ -59,13 +59,27 @@ class LineageCatalog:
             c.executescript(_SCHEMA)
 
     @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=60)
+    def _conn(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection in WAL mode (readers never block the writer) that waits up to 60 s for a lock.
+
+        ``write=True`` wraps the block in one ``BEGIN IMMEDIATE`` transaction: it takes the write
+        lock up front (so it cannot fail half way on a lock upgrade), and another process sees
+        all of it or nothing; an exception rolls it back.
+        """
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         conn.row_factory = sqlite3.Row
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            yield conn
-            conn.commit()
+            if not write:
+                yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         finally:
             conn.close()
 
@@ -73,7 +87,7 @@ class LineageCatalog:
     def record_stage_run(self, manifest: dict) -> None:
         """Register a completed stage run: its outputs as artifacts, inputs as artifacts, and edges."""
         run_id, stage = manifest["run_id"], manifest["stage"]
-        with self._conn() as c:
+        with self._conn(write=True) as c:
             input_uris = []
             for name, inp in manifest["inputs"].items():
                 kind = "stage_output" if inp.get("stage") else "external"

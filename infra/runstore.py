@@ -58,18 +58,86 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def content_hash(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files (their bytes and parent folders, not their names).
+def parquet_sha256(path: Path, batch_rows: int = 65_536) -> str:
+    """sha256 of a Parquet file's logical content: its Arrow schema and the values of every column.
 
-    File names are left out because Spark names part files with random UUIDs; two runs that write
-    the same bytes get the same hash.
+    The bytes are not hashed: parquet-mr writes each column's encoding list in hash-set order, so
+    equal tables give different footers. Each leaf column feeds three digests (validity, value
+    lengths, value bytes) batch by batch, so the result depends on the rows in order, not on row
+    groups, page sizes, encodings or compression, and memory stays at one batch.
+    """
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    schema = pf.schema_arrow
+    digests: dict[str, list] = {}
+    rows = 0
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        rows += batch.num_rows
+        for name, column in zip(schema.names, batch.columns):
+            _feed_array(digests, name, column)
+    h = hashlib.sha256()
+    h.update(repr([(f.name, str(f.type), f.nullable) for f in schema]).encode())
+    h.update(rows.to_bytes(8, "little"))
+    for key in sorted(digests):
+        h.update(key.encode() + b"\0" + b"".join(d.digest() for d in digests[key]))
+    return h.hexdigest()
+
+
+def _feed_array(digests: dict[str, list], key: str, arr) -> None:
+    """Add one column chunk to ``digests[key]`` (validity, lengths, values); nested types recurse."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    valid, lengths, values = digests.setdefault(key, [hashlib.sha256(), hashlib.sha256(), hashlib.sha256()])
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr, t = arr.dictionary_decode(), t.value_type
+    valid.update(arr.is_valid().to_numpy(zero_copy_only=False).tobytes())
+    if pa.types.is_struct(t):
+        for i, child in enumerate(arr.flatten()):  # children with the parent's nulls applied
+            _feed_array(digests, f"{key}.{t.field(i).name}", child)
+    elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        lengths.update(pc.fill_null(pc.list_value_length(arr), 0).cast(pa.int64()).to_numpy().tobytes())
+        _feed_array(digests, key + "[]", arr.flatten())
+    elif pa.types.is_map(t):
+        lengths.update(pc.fill_null(pc.list_value_length(arr), 0).cast(pa.int64()).to_numpy().tobytes())
+        _feed_array(digests, key + "{key}", arr.keys)
+        _feed_array(digests, key + "{value}", arr.items)
+    elif pa.types.is_binary(t) or pa.types.is_string(t) or pa.types.is_large_binary(t) or pa.types.is_large_string(t):
+        dense = pc.fill_null(arr.cast(pa.large_binary()), b"")
+        lengths.update(pc.binary_length(dense).to_numpy().tobytes())
+        offsets = np.frombuffer(dense.buffers()[1], dtype=np.int64)[dense.offset : dense.offset + len(dense) + 1]
+        if len(dense):
+            values.update(memoryview(dense.buffers()[2])[offsets[0] : offsets[-1]])
+    elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_temporal(t):
+        values.update(arr.drop_null().to_numpy(zero_copy_only=False).tobytes())
+    else:  # decimals and other rare types: their Python values
+        values.update(repr(arr.drop_null().to_pylist()).encode())
+
+
+def file_content_hash(path: Path) -> str:
+    """A file's hash: the logical content of a ``.parquet`` file (:func:`parquet_sha256`), else its bytes."""
+    if path.name.endswith(".parquet"):
+        return "arrow-" + parquet_sha256(path)
+    return file_sha256(path)
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (their content and parent folders, not their names).
+
+    File names are left out because Spark names part files with random UUIDs. ``.parquet`` files
+    are hashed by their logical content (Arrow schema + values, streamed per batch; see
+    :func:`parquet_sha256`) because Spark's Parquet writer does not write equal tables as equal
+    bytes; every other file by its bytes. Equal content therefore gives an equal hash.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     if path.is_file():
-        return "sha256:" + file_sha256(path)
-    entries = sorted(f"{f.parent.relative_to(path).as_posix()}:{file_sha256(f)}" for f in _files(path))
+        return "sha256:" + file_content_hash(path)
+    entries = sorted(f"{f.parent.relative_to(path).as_posix()}:{file_content_hash(f)}" for f in _files(path))
     return "sha256:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 

@@ -49,7 +49,7 @@ def test_pipeline_funnel_ledger_and_threshold_rerun(spark, make_config):
     rejected = _rows(heur, "rejected")
     assert rejected and heur["metrics"]["signals_cache"] == "miss"
     for row in _rows(heur, "data") + rejected:
-        assert row["signals"]["extract_seconds"] is not None  # extraction signals survive the merge
+        assert row["signals"]["text_chars"] == len(row["text"])  # extraction signals survive the merge
         assert row["signals"]["gopher_n_words"] == all_signals(row["text"])["gopher_n_words"]
         assert first_failure(row["signals"], rules) == row["drop_reason"]
 
