@@ -4,8 +4,9 @@ Every section runs the project's own code in a child process of its own (a hang 
 recorded and the next section still runs; a budget caps the whole run):
 
 - ``mfu``: a bf16 8192³ matmul (the machine's achievable peak), then a Llama-shaped GPTModel
-  (~1.0 B parameters, seq 4096) trained through ``training.pretrain.Trainer`` (megatron-core,
-  Megatron DDP + optimizer, GPTDataset, TP = PP = 1) past warm-up; tokens/s and MFU against the
+  (~1.0 B parameters, bf16, seq 4096, 16 × 4096 tokens a step) trained through
+  ``training.pretrain.Trainer`` (megatron-core, Megatron DDP + optimizer, GPTDataset, TP = PP = 1)
+  for 6 warm-up and 20 timed steps; tokens/s and MFU against the
   H200's bf16 dense spec (989 TFLOP/s) and against the measured matmul. FLOPs per token: see
   :func:`flops_per_token`. The trained weights are exported to an HF Llama directory
   (``training.megatron.convert``) for the two sections after it.
@@ -21,8 +22,8 @@ recorded and the next section still runs; a budget caps the whole run):
 
 Data comes from the repository (no network): a byte-level BPE (``curation.tokenizer``) trained on
 WikiText-2 valid (``tests/data/tokenize``), shards written with ``curation.megatron_shards``, SFT
-conversations from ``tests/data/post``. ``--dry-run`` runs the same code on the CPU at tiny sizes
-(tests/test_bench_gpu_check.py).
+conversations from ``tests/data/post``. ``--dry-run`` runs the same code on the CPU at tiny sizes, the
+MFU model in fp32 (megatron's bf16 optimizer takes only CUDA parameters): tests/test_bench_gpu_check.py.
 
     python bench/gpu_check.py [--dry-run] [--out bench/out/gpu_check.json] [--budget-s 480]
 
