@@ -190,7 +190,7 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def pretrain_job(work: Path, name: str, plan: Plan, model: dict, seq: int, mbs: int, gbs: int, steps: int,
+def pretrain_job(work: Path, name: str, model: dict, seq: int, mbs: int, gbs: int, steps: int,
                  dtype: str, init_from_dir: Path | None) -> dict:
     """A training.pretrain job spec (what the pretrain stage writes), spike guard off."""
     config = {"tp": 1, "pp": 1, "seq_length": seq, "micro_batch_size": mbs, "global_batch_size": gbs,
@@ -244,7 +244,7 @@ def child_mfu(work: Path, plan: Plan, name: str) -> dict:
 
     matmul = measure_matmul(plan.matmul_n, plan.matmul_iters)
     steps = plan.warmup + plan.timed
-    trainer = Trainer(pretrain_job(work, "mfu", plan, plan.big, plan.seq, plan.mbs, plan.gbs, steps, plan.dtype, None))
+    trainer = Trainer(pretrain_job(work, "mfu", plan.big, plan.seq, plan.mbs, plan.gbs, steps, plan.dtype, None))
     try:
         trainer.apply_lr()
         warm = run_steps(trainer, plan.warmup)
@@ -287,7 +287,7 @@ def child_numerics(work: Path, plan: Plan, name: str) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
     torch.backends.cudnn.allow_tf32 = False
     steps = plan.numerics_steps + 2
-    trainer = Trainer(pretrain_job(work, name, plan, plan.tiny, plan.tiny_seq, 2, 4, steps, "float32", work / "init_tiny"))
+    trainer = Trainer(pretrain_job(work, name, plan.tiny, plan.tiny_seq, 2, 4, steps, "float32", work / "init_tiny"))
     try:
         trainer.apply_lr()
         result = {"device": device_name(), "dtype": "float32", "losses": run_steps(trainer, plan.numerics_steps)}
