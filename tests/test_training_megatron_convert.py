@@ -87,7 +87,9 @@ def test_sdpa_core_attention_matches_megatron_dot_product_attention(megatron_1pr
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from training.megatron.model import LlamaArch, sdpa_attention_class, transformer_config
+    from training.megatron.model import LlamaArch, layer_spec, sdpa_attention_class, transformer_config
+
+    assert layer_spec().submodules.self_attention.submodules.core_attention is sdpa_attention_class()  # CPU and GPU
 
     config = transformer_config(LlamaArch(hidden_size=64, num_attention_heads=4, num_query_groups=2))
     modules = [cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")

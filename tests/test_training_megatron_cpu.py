@@ -82,6 +82,12 @@ def test_distributed_optimizer_is_rejected_clearly_on_cpu(compat):
     compat.check_optimizer_options(use_distributed_optimizer=False)
 
 
+def test_bf16_optimizer_is_rejected_clearly_on_cpu(compat):
+    with pytest.raises(ValueError, match="dtype bfloat16 needs CUDA"):
+        compat.check_optimizer_options(use_distributed_optimizer=False, dtype="bfloat16")
+    compat.check_optimizer_options(use_distributed_optimizer=False, dtype="float32")
+
+
 def test_disable_restores_plain_torch(compat):
     import torch
 

@@ -2,8 +2,8 @@
 
 ``backend: torch`` runs in the stage process (AdamW, cosine schedule with warmup, grad clipping).
 ``backend: deepspeed`` launches ``deepspeed --num_gpus N --module training.learner JOB`` as a
-subprocess (``DS_ACCELERATOR=cpu`` here, GPUs elsewhere) with ZeRO stage 2 or 3; the same loop
-runs on every rank. Each step's global batch is split across ranks and every loss is normalised
+subprocess (``DS_ACCELERATOR=cpu`` over gloo here, CUDA over NCCL where torch sees GPUs) with ZeRO
+stage 2 or 3; the same loop runs on every rank. Each step's global batch is split across ranks and every loss is normalised
 by the global count (tokens or pairs), so both backends give the same loss on the same seed.
 
 A task (training.sft / reward / dpo) supplies: ``prepare(tokenizer) -> (train, heldout, metrics)``,
@@ -115,14 +115,16 @@ def resolve_model_dir(ctx: StageContext, cfg: LearnerConfig, upstream: str) -> P
 class Dist:
     rank: int = 0
     world: int = 1
+    device: str = "cpu"  # where collectives run: the rank's GPU under NCCL
 
     def sum(self, values):
-        """Element-wise sum of a tensor over ranks (identity on one process)."""
+        """Element-wise sum of a tensor over ranks (identity on one process), on the tensor's device."""
         if self.world > 1:
             import torch.distributed as tdist
 
-            values = values.clone()
-            tdist.all_reduce(values)
+            reduced = values.to(self.device, copy=True)
+            tdist.all_reduce(reduced)
+            values = reduced.to(values.device)
         return values
 
 
@@ -262,7 +264,13 @@ def _init_dist(backend: str) -> Dist:
         return Dist()
     import deepspeed
     import torch.distributed as tdist
+    from deepspeed.accelerator import get_accelerator
 
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        deepspeed.init_distributed(dist_backend="nccl")
+        return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), device=accelerator.current_device_name())
     deepspeed.init_distributed(dist_backend="gloo")
     return Dist(rank=tdist.get_rank(), world=tdist.get_world_size())
 
@@ -376,12 +384,16 @@ def _free_port() -> int:
 
 
 def launch_deepspeed(job_path: Path, num_procs: int, log: logging.Logger) -> None:
-    """``deepspeed --num_gpus N --module training.learner JOB`` with DS_ACCELERATOR=cpu unless set."""
+    """``deepspeed --num_gpus N --module training.learner JOB`` (the launcher's module, so a ``--user``
+    install works too); DS_ACCELERATOR, unless set, is cuda where torch sees a GPU, else cpu."""
+    import torch
+
     repo = Path(__file__).resolve().parent.parent
     threads = max(1, (os.cpu_count() or 1) // num_procs)
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    accelerator = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = {**os.environ, "DS_ACCELERATOR": accelerator,
            "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_procs), "--master_port",
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port",
            str(_free_port()), "--no_local_rank", "--module", "training.learner", str(job_path)]
     log.info("launching: %s", " ".join(cmd))
     tail: deque[str] = deque(maxlen=30)

@@ -24,6 +24,13 @@ from training.pretrain_stage import PretrainConfig
 from training.spike import SpikeGuard, in_ranges, ledger_entry
 
 
+def compute_device():
+    """This rank's CUDA device (``initialize`` set it) or the CPU: where batches and reductions live."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 class ShardInfo:
     """The two tokenizer facts GPTDataset needs (end-of-document id, vocab size); no pad token."""
 
@@ -91,7 +98,7 @@ class Trainer:
         self.job = job
         cfg = self.cfg = PretrainConfig(**job["config"])
         initialize(cfg.tp, cfg.pp, cfg.seed)
-        cpu.check_optimizer_options(cfg.use_distributed_optimizer)
+        cpu.check_optimizer_options(cfg.use_distributed_optimizer, cfg.dtype)
         self.layout = layout()
         self.dp = self.layout["dp"]
         if cfg.global_batch_size % (cfg.micro_batch_size * self.dp):
@@ -212,8 +219,8 @@ class Trainer:
             g = torch.Generator().manual_seed(fault.step)
             batch["tokens"] = torch.randint(0, self.blend["vocab_size"], batch["tokens"].shape, generator=g)
             batch["labels"] = torch.randint(0, self.blend["vocab_size"], batch["labels"].shape, generator=g)
-        mbs = self.cfg.micro_batch_size
-        return [{k: v[i * mbs:(i + 1) * mbs] for k, v in batch.items()} for i in range(self.num_microbatches)]
+        mbs, device = self.cfg.micro_batch_size, compute_device()
+        return [{k: v[i * mbs:(i + 1) * mbs].to(device) for k, v in batch.items()} for i in range(self.num_microbatches)]
 
     def train_step(self, samples: list[int], fault) -> tuple[float, float]:
         import torch
@@ -241,7 +248,7 @@ class Trainer:
             micro_batch_size=self.cfg.micro_batch_size, forward_only=False,
         )
         _, grad_norm, _ = self.optimizer.step()
-        local = torch.zeros(2, dtype=torch.float64)
+        local = torch.zeros(2, dtype=torch.float64, device=compute_device())  # NCCL reduces device tensors only
         if self.is_reporter:
             local[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
             local[1] = 1.0

@@ -66,7 +66,8 @@ class SFTTask:
         from training.data import collate_packed
         from training.losses import sft_loss
 
-        batch = collate_packed(rows, self.cfg.max_len, self.pad_id)
+        device = next(model.parameters()).device  # the DeepSpeed engine's GPU, or the CPU
+        batch = {k: v.to(device) for k, v in collate_packed(rows, self.cfg.max_len, self.pad_id).items()}
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         return sft_loss(logits, batch["labels"])
 

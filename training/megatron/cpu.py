@@ -20,8 +20,8 @@ torch 2.13 CPU, these shims are enough for ``GPTModel`` with TP, PP and DP (Mega
    same clipping (scale every grad by ``max_norm / (total_norm + 1e-6)`` when that is < 1) without
    the assertion.
 
-The distributed optimizer (``use_distributed_optimizer=True``) still rejects CPU parameters; it
-is a GPU-only option (:func:`check_optimizer_options`). On a machine with CUDA :func:`enable`
+The distributed optimizer (``use_distributed_optimizer=True``) and the bf16 optimizer
+(``dtype=bfloat16``) still reject CPU parameters; they are GPU-only options (:func:`check_optimizer_options`). On a machine with CUDA :func:`enable`
 does nothing, so GPU behaviour is never changed.
 """
 
@@ -171,10 +171,15 @@ def is_active() -> bool:
     return _ACTIVE
 
 
-def check_optimizer_options(use_distributed_optimizer: bool) -> None:
+def check_optimizer_options(use_distributed_optimizer: bool, dtype: str = "float32") -> None:
     """Reject options the CPU path cannot run, with a clear message."""
     if _ACTIVE and use_distributed_optimizer:
         raise ValueError(
             "use_distributed_optimizer=True needs CUDA (megatron-core rejects CPU parameters); "
             "set pretrain.use_distributed_optimizer=false on CPU"
+        )
+    if _ACTIVE and dtype != "float32":
+        raise ValueError(
+            f"dtype {dtype} needs CUDA (megatron-core's Float16OptimizerWithFloat16Params accepts only CUDA "
+            "parameters); set pretrain.dtype=float32 on CPU"
         )

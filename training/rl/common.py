@@ -62,6 +62,12 @@ class RolloutBatch:
     rollout_logps: "torch.Tensor"  # (B, T) the engine's log-probs, 0 on padding
     prompt_width: int
 
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+            self.completion_mask.to(device), self.rollout_logps.to(device), self.prompt_width,
+        )
+
     def rows(self, idx) -> "RolloutBatch":
         return RolloutBatch(
             self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.completion_mask[idx],

@@ -81,15 +81,17 @@ def check_state_dict(state_dict: dict, shapes: dict[str, tuple[int, ...]]) -> No
 
 
 class HFEngine:
-    """``transformers`` generate on a private copy of the model in the rollout precision."""
+    """``transformers`` generate on a private copy of the model in the rollout precision, on ``device``."""
 
-    def __init__(self, model_dir: str | Path, precision: str = "fp32", seed: int = 0, batch_size: int = 64):
+    def __init__(self, model_dir: str | Path, precision: str = "fp32", seed: int = 0, batch_size: int = 64,
+                 device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.dtype = getattr(torch, PRECISION_DTYPES[precision])
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self.shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
@@ -105,8 +107,8 @@ class HFEngine:
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
             width = max(len(p) for _, p in chunk)
-            ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for _, p in chunk])
-            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p in chunk])
+            ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for _, p in chunk], device=self.device)
+            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p in chunk], device=self.device)
             # one draw from our generator seeds this chunk: reproducible for a fixed engine seed
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
             with torch.no_grad():
