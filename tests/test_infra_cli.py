@@ -58,3 +58,44 @@ def test_lineage_show_and_diff(fake_runs, capsys):
     assert "config beta.suffix: '' -> 'x'" in capsys.readouterr().out
     assert main(["lineage", "show", "nothing/here", "-c", str(fake_runs)]) == 2
     assert main(["lineage", "diff", "r1", "zzz", "-c", str(fake_runs)]) == 2
+
+
+def _documented_overrides() -> list[tuple[str, str]]:
+    """Every `-o key=value` (and sweep axis `-a key=[...]`) shown in the README, the configs' comments and
+    every `--help` text."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    texts = {str(p.relative_to(repo)): p.read_text() for p in [repo / "README.md", *sorted((repo / "configs").glob("*.yaml"))]}
+    parser = build_parser()
+    stack = [("refinery", parser)]
+    while stack:  # every subcommand's help, recursively
+        name, p = stack.pop()
+        texts[f"{name} --help"] = p.format_help()
+        for action in p._actions:
+            if getattr(action, "choices", None) and isinstance(action.choices, dict):
+                stack += [(f"{name} {sub}", sp) for sub, sp in action.choices.items()]
+    found = []
+    for where, text in texts.items():
+        for m in re.finditer(r"-[oa] '?([a-z_]+(?:\.[a-z_0-9]+)+)=(\[[^\]]*\]|[^\s`'\")]*)", text):
+            found.append((where, f"{m.group(1)}={m.group(2)}"))
+    return found
+
+
+def test_every_documented_override_names_a_real_config_key():
+    """Copying an example from the README, a config comment or --help must not fail on the key."""
+    from infra.config import ConfigError
+
+    found = _documented_overrides()
+    assert len(found) >= 15
+    bad = []
+    for where, text in found:
+        if text.startswith("section.key="):  # the README's placeholder
+            continue
+        try:
+            registry.load_config(None, [text])
+        except ConfigError as exc:  # a placeholder value may not validate; the key must exist
+            if "unknown key" in str(exc) or "is not a section" in str(exc):
+                bad.append(f"{where}: -o {text}  ->  {exc}")
+    assert not bad, "\n".join(bad)
