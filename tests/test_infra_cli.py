@@ -78,7 +78,7 @@ def _documented_overrides() -> list[tuple[str, str]]:
                 stack += [(f"{name} {sub}", sp) for sub, sp in action.choices.items()]
     found = []
     for where, text in texts.items():
-        for m in re.finditer(r"-[oa] '?([a-z_]+(?:\.[a-z_0-9]+)+)=(\[[^\]]*\]|[^\s`'\")]*)", text):
+        for m in re.finditer(r"-[oa]\s+'?([a-z_]+(?:\.[a-z_0-9]+)+)=(\[[^\]]*\]|[^\s`'\")]*)", text):
             found.append((where, f"{m.group(1)}={m.group(2)}"))
     return found
 
