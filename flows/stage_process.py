@@ -15,6 +15,7 @@ from pathlib import Path
 from flows.registry import execute_stage, validate_config
 from infra.config import ConfigError
 from infra.executor import RESULT_MARKER, StageInputError
+from infra.process import stop_own_group_on_sigterm
 from infra.runstore import RunStoreError
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="from_ref")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
+    stop_own_group_on_sigterm()  # a killed parent or a cancelled run stops Spark/torchrun too, temp dirs removed
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )

@@ -11,7 +11,6 @@ Prefect artifacts and asset materializations.
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from flows.registry import all_stages, load_config
 from infra.config import DEFAULT_CONFIG, BaseRefineryConfig
 from infra.executor import RESULT_MARKER
 from infra.lineage import flatten
+from infra.process import run_streaming
 from infra.runstore import new_run_id
 
 EXPLORER_URL_ENV = "REFINERY_EXPLORER_URL"  # set by `refinery serve`; summaries link to the lineage explorer
@@ -87,19 +87,17 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = None
     tail: list[str] = []
+
+    def on_line(line: str) -> None:
+        nonlocal result, tail
+        if line.startswith(RESULT_MARKER):
+            result = json.loads(line[len(RESULT_MARKER):])
+            return
+        logger.info(line)
+        tail = (tail + [line])[-5:]
+
     try:
-        with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env, bufsize=1
-        ) as proc:
-            for line in proc.stdout:
-                line = line.rstrip()
-                if line.startswith(RESULT_MARKER):
-                    result = json.loads(line[len(RESULT_MARKER):])
-                    continue
-                if line:
-                    logger.info(line)
-                    tail = (tail + [line])[-5:]
-            rc = proc.wait()
+        rc = run_streaming(cmd, on_line, env=env)
     finally:
         os.unlink(config_json)
     if rc != 0 or not result:

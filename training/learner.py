@@ -21,7 +21,6 @@ import math
 import os
 import random
 import socket
-import subprocess
 import sys
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from infra.process import run_streaming
 from infra.stage import StageConfig, StageContext, StageResult
 
 TASKS = {"sft": "training.sft:SFTTask", "reward": "training.reward:RewardTask", "dpo": "training.dpo:DPOTask"}
@@ -397,14 +397,14 @@ def launch_deepspeed(job_path: Path, num_procs: int, log: logging.Logger) -> Non
            str(_free_port()), "--no_local_rank", "--module", "training.learner", str(job_path)]
     log.info("launching: %s", " ".join(cmd))
     tail: deque[str] = deque(maxlen=30)
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            tail.append(line)
-            log.info("%s", line)
-    if proc.wait() != 0:
-        raise LearnerError(f"deepspeed learner exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        log.info("%s", line)
+
+    rc = run_streaming(cmd, on_line, env=env, cwd=repo)
+    if rc != 0:
+        raise LearnerError(f"deepspeed learner exited with {rc}; last lines:\n" + "\n".join(tail))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from infra.process import run_streaming
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -113,17 +114,19 @@ def launch(job: dict, job_dir: Path, nproc: int, torchrun_args: list[str], log) 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     log.info("launching: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT)
     rank_errors: list[str] = []  # the ranks' own tracebacks, not torchrun's
-    for line in proc.stdout:
-        line = line.rstrip()
+
+    def on_line(line: str) -> None:
+        nonlocal rank_errors
         if "Warning" in line or "warnings.warn" in line:
-            continue
+            return
         log.info("%s", line)
         if line.startswith("[rank"):
             rank_errors = (rank_errors + [line])[-20:]
-    if proc.wait() != 0:
-        raise RuntimeError(f"torchrun exited with {proc.returncode}; ranks said:\n" + "\n".join(rank_errors))
+
+    rc = run_streaming(cmd, on_line, env=env, cwd=REPO_ROOT)
+    if rc != 0:
+        raise RuntimeError(f"torchrun exited with {rc}; ranks said:\n" + "\n".join(rank_errors))
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
