@@ -25,8 +25,9 @@ class GRPOConfig(RLConfigBase):
 
     group_size: int = Field(4, ge=1, description="G: completions sampled per prompt")
     aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("grpo", description="token-loss aggregation")
-    scale_rewards: Literal["auto", "group", "none"] = Field(
-        "auto", description="divide advantages by the group std: auto = group, except none for dr_grpo"
+    scale_rewards: Literal["auto", "group", "batch", "none"] = Field(
+        "auto", description="divide advantages by the reward std of the group, of the whole batch (TRL), or not; "
+        "auto = group, except none for dr_grpo",
     )
     mu: int = Field(1, ge=1, description="inner updates per rollout batch (old-policy ratios when > 1)")
     eps_low: float = Field(0.2, ge=0, description="clip range below 1")
@@ -39,8 +40,10 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
     """Run ``cfg.steps`` GRPO steps; returns one metrics dict per step. The policy is trained in place."""
     import torch
 
-    from training.losses import grpo_loss, group_advantages, truncated_is_weights
-    from training.rl.common import Trainer, chat_prompt_ids, forward_logps, mismatch_stats, to_batch
+    from training.losses import constant_groups, grpo_loss, group_advantages, loss_normaliser, truncated_is_weights
+    from training.rl.common import (
+        Trainer, chat_prompt_ids, forward_logps, mismatch_stats, to_batch, warn_nucleus_tis,
+    )
     from training.rl.rewards import score_samples
     from training.rl.rollout import Sampling
 
@@ -48,7 +51,8 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scale_std = cfg.scale_rewards == "group" or (cfg.scale_rewards == "auto" and cfg.aggregation != "dr_grpo")
+    scale = cfg.scale_rewards if cfg.scale_rewards != "auto" else ("none" if cfg.aggregation == "dr_grpo" else "group")
+    warn_nucleus_tis(cfg, log)
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     trainer = Trainer(policy.parameters(), cfg.precision, cfg.lr, cfg.grad_clip)
     order = list(range(len(examples)))
@@ -70,7 +74,7 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
             log.warning("step %d: reward %r failed on %d/%d samples (first: %s); scored 0", step, name, n,
                         len(completions), scored.first_errors[name])
         rewards = torch.tensor(scored.total)
-        advantages = group_advantages(rewards, cfg.group_size, scale_std=scale_std)
+        advantages = group_advantages(rewards, cfg.group_size, scale)
         batch = to_batch(completions, pad_id)
         mask = batch.completion_mask.clone()
         truncated = torch.tensor([not c.finished for c in completions])
@@ -90,10 +94,11 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
             if cfg.beta:
                 ref_logps = torch.cat([forward_logps(ref_model, batch.rows(slice(i, i + mb)), cfg.temperature)
                                        for i in range(0, len(completions), mb)])
-        batch_tokens = int(mask.sum())
-        n_micro = -(-len(completions) // mb)
+        # one normaliser (rows, tokens or B·max_new_tokens) for the whole step: micro-batches only split the sum
+        normaliser = loss_normaliser(mask, cfg.aggregation, cfg.max_new_tokens)
         losses, clip_fracs, kls, norms, seen_old = [], [], [], [], []
         for _ in range(cfg.mu):
+            step_loss = 0.0
             for i in range(0, len(completions), mb):
                 rows = slice(i, i + mb)
                 with trainer.autocast():
@@ -104,13 +109,13 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
                 is_weights = truncated_is_weights(old, batch.rollout_logps[rows], cfg.tis_cap) if cfg.tis_cap else None
                 loss, stats = grpo_loss(
                     logps, old, advantages[rows], mask[rows], cfg.aggregation, cfg.eps_low, cfg.eps_high,
-                    cfg.beta, None if ref_logps is None else ref_logps[rows], is_weights, cfg.max_new_tokens, batch_tokens,
+                    cfg.beta, None if ref_logps is None else ref_logps[rows], is_weights, cfg.max_new_tokens, normaliser,
                 )
-                # dapo already divides by the whole batch's tokens; the others average over micro-batches
-                trainer.backward(loss if cfg.aggregation == "dapo" else loss / n_micro)
-                losses.append(loss.item())
+                trainer.backward(loss)
+                step_loss += loss.item()
                 clip_fracs.append(stats["clip_frac"].item())
                 kls.append(stats.get("kl", torch.tensor(0.0)).item())
+            losses.append(step_loss)
             norms.append(trainer.step())
         if reuse_forward:
             old_logps = torch.cat(seen_old)
@@ -124,7 +129,7 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
             "truncated": int(truncated.sum()), "reward_failures": sum(scored.failures.values()),
             "loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
             "kl": sum(kls) / len(kls), "grad_norm": sum(norms) / len(norms),
-            "zero_adv_groups": int((advantages.view(-1, cfg.group_size).abs().sum(1) == 0).sum()),
+            "zero_adv_groups": int(constant_groups(rewards, cfg.group_size).sum()),
             "gen_s": round(t_gen, 3), "step_s": round(time.time() - t0, 3), **gap,
         }
         history.append(record)

@@ -102,10 +102,12 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
     from tqdm import tqdm
 
     from training.losses import (
-        aggregate_token_loss, clipped_surrogate, clipped_value_loss, gae, masked_whiten, ppo_token_rewards,
-        truncated_is_weights,
+        aggregate_token_loss, clipped_surrogate, clipped_value_loss, gae, loss_normaliser, masked_whiten,
+        ppo_token_rewards, truncated_is_weights,
     )
-    from training.rl.common import Trainer, chat_prompt_ids, forward_logps, mismatch_stats, to_batch
+    from training.rl.common import (
+        Trainer, chat_prompt_ids, forward_logps, mismatch_stats, to_batch, warn_nucleus_tis,
+    )
     from training.rl.rewards import score_samples
     from training.rl.rollout import Sampling
 
@@ -113,6 +115,7 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    warn_nucleus_tis(cfg, log)
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     shared = critic.backbone is None
     params = list(policy.parameters()) + list(critic.parameters())
@@ -162,9 +165,10 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
             advantages = masked_whiten(advantages, mask)
         gap = mismatch_stats(old_logps, batch.rollout_logps, batch.completion_mask, cfg.tis_cap)
         is_weights = truncated_is_weights(old_logps, batch.rollout_logps, cfg.tis_cap) if cfg.tis_cap else None
-        n_micro = -(-n // mb)
+        tokens = loss_normaliser(mask, "bnpo")  # the step's token count normalises every micro-batch
         pg_losses, vf_losses, clip_fracs, norms = [], [], [], []
         for _ in range(cfg.ppo_epochs):
+            pg_sum = vf_sum = 0.0
             for i in range(0, n, mb):
                 rows = slice(i, i + mb)
                 with trainer.autocast():
@@ -172,13 +176,15 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
                 per_token, was_clipped = clipped_surrogate(logps, old_logps[rows], advantages[rows], cfg.clip, cfg.clip)
                 if is_weights is not None:
                     per_token = per_token * is_weights[rows]
-                pg = aggregate_token_loss(per_token, mask[rows], "bnpo")
-                vf = clipped_value_loss(values.float(), old_values[rows], returns[rows], mask[rows], cfg.value_clip)
-                trainer.backward((pg + cfg.vf_coef * vf) / n_micro)
-                pg_losses.append(pg.item())
-                vf_losses.append(vf.item())
+                pg = aggregate_token_loss(per_token, mask[rows], "bnpo", normaliser=tokens)
+                vf = clipped_value_loss(values.float(), old_values[rows], returns[rows], mask[rows], cfg.value_clip, tokens)
+                trainer.backward(pg + cfg.vf_coef * vf)
+                pg_sum += pg.item()
+                vf_sum += vf.item()
                 m = mask[rows].float()
                 clip_fracs.append(((was_clipped.float() * m).sum() / m.sum().clamp(min=1)).item())
+            pg_losses.append(pg_sum)
+            vf_losses.append(vf_sum)
             norms.append(trainer.step())
         engine.update_weights(policy.state_dict())
         seq_kl = float(kl.sum(1).mean())
