@@ -95,7 +95,7 @@ def batch_logps(model, batch, temperature, hidden=False):
     logits = out.logits[:, p - 1:-1].double() / temperature
     lp = torch.log_softmax(logits, -1).gather(2, batch.input_ids[:, p:].unsqueeze(-1)).squeeze(-1)
     lp = lp * batch.completion_mask
-    return (lp, out.hidden_states[-1][:, p - 1:-1]) if hidden else lp
+    return (lp, out.hidden_states[-1][:, p - 1:-1], logits) if hidden else lp
 
 
 def group_adv(rewards, g, scale):
@@ -170,7 +170,8 @@ def test_one_grpo_step_gives_the_reference_gradient(tiny, monkeypatch, aggregati
     assert history[0]["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-7)
 
 
-def test_one_ppo_step_gives_the_reference_gradient(tiny, monkeypatch):
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_one_ppo_step_gives_the_reference_gradient(tiny, monkeypatch, entropy_coef):
     from training.rl.common import chat_prompt_ids, to_batch
     from training.rl.ppo import PPOConfig, ValueModel, train_ppo
     from training.rl.rewards import arithmetic_prompts
@@ -184,14 +185,15 @@ def test_one_ppo_step_gives_the_reference_gradient(tiny, monkeypatch):
     cfg = PPOConfig(
         steps=1, prompts_per_step=ROWS, micro_batch_size=8, max_new_tokens=WIDTH, temperature=0.7, ppo_epochs=1,
         gamma=0.9, lam=0.8, kl_coef=0.1, vf_coef=0.1, tis_cap=2.0, reward_weights={"fake": 1.0}, lr=1e-3,
+        entropy_coef=entropy_coef,
     )
     examples = arithmetic_prompts(ROWS, seed=0)
     engine = FakeEngine(len(tok), ROWS)
     named = list(policy.named_parameters()) + [(f"head.{n}", p) for n, p in head.named_parameters()]
     seen = spy_gradients(monkeypatch, named)
-    train_ppo(policy, tok, engine, examples, cfg, ref_model, critic, reward_functions={"fake": fake_reward},
-              log=logging.getLogger("test"))
-    assert len(seen) == 1
+    history = train_ppo(policy, tok, engine, examples, cfg, ref_model, critic, reward_functions={"fake": fake_reward},
+                        log=logging.getLogger("test"))
+    assert len(seen) == 1 and ("entropy" in history[0]) == bool(entropy_coef)
 
     import random
 
@@ -202,7 +204,7 @@ def test_one_ppo_step_gives_the_reference_gradient(tiny, monkeypatch):
                                   type("S", (), {"max_tokens": WIDTH})())
     batch = to_batch(completions, tok.pad_token_id)
     model = copy.deepcopy(policy0)
-    logps, hidden = batch_logps(model, batch, cfg.temperature, hidden=True)
+    logps, hidden, logits = batch_logps(model, batch, cfg.temperature, hidden=True)
     values = head0(hidden.float()).squeeze(-1).double() * batch.completion_mask
     with torch.no_grad():
         ref = batch_logps(ref_model, batch, cfg.temperature)
@@ -228,7 +230,67 @@ def test_one_ppo_step_gives_the_reference_gradient(tiny, monkeypatch):
     w = torch.exp(old - batch.rollout_logps.double()).clamp(max=cfg.tis_cap)
     pg = (-w * torch.exp(logps - old) * adv * mask).sum() / n_tok
     vf = 0.5 * (((values - ret) ** 2) * mask).sum() / n_tok  # V = V_old on the first epoch: the clip is inactive
-    (pg + cfg.vf_coef * vf).backward()
+    p_tok = torch.softmax(logits, -1)
+    entropy = -(p_tok * torch.log_softmax(logits, -1)).sum(-1)  # H = −Σ_v p log p of the full distribution
+    (pg + cfg.vf_coef * vf - entropy_coef * (entropy * mask).sum() / n_tok).backward()
+    if entropy_coef:
+        assert history[0]["entropy"] == pytest.approx(float((entropy.detach() * mask).sum() / n_tok), rel=1e-4)
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     want.update({f"head.{n}": p.grad for n, p in head0.named_parameters()})
     compare(seen[0], want, 1e-4)
+
+
+class SequenceEngine(FakeEngine):
+    """Every call returns new completions: texts 'c<k>' with a running k, so rewards can differ per round."""
+
+    def __init__(self, vocab: int):
+        super().__init__(vocab, 64)
+        self.calls, self.served = [], 0
+
+    def generate(self, prompts, n, sampling):
+        self.calls.append(len(prompts))
+        out = []
+        for j in range(len(prompts) * n):
+            k = self.served + j
+            out.append(Completion(j // n, list(prompts[j // n]), self.tokens[k], self.logps[k], f"c{k}", True))
+        self.served += len(prompts) * n
+        return out
+
+
+def test_dynamic_sampling_refills_flat_groups_and_gives_up_after_the_budget(tiny):
+    """Groups of 2. Round 1: [flat, spread, flat] → keep 1, ask 2 more; round 2: [spread, flat] → ask 1;
+    round 3: [spread] → full. A second step with only flat groups makes no update after 1 + 2 rounds."""
+    from training.rl.grpo import GRPOConfig, train_grpo
+    from training.rl.rewards import arithmetic_prompts
+
+    tok, policy0, _ = tiny
+    table = [1.0, 1.0, 0.0, 1.0, 0.5, 0.5] + [0.0, 1.0, 2.0, 2.0] + [1.0, 0.0] + [0.3] * 12
+    engine = SequenceEngine(len(tok))
+    cfg = GRPOConfig(steps=2, prompts_per_step=3, group_size=2, micro_batch_size=4, max_new_tokens=WIDTH,
+                     dynamic_sampling=True, resample_rounds=2, reward_weights={"fake": 1.0}, lr=1e-3)
+    history = train_grpo(copy.deepcopy(policy0), tok, engine, arithmetic_prompts(8), cfg,
+                         reward_functions={"fake": lambda c, a, p: table[int(c[1:])]}, log=logging.getLogger("test"))
+    assert engine.calls == [3, 2, 1, 3, 3, 3]
+    first, second = history
+    assert (first["sampled_groups"], first["kept_groups"], first["zero_adv_groups"]) == (6, 3, 0)
+    assert first["reward_mean"] == pytest.approx(sum(table[:12]) / 12)  # over every sampled completion
+    assert "loss" in first and "loss" not in second
+    assert (second["sampled_groups"], second["kept_groups"]) == (9, 0)
+
+
+def test_overlong_punishment_enters_the_rewards(tiny):
+    from training.rl.grpo import GRPOConfig, train_grpo
+    from training.rl.rewards import arithmetic_prompts
+
+    tok, policy0, _ = tiny
+    engine = FakeEngine(len(tok), ROWS)
+    cfg = GRPOConfig(steps=1, prompts_per_step=5, group_size=4, micro_batch_size=8, max_new_tokens=WIDTH,
+                     overlong_buffer=4, overlong_penalty=0.5, reward_weights={"fake": 1.0}, lr=1e-3)
+    history = train_grpo(copy.deepcopy(policy0), tok, engine, arithmetic_prompts(5), cfg,
+                         reward_functions={"fake": fake_reward}, log=logging.getLogger("test"))
+    # DAPO: 0 up to L − B = 2 tokens, then linear down to −0.5 at L = 6
+    want = [0.5 * min(0.0, (2 - len(t)) / 4) for t in engine.tokens]
+    assert history[0]["reward_overlong"] == pytest.approx(sum(want) / ROWS)
+    assert history[0]["reward_mean"] == pytest.approx((sum(REWARDS) + sum(want)) / ROWS, rel=1e-6)
+    with pytest.raises(ValueError, match="overlong_buffer"):
+        GRPOConfig(max_new_tokens=4, overlong_buffer=5)

@@ -459,3 +459,25 @@ def test_r1_shaping_grid_of_weights_and_scores():
     for m in (-3.0, 0.5, 4.0):
         assert r1_shaping(m, 1.0, 0.7) == pytest.approx(1 / (1 + math.exp(-0.7 * m)), rel=1e-12)
         assert r1_shaping(m, 0.0, 0.7) == pytest.approx(1 / (1 + math.exp(-0.7 * m)) - 1, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_token_entropy_matches_float64_reference(dtype):
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(2, 5, 300, generator=gen) * 6).to(dtype)
+    h = losses.token_entropy(logits)
+    p = torch.softmax(logits.double(), -1)
+    want = -(p * torch.log(p.clamp(min=1e-300))).sum(-1)
+    assert h.dtype == torch.float32 and rel_err(h.double(), want) < 1e-5
+    assert losses.token_entropy(torch.zeros(1, 7)).item() == pytest.approx(math.log(7))
+
+
+def test_overlong_penalty_by_hand():
+    from training.rl.rewards import overlong_penalty
+
+    # L = 20, B = 5: free up to 15 tokens, then −(|y| − 15)/5, −1 beyond 20
+    assert [overlong_penalty(n, 20, 5) for n in (1, 15, 16, 18, 20, 21)] == pytest.approx([0, 0, -0.2, -0.6, -1.0, -1.0])
+    assert overlong_penalty(18, 20, 5, factor=2.0) == pytest.approx(-1.2)
+    assert overlong_penalty(20, 20, 0) == 0.0
+    with pytest.raises(ValueError, match="exceeds"):
+        overlong_penalty(3, 4, 5)

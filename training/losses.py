@@ -189,6 +189,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return centered.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last axis, in float32: H = logsumexp(l) − Σ_v softmax(l)_v · l_v."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(π‖π_ref) (Schulman): e^(ref − logp) − (ref − logp) − 1, always ≥ 0."""
     delta = ref_logps - logps

@@ -94,11 +94,14 @@ def to_batch(completions, pad_id: int) -> RolloutBatch:
     )
 
 
-def forward_logps(model, batch: RolloutBatch, temperature: float, hidden: bool = False):
+def forward_logps(model, batch: RolloutBatch, temperature: float, hidden: bool = False, entropy: bool = False):
     """Per-token log π(o_t) of the completion tokens under ``model`` at ``temperature``: (B, T) float32.
 
-    With ``hidden`` also returns the last hidden states of the completion-predicting positions (B, T, H).
+    With ``hidden`` and/or ``entropy`` returns a tuple: the log-probs, then the last hidden states of the
+    completion-predicting positions (B, T, H) and/or the full-distribution entropy per token (B, T).
     """
+    from training.losses import token_entropy
+
     out = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
         output_hidden_states=hidden, use_cache=False,
@@ -107,9 +110,12 @@ def forward_logps(model, batch: RolloutBatch, temperature: float, hidden: bool =
     logits = out.logits[:, p - 1:-1].float() / temperature
     targets = batch.input_ids[:, p:].unsqueeze(-1)
     logps = (logits.log_softmax(-1).gather(2, targets).squeeze(-1)) * batch.completion_mask
-    if hidden:
-        return logps, out.hidden_states[-1][:, p - 1:-1]
-    return logps
+    if not (hidden or entropy):
+        return logps
+    extra = [out.hidden_states[-1][:, p - 1:-1]] if hidden else []
+    if entropy:
+        extra.append(token_entropy(logits) * batch.completion_mask)
+    return (logps, *extra)
 
 
 def mismatch_stats(trainer_logps, rollout_logps, mask, cap: float) -> dict[str, float]:

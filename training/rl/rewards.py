@@ -93,6 +93,21 @@ def r1_shaping(
     return -scale * (1.0 / (1.0 + math.exp(x)) + missed) / denominator
 
 
+def overlong_penalty(length: int, max_len: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment, added to the reward (0 when ``buffer`` is 0):
+
+    0 for |y| ≤ L − B;  factor·((L − B) − |y|) / B for L − B < |y| ≤ L;  −factor beyond L
+    (L = ``max_len``, the generation cap, B = ``buffer``, DAPO's L_cache).
+    """
+    if not buffer:
+        return 0.0
+    if buffer > max_len:
+        raise ValueError(f"overlong buffer {buffer} exceeds the completion length cap {max_len}")
+    if length > max_len:
+        return -factor
+    return factor * min(0.0, (max_len - buffer - length) / buffer)
+
+
 class RewardModelScorer:
     """Scores (prompt, completion) with the ``reward`` stage's sequence-classification model (num_labels=1).
 
