@@ -323,6 +323,7 @@ def test_ppo_accumulation_equals_the_one_batch_gradient():
 
     # hand reference: ∂/∂logp as in GRPO with weights 1/N; ∂/∂V of ½·max((V−R)², (clip(V)−R)²)/N
     n = int(mask.sum())
+    logps, values = logps.detach(), values.detach()
     g_logp = torch.zeros_like(logps)
     g_v = torch.zeros_like(values)
     for i in range(b):
