@@ -6,7 +6,9 @@ loss; the held-out metrics still compare with the reference). Metrics, held-out,
 log-prob accuracy (log π(y_c) > log π(y_r)), the chosen-minus-rejected log-prob margin, chosen
 and rejected log-prob means, and the implicit-reward accuracy β·(Δ_c − Δ_r) > 0 (Δ = log π − log π_ref;
 before training every implicit reward is 0, so that accuracy starts at 0). With ``train_layers: N``
-the frozen blocks' output is cached once per sequence too (training.frozen).
+the frozen blocks' output is cached once per sequence too (training.frozen). KTO's reference point
+z0 comes from mismatched sequences (each pair's prompt + the next training pair's answers), fixed in
+``prepare`` before the split over ranks, with their reference log-probs cached alongside.
 """
 
 from __future__ import annotations
@@ -134,15 +136,13 @@ class DPOTask:
         return total[:len(pairs)], total[len(pairs):]
 
     def setup(self, model, train_items, eval_items) -> None:
-        """Cache (once, before any update) the reference log-probs of every pair this rank will see,
-        and with train_layers the frozen blocks' output of every sequence (computed first, so the
-        reference log-probs then cost only the top blocks)."""
+        """Cache (once, before any update) the reference log-probs of every pair this rank will see
+        (and of its KTO z0 sequences), and with train_layers the frozen blocks' output of every sequence
+        (computed first, so the reference log-probs then cost only the top blocks)."""
         import torch
         from tqdm import tqdm
 
-        from training.frozen import cache_pair_states
-
-        from training.frozen import cache_bottom_states
+        from training.frozen import cache_bottom_states, cache_pair_states
 
         kto_seqs = [e for p in train_items if id(p) in self.mismatched for e in self.mismatched[id(p)]]
         if self.cfg.train_layers:
