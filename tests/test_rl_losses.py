@@ -15,17 +15,21 @@ from training.losses import (
 
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0])  # groups of 3: mean 1/3, mean 5/3
-    plain = group_advantages(r, 3, scale_std=False)
+    plain = group_advantages(r, 3, "none")
     assert torch.allclose(plain, torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3]))
     std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # unbiased, both groups alike
-    scaled = group_advantages(r, 3, scale_std=True, eps=0.0)
+    scaled = group_advantages(r, 3, "group", eps=0.0)
     assert torch.allclose(scaled, plain / std)
+    batch_std = r.std().item()  # TRL scale_rewards="batch": unbiased std of all six rewards
+    assert torch.allclose(group_advantages(r, 3, "batch", eps=0.0), plain / batch_std)
+    with pytest.raises(ValueError, match="unknown reward scaling"):
+        group_advantages(r, 3, "std")
 
 
 def test_identical_group_rewards_give_zero_advantage_not_nan():
     r = torch.tensor([0.7, 0.7, 0.7, 0.7, 1.0, 0.0, 1.0, 0.0])
-    for scale in (True, False):
-        a = group_advantages(r, 4, scale_std=scale)
+    for scale in ("group", "batch", "none"):
+        a = group_advantages(r, 4, scale)
         assert not torch.isnan(a).any()
         assert torch.equal(a[:4], torch.zeros(4))
         assert (a[4:] != 0).all()
@@ -71,7 +75,9 @@ def test_aggregations_by_hand():
     assert aggregate_token_loss(per_token, mask, "grpo").item() == pytest.approx((2.0 + 4.0) / 2)
     assert aggregate_token_loss(per_token, mask, "bnpo").item() == pytest.approx(10.0 / 4)
     assert aggregate_token_loss(per_token, mask, "dapo").item() == pytest.approx(10.0 / 4)
-    assert aggregate_token_loss(per_token, mask, "dapo", batch_tokens=10).item() == pytest.approx(1.0)
+    # a step-wide normaliser (here: this batch is part of a 10-token step) replaces this batch's count
+    assert aggregate_token_loss(per_token, mask, "dapo", normaliser=10).item() == pytest.approx(1.0)
+    assert aggregate_token_loss(per_token, mask, "grpo", normaliser=4).item() == pytest.approx((2.0 + 4.0) / 4)
     assert aggregate_token_loss(per_token, mask, "dr_grpo", max_completion_len=8).item() == pytest.approx(10.0 / 16)
     with pytest.raises(ValueError, match="max_completion_len"):
         aggregate_token_loss(per_token, mask, "dr_grpo")
@@ -84,7 +90,7 @@ def _token_weights(aggregation: str, correct_len: int) -> torch.Tensor:
     width = 12
     logps = torch.full((2, width), -1.0, requires_grad=True)
     mask = _loss_mask([correct_len, 4], width)
-    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, scale_std=aggregation != "dr_grpo")
+    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, "none" if aggregation == "dr_grpo" else "group")
     loss, _ = grpo_loss(logps, logps.detach(), adv, mask, aggregation, max_completion_len=width)
     loss.backward()
     return logps.grad[0, :3]
@@ -140,7 +146,11 @@ def test_whiten_and_value_clip_by_hand():
     x = torch.tensor([[1.0, 3.0, 100.0]])
     mask = _loss_mask([2], 3)
     w = masked_whiten(x, mask)
-    assert torch.allclose(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6)
+    # unbiased variance (TRL / veRL): ((1−2)² + (3−2)²) / (2 − 1) = 2. This test used to lock in the
+    # biased estimate (var 1 → ±1); issue 15 switched to the anchors' estimator.
+    assert torch.allclose(w, torch.tensor([[-1.0, 1.0, 0.0]]) / math.sqrt(2.0), atol=1e-6)
+    three = masked_whiten(torch.tensor([[1.0, 2.0, 4.0]]), torch.ones(1, 3, dtype=torch.bool), eps=0.0)
+    assert three[0, 0].item() == pytest.approx(-0.8728715609)  # (1 − 7/3) / √(14/9 · 3/2); biased: −1.069
     v, old, ret = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[0.0]])
     # unclipped (1-0)^2 = 1, clipped V = 0.2 → 0.04; max → 1; ½ → 0.5
     assert clipped_value_loss(v, old, ret, torch.ones(1, 1, dtype=torch.bool), clip=0.2).item() == pytest.approx(0.5)

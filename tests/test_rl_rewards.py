@@ -47,6 +47,16 @@ def test_r1_shaping_orders_wrong_below_right():
     assert r1_shaping(0.0, 1.0) == pytest.approx(0.5)
     assert r1_shaping(10.0, 0.0, alpha=1.0) < r1_shaping(-10.0, 1.0, alpha=1.0)
     assert r1_shaping(2.0, 1.0, alpha=0.5) == pytest.approx(1 / (1 + math.exp(-1.0)))
+    assert r1_shaping(2.0, 0.0, alpha=0.5) == pytest.approx(1 / (1 + math.exp(-1.0)) - 1)
+    # the audit's case under the default weights (correct 1, format 0.2), reward-model scores ±8: the old
+    # formula gave wrong-but-formatted 0.1997 > right-but-unformatted 0.0003
+    wrong = r1_shaping(8.0, 0.0, bonuses=[(0.2, 1.0)])
+    right = r1_shaping(-8.0, 1.0, bonuses=[(0.2, 0.0)])
+    assert wrong < 0 < right
+    assert right == pytest.approx((1 / (1 + math.exp(8))) / 1.2)
+    assert r1_shaping(0.0, 1.0, scale=2.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="positive 'correct' weight"):
+        r1_shaping(0.0, 1.0, scale=0.0)
 
 
 def test_score_samples_weights_and_counts_a_raising_reward():

@@ -55,11 +55,15 @@ def test_ipo_simpo_orpo_kto_bt_reference_values():
     assert close(losses.ipo_loss(c, r, ref, ref, beta=0.5)[0], 0.25)  # (0.5 − 1/(2·0.5))²
     simpo, sc, _ = losses.simpo_loss(c, r, beta=2.0, gamma=0.5)
     assert close(simpo, 0.4740769842) and close(sc, -2.0)  # −log σ(2·0.5 − 0.5)
-    # log odds = 0.5 − (log(1−e^−1) − log(1−e^−1.5)) = 0.7061927; loss = 1.0 − 0.1·log σ(0.7061927)
-    assert close(losses.orpo_loss(c, r, beta=0.1)[0], 1.0401135488)
+    # log odds = 0.5 − (log(1−e^−1) − log(1−e^−1.5)) = 0.7061927; odds term −0.1·log σ(0.7061927); the
+    # chosen NLL (1.0 here, one 1-token answer) is now added by the stage as a token mean over the batch
+    assert close(losses.orpo_loss(c, r, beta=0.1)[0], 0.0401135488)
+    assert close(losses.chosen_nll(c, 1) + losses.orpo_loss(c, r, beta=0.1)[0], 1.0401135488)
     kc, kr, kref = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0])
     kto, _, _ = losses.kto_loss(kc, kr, kref, kref, kl=torch.tensor(0.5), beta=0.1)
-    assert close(kto, 0.9500727582)  # (1 − σ(0.1·(1 − 0.5))) + (1 − σ(0.1·(0.5 + 1)))
+    # TRL's scale: the mean over all 2N answers, i.e. half the per-pair sum (this test used to lock in
+    # the sum, 0.9500727582 — twice TRL's loss; issue 15)
+    assert close(kto, 0.9500727582 / 2)  # [(1 − σ(0.1·(1 − 0.5))) + (1 − σ(0.1·(0.5 + 1)))] / 2
     bt = losses.bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.2]), margin=0.3, center_coef=0.01)
     assert close(bt, 0.4884769842)  # −log σ(1 − 0.2 − 0.3) + 0.01·1.2²
 
@@ -329,6 +333,8 @@ def test_sft_reward_dpo_chain(make_config, tiny_dir):
         # only the top block trains; the frozen blocks' cached output must give the same steps under ZeRO
         ("reward", "pref_gsm8k.jsonl", 2, {"train_layers": 1}),
         ("dpo", "pref_gsm8k.jsonl", 3, {"train_layers": 1}),
+        # KTO's z0 sequences (prompt + the next pair's answers) are fixed before the split over ranks
+        ("dpo", "pref_gsm8k.jsonl", 2, {"train_layers": 1, "loss": "kto"}),
     ],
 )
 def test_torch_and_deepspeed_give_the_same_losses(tmp_path, tiny_dir, task, data, zero_stage, extra):

@@ -85,17 +85,38 @@ def simpo_loss(
     return loss, beta * chosen.detach(), beta * rejected.detach()
 
 
+ORPO_MAX_LOGP = -1e-6  # length-averaged log-probs are clamped here: log(1 − p̄) is −inf at p̄ = 1
+
+
 def orpo_loss(
     chosen: torch.Tensor, rejected: torch.Tensor, beta: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ORPO (TRL ORPOTrainer): reference-free; inputs are length-averaged log-probs log p̄ (< 0).
+    """ORPO's odds-ratio term (TRL ORPOTrainer); inputs are length-averaged log-probs log p̄ (≤ 0).
 
-    log odds(y) = log p̄ − log(1 − p̄);  loss = −log p̄(y_c) − β·log σ(log odds(y_c) − log odds(y_r))
-    (the first term is the chosen response's mean-token NLL, the SFT part). Rewards are β·log p̄(y).
+    log odds(y) = log p̄ − log(1 − p̄);  loss = −β·log σ(log odds(y_c) − log odds(y_r))
+    The full ORPO objective adds the chosen answers' NLL as a token mean over the batch (TRL's
+    cross-entropy on the chosen half): :func:`chosen_nll` — the caller adds it, as it spans pairs.
+    log p̄ is clamped to ≤ −1e-6 first, so p̄ = 1 gives a finite loss and gradient (TRL: NaN).
+    Rewards are β·log p̄(y).
     """
-    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
-    loss = -chosen - beta * F.logsigmoid(log_odds)
+    c, r = chosen.clamp(max=ORPO_MAX_LOGP), rejected.clamp(max=ORPO_MAX_LOGP)
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+    loss = -beta * F.logsigmoid(log_odds)
     return loss, beta * chosen.detach(), beta * rejected.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0, accurate at both ends (Mächler 2012): log(−expm1 x) near 0, log1p(−eˣ) below −ln 2."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def chosen_nll(chosen_sums: torch.Tensor, chosen_tokens: int | float | torch.Tensor) -> torch.Tensor:
+    """Token-mean NLL of the chosen answers: −Σ_pairs log π(y_c) / N_tokens (ORPO's SFT term, RPO's NLL term).
+
+    ``chosen_sums`` are summed log-probs; ``chosen_tokens`` the chosen-token count of the whole step,
+    so a step split over ranks or micro-batches gives the same number.
+    """
+    return -chosen_sums.sum() / max(float(chosen_tokens), 1.0)
 
 
 def kto_loss(
@@ -105,15 +126,15 @@ def kto_loss(
     """KTO (TRL KTOTrainer), chosen = desirable, rejected = undesirable; ``kl`` is the reference point z₀.
 
     loss_c = w_d·(1 − σ(β·(Δ_c − z₀))),  loss_r = w_u·(1 − σ(β·(z₀ − Δ_r))),  Δ = log π − log π_ref
-    z₀ = max(0, mean(log π − log π_ref)), detached: TRL estimates it on mismatched pairs, the dpo
-    stage on all answers of the step's global batch.
-    Returns per-pair loss_c + loss_r.
+    Returns per-pair (loss_c + loss_r) / 2, so the mean over pairs is TRL's mean over all 2N answers.
+    z₀ = max(0, mean over mismatched (prompt, other answer) pairs of log π − log π_ref), detached
+    (TRL and the KTO paper); the dpo stage computes it (``kto_z0``).
     """
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     loss = desirable_weight * (1 - torch.sigmoid(beta * (chosen_ratio - kl))) + undesirable_weight * (
         1 - torch.sigmoid(beta * (kl - rejected_ratio))
     )
-    return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return loss / 2, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 def bradley_terry_loss(
@@ -134,23 +155,44 @@ def bradley_terry_loss(
 # Log-probs are per-token log π(o_t | q, o_<t) of the sampled tokens.
 
 PG_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+MAX_LOG_RATIO = 20.0  # |log ratio| is clamped here before exp (veRL): e^20 ≈ 4.9e8, never inf
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages, one per completion; ``rewards`` (B·G,) ordered group by group.
-
-    A_i = r_i − mean_g(r)                      (scale_std=False: Dr. GRPO)
-    A_i = (r_i − mean_g(r)) / (std_g(r) + eps)  (scale_std=True: GRPO)
-    A group whose rewards are all equal gets A = 0 (never NaN, also for G = 1).
-    """
+def constant_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(n_groups,) bool: the groups whose rewards are all equal (they carry no learning signal)."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.float().view(-1, group_size)
+    grouped = rewards.view(-1, group_size)
+    return grouped.max(dim=1).values == grouped.min(dim=1).values
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages, one per completion; ``rewards`` (B·G,) ordered group by group. Computed in float64.
+
+    A_i = r_i − mean_g(r)                        (scale="none": Dr. GRPO)
+    A_i = (r_i − mean_g(r)) / (std_g(r) + eps)   (scale="group": GRPO)
+    A_i = (r_i − mean_g(r)) / (std(r) + eps)     (scale="batch": std over all B·G rewards, TRL)
+    std is the unbiased estimate (TRL), 0 for a single value. A group whose rewards are all equal
+    gets A = 0 exactly (its float mean can be one ulp off, which std scaling would blow up).
+    """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"unknown reward scaling {scale!r}; choose one of {SCALE_REWARDS}")
+    constant = constant_groups(rewards, group_size)
+    grouped = rewards.double().view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_std:
-        std = grouped.std(dim=1, keepdim=True, correction=1 if group_size > 1 else 0)
-        centered = centered / (std + eps)
-    return centered.view(-1)
+    if scale == "group":
+        centered = centered / (grouped.std(dim=1, keepdim=True, correction=1 if group_size > 1 else 0) + eps)
+    elif scale == "batch":
+        centered = centered / (grouped.std(correction=1 if grouped.numel() > 1 else 0) + eps)
+    centered = centered.masked_fill(constant.unsqueeze(1), 0.0)
+    return centered.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last axis, in float32: H = logsumexp(l) − Σ_v softmax(l)_v · l_v."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -160,12 +202,15 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 
 def truncated_is_weights(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
-    """Truncated importance sampling (TIS): w_t = min(exp(logp_trainer_old − logp_rollout), C), no gradient.
+    """Truncated importance sampling (TIS): w_t = min(exp(clamp(logp_trainer_old − logp_rollout, ±20)), C), no gradient.
 
     Corrects for the rollout engine sampling from a slightly different distribution than the
-    trainer computes (kernels, precision); C bounds the variance.
+    trainer computes (kernels, precision); C bounds the variance. Both log-probs must be of the
+    same distribution: with top_p < 1 the engines report log-probs renormalised over the nucleus
+    (≥ the trainer's full-softmax ones), which biases w below 1.
     """
-    return torch.exp(trainer_logps.detach() - rollout_logps.detach()).clamp(max=cap)
+    delta = (trainer_logps.detach() - rollout_logps.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return torch.exp(delta).clamp(max=cap)
 
 
 def clipped_surrogate(
@@ -173,49 +218,63 @@ def clipped_surrogate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO clipped objective as a per-token loss, and where the clip was active.
 
-    ρ_t = exp(logp − logp_old);  ℓ_t = −min(ρ_t·A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A_t)
-    ``advantages`` is (B,) (one per sequence, broadcast) or (B, T).
+    ρ_t = exp(clamp(logp − logp_old, ±20));  ℓ_t = −min(ρ_t·A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A_t)
+    ``advantages`` is (B,) (one per sequence, broadcast) or (B, T). The clamp (veRL) keeps ρ finite.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
-    ratio = torch.exp(logps - old_logps)
+    ratio = torch.exp((logps - old_logps).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     return -torch.min(unclipped, clipped), (clipped < unclipped)
 
 
-def aggregate_token_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_completion_len: int | None = None,
-    batch_tokens: int | float | None = None,
-) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss to a scalar; the names follow TRL's ``loss_type``.
+def loss_normaliser(mask: torch.Tensor, aggregation: str, max_completion_len: int | None = None) -> float:
+    """The denominator of ``aggregation`` for a whole optimizer step whose loss mask is ``mask`` (B, T).
 
-    grpo:    (1/B) Σ_i (1/|o_i|) Σ_t ℓ_it          per-sequence token mean, then mean (length-biased)
-    bnpo:    Σ_it ℓ_it / Σ_it m_it                 token mean over this (micro-)batch
-    dapo:    Σ_it ℓ_it / N_tokens                  token mean over the whole rollout batch
-             (``batch_tokens`` = its token count when the batch is split into micro-batches)
-    dr_grpo: Σ_it ℓ_it / (B · max_completion_len)  a constant normaliser: no length bias
+    grpo: B (rows);  bnpo, dapo: Σ m (tokens, ≥ 1);  dr_grpo: B · max_completion_len.
+    Computed once per step and passed to every micro-batch, the accumulated gradient equals the
+    one-batch gradient however the rows are split.
     """
-    mask = mask.to(per_token.dtype)
-    total = (per_token * mask).sum()
     if aggregation == "grpo":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    if aggregation == "bnpo":
-        return total / mask.sum().clamp(min=1)
-    if aggregation == "dapo":
-        return total / max(float(batch_tokens if batch_tokens is not None else mask.sum()), 1.0)
+        return float(mask.shape[0])
+    if aggregation in ("bnpo", "dapo"):
+        return max(float(mask.sum()), 1.0)
     if aggregation == "dr_grpo":
         if not max_completion_len:
             raise ValueError("dr_grpo aggregation needs max_completion_len")
-        return total / (per_token.shape[0] * max_completion_len)
+        return float(mask.shape[0] * max_completion_len)
     raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {PG_AGGREGATIONS}")
+
+
+def aggregate_token_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_completion_len: int | None = None,
+    normaliser: float | None = None,
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar; the names follow TRL's ``loss_type``.
+
+    grpo:        Σ_i (1/|o_i|) Σ_t ℓ_it / B        per-sequence token mean, then mean (length-biased)
+    bnpo, dapo:  Σ_it ℓ_it / Σ_it m_it             token mean
+    dr_grpo:     Σ_it ℓ_it / (B · max_completion_len)  a constant normaliser: no length bias
+    B and the token count are the whole optimizer step's (``normaliser``, see :func:`loss_normaliser`);
+    without it, this batch's. So bnpo and dapo coincide here: in TRL they differ only in that bnpo
+    normalises per micro-batch, which makes the objective depend on the micro-batching.
+    """
+    if normaliser is None:
+        normaliser = loss_normaliser(mask, aggregation, max_completion_len)
+    elif aggregation not in PG_AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {PG_AGGREGATIONS}")
+    mask = mask.to(per_token.dtype)
+    if aggregation == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
+    return (per_token * mask).sum() / normaliser
 
 
 def grpo_loss(
     logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     aggregation: str = "grpo", eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
     ref_logps: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
-    max_completion_len: int | None = None, batch_tokens: int | float | None = None,
+    max_completion_len: int | None = None, normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO family policy loss, aggregated by ``aggregation`` (see :func:`aggregate_token_loss`).
 
@@ -233,16 +292,20 @@ def grpo_loss(
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
         stats["kl"] = ((kl * m).sum() / m.sum().clamp(min=1)).detach()
-    loss = aggregate_token_loss(per_token, mask, aggregation, max_completion_len, batch_tokens)
+    loss = aggregate_token_loss(per_token, mask, aggregation, max_completion_len, normaliser)
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over the masked entries (PPO advantage whitening); masked-out entries become 0."""
+    """(x − mean) / √(var + eps) over the n masked entries; masked-out entries become 0.
+
+    var is the unbiased estimate Σ(x − mean)² / (n − 1), as TRL's and veRL's ``masked_whiten``
+    (the biased one for n = 1, where the numerator is 0).
+    """
     m = mask.to(values.dtype)
-    n = m.sum().clamp(min=1)
-    mean = (values * m).sum() / n
-    var = (((values - mean) * m) ** 2).sum() / n
+    n = m.sum()
+    mean = (values * m).sum() / n.clamp(min=1)
+    var = (((values - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -285,9 +348,13 @@ def gae(
 
 
 def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2,
+    normaliser: float | None = None,
 ) -> torch.Tensor:
-    """PPO value loss with value clipping: ½·mean_t max((V − R)², (clip(V, V_old ± c) − R)²)."""
+    """PPO value loss with value clipping: ½ · Σ_t max((V − R)², (clip(V, V_old ± c) − R)²) / N_tokens.
+
+    N_tokens is the whole step's token count (``normaliser``), without it this batch's.
+    """
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_token = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return 0.5 * aggregate_token_loss(per_token, mask, "bnpo")
+    return 0.5 * aggregate_token_loss(per_token, mask, "bnpo", normaliser=normaliser)

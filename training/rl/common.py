@@ -33,16 +33,22 @@ class RLConfigBase(StageConfig):
     prompts_per_step: int = Field(4, ge=1, description="prompts per step")
     max_new_tokens: int = Field(64, ge=1, description="completion length cap")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (the trainer's log-probs use the same)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (< 1 biases TIS: see tis_cap)")
     lr: float = Field(1e-6, gt=0, description="AdamW learning rate (constant)")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     micro_batch_size: int = Field(8, ge=1, description="completions per forward/backward")
-    tis_cap: float = Field(2.0, ge=0, description="truncated importance sampling cap C (0 = off)")
+    tis_cap: float = Field(
+        2.0, ge=0, description="truncated importance sampling cap C (0 = off); assumes top_p = 1 (the engines' "
+        "log-probs are renormalised over the nucleus)",
+    )
     reward_weights: dict[str, float] = Field(
         default_factory=lambda: {"correct": 1.0, "format": 0.2},
         description="weights of reward components: correct, format, reward_model",
     )
-    r1_alpha: float | None = Field(None, description="set to use r = sigmoid(alpha*r_m) + (r_v - 1) (needs a reward model)")
+    r1_alpha: float | None = Field(
+        None, description="set for R1 shaping: r = w_correct*((c - 1) + s), s in (0, 1) from sigmoid(alpha*r_m) and the "
+        "other weighted components, so a wrong answer always scores below a right one (needs a reward model)",
+    )
     reward_model: str = Field("upstream", description="'upstream' (reward stage's hf/) or a local dir; used when weighted")
     mask_truncated: bool = Field(False, description="drop completions that hit max_new_tokens from the loss (DAPO)")
     seed: int = Field(0, description="seed for prompt order, sampling and init")
@@ -94,11 +100,14 @@ def to_batch(completions, pad_id: int) -> RolloutBatch:
     )
 
 
-def forward_logps(model, batch: RolloutBatch, temperature: float, hidden: bool = False):
+def forward_logps(model, batch: RolloutBatch, temperature: float, hidden: bool = False, entropy: bool = False):
     """Per-token log π(o_t) of the completion tokens under ``model`` at ``temperature``: (B, T) float32.
 
-    With ``hidden`` also returns the last hidden states of the completion-predicting positions (B, T, H).
+    With ``hidden`` and/or ``entropy`` returns a tuple: the log-probs, then the last hidden states of the
+    completion-predicting positions (B, T, H) and/or the full-distribution entropy per token (B, T).
     """
+    from training.losses import token_entropy
+
     out = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
         output_hidden_states=hidden, use_cache=False,
@@ -107,9 +116,12 @@ def forward_logps(model, batch: RolloutBatch, temperature: float, hidden: bool =
     logits = out.logits[:, p - 1:-1].float() / temperature
     targets = batch.input_ids[:, p:].unsqueeze(-1)
     logps = (logits.log_softmax(-1).gather(2, targets).squeeze(-1)) * batch.completion_mask
-    if hidden:
-        return logps, out.hidden_states[-1][:, p - 1:-1]
-    return logps
+    if not (hidden or entropy):
+        return logps
+    extra = [out.hidden_states[-1][:, p - 1:-1]] if hidden else []
+    if entropy:
+        extra.append(token_entropy(logits) * batch.completion_mask)
+    return (logps, *extra)
 
 
 def mismatch_stats(trainer_logps, rollout_logps, mask, cap: float) -> dict[str, float]:
@@ -128,6 +140,15 @@ def mismatch_stats(trainer_logps, rollout_logps, mask, cap: float) -> dict[str, 
         "is_ratio_max": ratio.max().item(),
         "is_clamped_frac": (ratio > cap).double().mean().item() if cap else 0.0,
     }
+
+
+def warn_nucleus_tis(cfg: RLConfigBase, log) -> None:
+    """TIS divides the trainer's full-softmax probability by the engine's; with top_p < 1 the engines
+    report nucleus-renormalised log-probs, so the ratio sits below 1 and TIS under-weights every token."""
+    if cfg.tis_cap and cfg.top_p < 1:
+        log.warning("top_p=%s with tis_cap=%s: the rollout log-probs are renormalised over the nucleus, which "
+                    "biases the TIS ratio below 1; TIS assumes top_p = 1 (set tis_cap: 0 to turn it off)",
+                    cfg.top_p, cfg.tis_cap)
 
 
 # ---- precision contract -----------------------------------------------------------------------------

@@ -34,6 +34,9 @@ class PPOConfig(RLConfigBase):
     clip: float = Field(0.2, gt=0, description="policy ratio clip")
     value_clip: float = Field(0.2, gt=0, description="value clip around the old values")
     vf_coef: float = Field(0.1, ge=0, description="value-loss coefficient")
+    entropy_coef: float = Field(
+        0.0, ge=0, description="entropy bonus β_S: the loss subtracts β_S times the token-mean entropy of π (0 = off)"
+    )
     whiten_advantages: bool = Field(True, description="whiten advantages over the batch")
     kl_coef: float = Field(0.05, ge=0, description="initial β of the per-token k1 KL penalty")
     kl_target: float | None = Field(6.0, description="adaptive controller target KL (nats per sequence); null = fixed β")
@@ -102,10 +105,12 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
     from tqdm import tqdm
 
     from training.losses import (
-        aggregate_token_loss, clipped_surrogate, clipped_value_loss, gae, masked_whiten, ppo_token_rewards,
-        truncated_is_weights,
+        aggregate_token_loss, clipped_surrogate, clipped_value_loss, gae, loss_normaliser, masked_whiten,
+        ppo_token_rewards, truncated_is_weights,
     )
-    from training.rl.common import Trainer, chat_prompt_ids, forward_logps, mismatch_stats, to_batch
+    from training.rl.common import (
+        Trainer, chat_prompt_ids, forward_logps, mismatch_stats, to_batch, warn_nucleus_tis,
+    )
     from training.rl.rewards import score_samples
     from training.rl.rollout import Sampling
 
@@ -113,6 +118,7 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    warn_nucleus_tis(cfg, log)
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     shared = critic.backbone is None
     params = list(policy.parameters()) + list(critic.parameters())
@@ -123,11 +129,12 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
     mb = cfg.micro_batch_size
     history: list[dict] = []
 
-    def policy_and_values(rows_batch):
-        if shared:
-            logps, hidden = forward_logps(policy, rows_batch, cfg.temperature, hidden=True)
-            return logps, critic.values(rows_batch, hidden)
-        return forward_logps(policy, rows_batch, cfg.temperature), critic.values(rows_batch)
+    def policy_and_values(rows_batch, entropy=False):
+        """(log-probs, values, entropy per token or None)."""
+        out = forward_logps(policy, rows_batch, cfg.temperature, hidden=shared, entropy=entropy)
+        out = out if isinstance(out, tuple) else (out,)
+        values = critic.values(rows_batch, out[1]) if shared else critic.values(rows_batch)
+        return out[0], values, out[-1] if entropy else None
 
     for step in tqdm(range(cfg.steps), desc="ppo", mininterval=10):
         t0 = time.time()
@@ -152,7 +159,7 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
 
         policy.train()
         with torch.no_grad(), trainer.autocast():
-            old = [policy_and_values(batch.rows(slice(i, i + mb))) for i in range(0, n, mb)]
+            old = [policy_and_values(batch.rows(slice(i, i + mb)))[:2] for i in range(0, n, mb)]
             old_logps, old_values = torch.cat([o[0] for o in old]).float(), torch.cat([o[1] for o in old]).float()
             ref_logps = torch.cat([forward_logps(ref_model, batch.rows(slice(i, i + mb)), cfg.temperature)
                                    for i in range(0, n, mb)])
@@ -162,23 +169,32 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
             advantages = masked_whiten(advantages, mask)
         gap = mismatch_stats(old_logps, batch.rollout_logps, batch.completion_mask, cfg.tis_cap)
         is_weights = truncated_is_weights(old_logps, batch.rollout_logps, cfg.tis_cap) if cfg.tis_cap else None
-        n_micro = -(-n // mb)
-        pg_losses, vf_losses, clip_fracs, norms = [], [], [], []
+        tokens = loss_normaliser(mask, "bnpo")  # the step's token count normalises every micro-batch
+        pg_losses, vf_losses, entropies, clip_fracs, norms = [], [], [], [], []
         for _ in range(cfg.ppo_epochs):
+            pg_sum = vf_sum = entropy_sum = 0.0
             for i in range(0, n, mb):
                 rows = slice(i, i + mb)
                 with trainer.autocast():
-                    logps, values = policy_and_values(batch.rows(rows))
+                    logps, values, entropy = policy_and_values(batch.rows(rows), entropy=cfg.entropy_coef > 0)
                 per_token, was_clipped = clipped_surrogate(logps, old_logps[rows], advantages[rows], cfg.clip, cfg.clip)
                 if is_weights is not None:
                     per_token = per_token * is_weights[rows]
-                pg = aggregate_token_loss(per_token, mask[rows], "bnpo")
-                vf = clipped_value_loss(values.float(), old_values[rows], returns[rows], mask[rows], cfg.value_clip)
-                trainer.backward((pg + cfg.vf_coef * vf) / n_micro)
-                pg_losses.append(pg.item())
-                vf_losses.append(vf.item())
+                pg = aggregate_token_loss(per_token, mask[rows], "bnpo", normaliser=tokens)
+                vf = clipped_value_loss(values.float(), old_values[rows], returns[rows], mask[rows], cfg.value_clip, tokens)
+                loss = pg + cfg.vf_coef * vf
+                if entropy is not None:
+                    mean_entropy = aggregate_token_loss(entropy, mask[rows], "bnpo", normaliser=tokens)
+                    loss = loss - cfg.entropy_coef * mean_entropy
+                    entropy_sum += mean_entropy.item()
+                trainer.backward(loss)
+                pg_sum += pg.item()
+                vf_sum += vf.item()
                 m = mask[rows].float()
                 clip_fracs.append(((was_clipped.float() * m).sum() / m.sum().clamp(min=1)).item())
+            pg_losses.append(pg_sum)
+            vf_losses.append(vf_sum)
+            entropies.append(entropy_sum)
             norms.append(trainer.step())
         engine.update_weights(policy.state_dict())
         seq_kl = float(kl.sum(1).mean())
@@ -190,6 +206,7 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
             "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
             "truncated": int(truncated.sum()), "reward_failures": sum(scored.failures.values()),
             "pg_loss": sum(pg_losses) / len(pg_losses), "vf_loss": sum(vf_losses) / len(vf_losses),
+            **({"entropy": sum(entropies) / len(entropies)} if cfg.entropy_coef else {}),
             "clip_frac": sum(clip_fracs) / len(clip_fracs), "kl_seq": seq_kl, "kl_coef": kl_ctl.value,
             "grad_norm": sum(norms) / len(norms), "gen_s": round(t_gen, 3), "step_s": round(time.time() - t0, 3), **gap,
         }

@@ -64,9 +64,48 @@ def format_reward(completion: str, answer: str | None = None, prompt: str = "") 
     return float(bool(ANSWER_TEMPLATE.search(completion.strip())))
 
 
-def r1_shaping(model_reward: float, verifiable_reward: float, alpha: float = 1.0) -> float:
-    """DeepSeek-R1 style combination r = σ(α·r_m) + (r_v − 1): a wrong answer always scores below a right one."""
-    return 1.0 / (1.0 + math.exp(-alpha * model_reward)) + (verifiable_reward - 1.0)
+R1_LOGIT_CLAMP = 30.0  # α·r_m is clamped here: σ stays strictly inside (0, 1) in float64 and exp never overflows
+
+
+def r1_shaping(
+    model_reward: float, correct: float, alpha: float = 1.0, bonuses: list[tuple[float, float]] = (),
+    scale: float = 1.0,
+) -> float:
+    """DeepSeek-R1 style shaping: a wrong answer always scores strictly below a right one, for any weights.
+
+    r = w·[(c − 1) + s],  s = (σ(α·r_m) + Σ_k b_k) / (1 + Σ_k |w_k|) ∈ (0, 1)
+    c = 1 when ``correct`` ≥ 0.5 else 0; w = ``scale`` (the 'correct' weight, > 0); ``bonuses`` are the
+    other components as (weight w_k, value f_k clipped to [0, 1]) with b_k = w_k·f_k for w_k ≥ 0 and
+    |w_k|·(1 − f_k) for w_k < 0, so each lies in [0, |w_k|]. Right answers score in (0, w), wrong ones in
+    (−w, 0). With no bonuses this is the seed formula σ(α·r_m) + (c − 1). A wrong answer's score is
+    computed from the complement (1 − s, exact in the same way), so the ordering survives rounding.
+    """
+    if scale <= 0:
+        raise ValueError(f"r1 shaping needs a positive 'correct' weight, got {scale}")
+    x = min(max(alpha * model_reward, -R1_LOGIT_CLAMP), R1_LOGIT_CLAMP)
+    denominator = 1.0 + sum(abs(w) for w, _ in bonuses)
+    clipped = [(w, min(max(f, 0.0), 1.0)) for w, f in bonuses]
+    if correct >= 0.5:  # s = (σ(x) + Σ b_k) / D
+        kept = sum(w * f if w >= 0 else -w * (1.0 - f) for w, f in clipped)
+        return scale * (1.0 / (1.0 + math.exp(-x)) + kept) / denominator
+    # c − 1 + s = −(1 − s) = −(σ(−x) + Σ (|w_k| − b_k)) / D
+    missed = sum(w * (1.0 - f) if w >= 0 else -w * f for w, f in clipped)
+    return -scale * (1.0 / (1.0 + math.exp(x)) + missed) / denominator
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment, added to the reward (0 when ``buffer`` is 0):
+
+    0 for |y| ≤ L − B;  factor·((L − B) − |y|) / B for L − B < |y| ≤ L;  −factor beyond L
+    (L = ``max_len``, the generation cap, B = ``buffer``, DAPO's L_cache).
+    """
+    if not buffer:
+        return 0.0
+    if buffer > max_len:
+        raise ValueError(f"overlong buffer {buffer} exceeds the completion length cap {max_len}")
+    if length > max_len:
+        return -factor
+    return factor * min(0.0, (max_len - buffer - length) / buffer)
 
 
 class RewardModelScorer:
@@ -129,8 +168,10 @@ def score_samples(
     functions: dict[str, RewardFn] | None = None,
 ) -> RewardBreakdown:
     """Weighted sum of the named reward components (``correct``, ``format``, ``reward_model``, or any
-    extra ``functions``); with ``r1_alpha`` set, r = σ(α·r_m) + (r_v − 1) with r_v the weighted
-    verifiable sum. A component that raises scores 0 for that sample and is counted in ``failures``.
+    extra ``functions``); with ``r1_alpha`` set, :func:`r1_shaping` of the reward model's score, the
+    ``correct`` component (its weight scales the result) and every other weighted component as a bounded
+    bonus (the ``reward_model`` weight is not used). A component that raises scores 0 for that sample and
+    is counted in ``failures``.
     """
     fns = {**VERIFIABLE, **(functions or {})}
     unknown = set(weights) - set(fns) - {"reward_model"}
@@ -155,12 +196,19 @@ def score_samples(
         if reward_model is None:
             raise ValueError("reward_model weight > 0 (or r1 shaping) needs a reward model")
         components["reward_model"] = reward_model.score(prompts, completions)
-    verifiable = [
-        sum(weights[n] * components[n][i] for n in components if n != "reward_model") for i in range(len(completions))
-    ]
     if r1_alpha is not None:
-        total = [r1_shaping(m, v, r1_alpha) for m, v in zip(components["reward_model"], verifiable)]
+        if "correct" not in components:
+            raise ValueError("r1 shaping (r1_alpha) needs the 'correct' reward component with a positive weight")
+        others = [n for n in components if n not in ("correct", "reward_model")]
+        total = [
+            r1_shaping(components["reward_model"][i], components["correct"][i], r1_alpha,
+                       [(weights[n], components[n][i]) for n in others], weights["correct"])
+            for i in range(len(completions))
+        ]
     else:
+        verifiable = [
+            sum(weights[n] * components[n][i] for n in components if n != "reward_model") for i in range(len(completions))
+        ]
         total = [v + weights.get("reward_model", 0.0) * components["reward_model"][i] if "reward_model" in components else v
                  for i, v in enumerate(verifiable)]
     return RewardBreakdown(total, components, failures, first_errors)
