@@ -77,7 +77,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def served(tmp_path, env_extra: dict | None = None):
-    """`refinery serve` in a subprocess with `-o run_root=TMP`; yields (api url, explorer url, serve log)."""
+    """`refinery serve` in a subprocess with `-o run_root=TMP`; yields (api url, explorer url, serve log, pid)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from infra.prefect_server import healthy
@@ -100,7 +100,7 @@ def served(tmp_path, env_extra: dict | None = None):
             time.sleep(2)
         # talk to the served server, not a harness another test of this module may have left active
         with temporary_settings(updates={PREFECT_API_URL: api}):
-            yield api, f"http://127.0.0.1:{explorer_port}", serve_log
+            yield api, f"http://127.0.0.1:{explorer_port}", serve_log, serve.pid
     finally:
         serve.terminate()
         try:
@@ -134,7 +134,7 @@ def test_served_deployments_run_pipeline_and_single_stage_rerun(tmp_path):
     from flows.registry import load_config
     from infra.config import DEFAULT_CONFIG
 
-    with served(tmp_path) as (_, explorer, serve_log):
+    with served(tmp_path) as (_, explorer, serve_log, _):
         _wait_for_deployment("pipeline/refinery-pipeline", serve_log)
         # `serve -o run_root=...` is honoured: no overrides passed here
         run = run_deployment("pipeline/refinery-pipeline", timeout=600, parameters={"stages": ["ingest"], "run_id": "ui-run"})
@@ -179,7 +179,7 @@ def test_a_schedule_added_like_the_ui_does_fires_and_the_run_completes(tmp_path)
     from prefect.client.schemas.schedules import IntervalSchedule
 
     env = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    with served(tmp_path, env) as (_, _, serve_log):
+    with served(tmp_path, env) as (_, _, serve_log, _):
         deployment = _wait_for_deployment("pipeline/refinery-pipeline", serve_log)
         with get_client(sync_client=True) as client:
             saved = time.time()  # "Save schedule"
@@ -207,3 +207,47 @@ def test_a_schedule_added_like_the_ui_does_fires_and_the_run_completes(tmp_path)
         run_id = done[0].name
         assert (tmp_path / "runs" / run_id / "ingest" / "manifest.json").is_file()
         assert "InvalidRequestError" not in serve_log.read_text()
+
+
+@pytest.mark.slow
+def test_cancelling_a_run_from_the_ui_stops_the_stage_process_tree(tmp_path):
+    """Cancel (what the UI's Cancel button does): the served flow run's stage process, Spark's JVM and its
+    workers stop within seconds, and the stage leaves no temp dir and no manifest."""
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import State
+
+    env = {"PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    with served(tmp_path, env) as (_, _, serve_log, pid):
+        deployment = _wait_for_deployment("ingest/refinery-ingest", serve_log)
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run_from_deployment(deployment.id, parameters={"run_id": "c1", "force": True})
+
+            def stage_tree():
+                found = []
+                for p in psutil.Process(pid).children(recursive=True):
+                    try:
+                        if "flows.stage_process" in " ".join(p.cmdline()):
+                            found += [p, *p.children(recursive=True)]
+                    except psutil.Error:
+                        pass
+                return found
+
+            deadline = time.time() + 300
+            while not any("java" in p.name() for p in stage_tree()):
+                assert time.time() < deadline, f"the stage never started\n{serve_log.read_text()[-2000:]}"
+                time.sleep(0.5)
+            tree = stage_tree()
+            cancelled_at = time.time()
+            client.set_flow_run_state(run.id, State(type=StateType.CANCELLING), force=True)
+            gone, alive = psutil.wait_procs(tree, timeout=60)
+            stopped_after = time.time() - cancelled_at
+            assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
+            deadline = time.time() + 60
+            while client.read_flow_run(run.id).state.type != StateType.CANCELLED:
+                assert time.time() < deadline, client.read_flow_run(run.id).state
+                time.sleep(1)
+        print(f"cancel -> stage process tree gone in {stopped_after:.1f} s")
+        assert not list((tmp_path / "runs" / "c1").glob(".tmp-*"))
+        assert not (tmp_path / "runs" / "c1" / "ingest" / "manifest.json").exists()
