@@ -194,7 +194,10 @@ def run(ctx: StageContext) -> StageResult:
     if earlier:
         md += ["", "### Along the pipeline", "", stages_side_by_side({**earlier, ctx.stage: rows})]
     metrics = {**flat_metrics(rows), "tasks_skipped": len(skipped)}
-    return StageResult(metrics=metrics, tables={EVAL_TABLE: rows}, report_md="\n".join(md))
+    warnings = [f"evaluated checkpoint {upstream.run_id}/{upstream.stage}: {w}" for w in upstream.manifest.get("warnings", [])]
+    if warnings:
+        md += ["", "**Warnings**", "", *(f"- {w}" for w in warnings)]
+    return StageResult(metrics=metrics, tables={EVAL_TABLE: rows}, report_md="\n".join(md), warnings=warnings)
 
 
 def _stage(name: str, optional_inputs: tuple[str, ...]) -> Stage:

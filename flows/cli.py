@@ -102,6 +102,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("evaluation (one row per trained checkpoint):")
         for row in [list(evals[0]), *(row.values() for row in evals)]:
             print("  " + " | ".join(map(str, row)))
+    warnings = [(r["stage"], w) for r in catalog.stage_runs(result["run_id"])
+                for w in json.loads((Path(r["manifest_path"])).read_text()).get("warnings", [])]
+    for stage, warning in warnings:
+        print(f"WARNING {stage}: {warning}")
     print(f"UI: run `refinery serve` and open http://{config.prefect.host}:{config.prefect.port} "
           f"(flow runs, logs, artifacts; PREFECT_HOME={os.environ['PREFECT_HOME']})")
     print(f"lineage: refinery lineage show {result['run_id']}  |  refinery lineage diff RUN_A RUN_B")

@@ -78,6 +78,9 @@ def run_summary_markdown(run_id: str, results: dict, manifests: dict) -> str:
                      "outputs": ", ".join(f"{k} `{v['hash'].split(':')[-1][:10]}`" for k, v in m["outputs"].items()),
                      "summary": summary})
     lines += markdown_table(rows)
+    warnings = [f"{stage}: {w}" for stage, m in manifests.items() for w in m.get("warnings", [])]
+    if warnings:
+        lines += ["", "## ⚠ Warnings", "", *(f"- **{w}**" for w in warnings)]
     funnel = [{"stage": s, "in": m["metrics"]["rows_in"], "kept": m["metrics"]["kept"],
                "top drop reasons": ", ".join(f"{r} {n}" for r, n in sorted(
                    (m["metrics"].get("drop_reasons") or {}).items(), key=lambda kv: -kv[1])[:3])}

@@ -146,6 +146,8 @@ def stage_markdown(manifest: dict) -> str:
     lines = [f"# {run_id}/{stage}", "", explorer_link(f"/stage/{run_id}/{stage}"), ""]
     if manifest.get("cached_from"):
         lines += [f"Reused the outputs of `{manifest['cached_from']}` (same inputs and config).", ""]
+    if manifest.get("warnings"):
+        lines += ["## ⚠ Warnings", "", *(f"- **{w}**" for w in manifest["warnings"]), ""]
     scalars = {k: v for k, v in flatten(manifest["metrics"]).items() if not _is_rows(v)}
     lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in scalars.items()]

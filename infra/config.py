@@ -84,6 +84,9 @@ class SweepConfig(Strict):
 
 class PipelineConfig(Strict):
     stages: list[str] = Field(default_factory=list)  # empty = every stage, in the order of their inputs
+    fail_on_noop: bool = Field(
+        False, description="fail a stage whose output is identical to one of its inputs (e.g. a training stage "
+                           "that changed no weight) instead of warning")
 
 
 class BaseRefineryConfig(Strict):

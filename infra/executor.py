@@ -40,6 +40,23 @@ class StageInputError(RuntimeError):
     """A stage's upstream output or external input cannot be found."""
 
 
+class StageNoOp(RuntimeError):
+    """A stage produced an output identical to one of its inputs and ``pipeline.fail_on_noop`` is set."""
+
+
+NO_OP = "no-op:"
+
+
+def _no_op_warnings(outputs: dict[str, dict], records: dict[str, dict]) -> list[str]:
+    """An output with the same content as an upstream stage's output: the stage changed nothing (e.g. a
+    training stage without learning signal). External inputs do not count: copying a model is allowed."""
+    return [
+        f"{NO_OP} output {name!r} is identical to input {key!r} ({out['hash'][:19]}): this stage changed nothing"
+        for name, out in outputs.items() for key, rec in records.items()
+        if rec.get("stage") and out["hash"] == rec["hash"]
+    ]
+
+
 def parse_from(ref: str | None) -> tuple[str | None, str | None]:
     """``RUN`` or ``RUN/STAGE`` → (run, stage)."""
     if not ref:
@@ -198,8 +215,15 @@ def execute(
                 "path": str(final_path), "uri": final_path.as_uri(), "hash": content_hash(entry),
                 "files": listing(entry), "run_id": run_id, "stage": name,
             }
+        warnings = [*result.warnings, *_no_op_warnings(outputs, records)]
+        for warning in warnings:
+            log.warning("stage %s: WARNING: %s", name, warning)
+        if config.pipeline.fail_on_noop and any(w.startswith(NO_OP) for w in warnings):
+            raise StageNoOp(f"stage {name!r}: {next(w for w in warnings if w.startswith(NO_OP))} "
+                            "(pipeline.fail_on_noop is true)")
         manifest = {
             "run_id": run_id, "stage": name, "stage_version": stage.version, "status": "completed",
+            "warnings": warnings,
             "inputs": _used_inputs(records, inputs),
             "cache_key": key, "cached_from": None,
             "config": cfg.model_dump(mode="json"),

@@ -56,12 +56,15 @@ class StageResult:
     tables: named lists of row dicts, published as Prefect table artifacts (e.g. the funnel).
     report_md: optional markdown published as a Prefect markdown artifact.
     images: named PNG paths inside out_dir (e.g. a loss curve) linked from the report.
+    warnings: things a user must not miss (e.g. no learning signal); logged, kept in the manifest and
+    shown in the run summary.
     """
 
     metrics: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     report_md: str | None = None
     images: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -122,3 +122,20 @@ def test_truncated_upstream_output_is_refused(fake):
         execute_stage("beta", build(), "r1")
     with pytest.raises(RunStoreError):
         read_manifest(root, "r1", "alpha")
+
+
+def test_a_stage_that_changes_nothing_is_flagged_and_can_fail_the_run(fake, caplog):
+    """beta upper-cases alpha's lines: on upper-case input its output equals its input (a no-op)."""
+    from infra.executor import StageNoOp
+
+    build, src, root = fake
+    src.write_text("A\nBB\nCCC\n")
+    execute_stage("alpha", build(), "r1")
+    m = execute_stage("beta", build(), "r1")
+    assert len(m["warnings"]) == 1 and m["warnings"][0].startswith("no-op: output 'data' is identical to input 'alpha/data'")
+    assert "WARNING" in caplog.text
+    changed = execute_stage("beta", build(beta__suffix="!"), "r2", from_ref="r1")
+    assert changed["warnings"] == []
+    with pytest.raises(StageNoOp, match="fail_on_noop"):
+        execute_stage("beta", build(pipeline__fail_on_noop=True), "r3", from_ref="r1", force=True)
+    assert not (root / "r3" / "beta").exists()

@@ -140,6 +140,7 @@ def test_grpo_stage_writes_checkpoint_metrics_and_curve(make_config, tiny_dir):
     assert m["steps"] == 2 and m["logp_gap_max"] < 1e-3 and m["truncated_completions"] > 0
     steps = manifest["tables"]["steps"]
     assert all(s["zero_adv_groups"] == 2 for s in steps)  # a random model gets every reward 0: A = 0, no NaN
+    assert any(w.startswith("no learning signal") for w in manifest["warnings"])  # said loudly, not silent
     assert all(s["loss"] == s["loss"] for s in steps)
     assert manifest["images"]["reward_curve"].endswith("reward_curve.png")
     trained = AutoModelForCausalLM.from_pretrained(manifest["outputs"]["hf"]["path"])

@@ -294,8 +294,11 @@ def finish_stage(ctx: StageContext, policy, tokenizer, history: list[dict], labe
         f"{metrics['reward_first']:.3f} → {metrics['reward_last']:.3f} over {cfg.steps} steps; trainer-vs-rollout "
         f"|Δ logp| mean {metrics['logp_gap_mean']:.2e}, max {metrics['logp_gap_max']:.2e}.\n\n![reward](reward_curve.png)"
     )
+    warnings = []
+    if history and "groups" in history[0] and all(h["zero_adv_groups"] == h["groups"] for h in history):
+        warnings.append("no learning signal: in every step every group's rewards were equal (all advantages 0)")
     return StageResult(metrics=metrics, tables={"steps": history}, report_md=report,
-                       images={"reward_curve": "reward_curve.png"})
+                       images={"reward_curve": "reward_curve.png"}, warnings=warnings)
 
 
 def finish_outputs(ctx: StageContext, history: list[dict]) -> dict:

@@ -188,7 +188,7 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
         record.update({
             "loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
             "kl": sum(kls) / len(kls), "grad_norm": sum(norms) / len(norms),
-            "zero_adv_groups": int(constant_groups(rewards, g).sum()),
+            "zero_adv_groups": int(constant_groups(rewards, g).sum()), "groups": len(rewards) // g,
             "gen_s": round(t_gen, 3), "step_s": round(time.time() - t0, 3), **gap,
         })
         history.append(record)
