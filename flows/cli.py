@@ -8,6 +8,7 @@
   refinery sweep     data-ablation sweep: one run per arm, upstream stages reused, one report
   refinery stages    list the stages with their inputs and config keys
   refinery train-quality   train the fastText quality classifier (the train_quality stage)
+  refinery report    one HTML report of a run (or two side by side): funnel, curves, eval, lineage
   refinery eval      compare evaluation results of two runs
 """
 
@@ -273,6 +274,19 @@ def cmd_lineage_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from flows.report import write_report
+
+    config = load_config(args.config, _overrides_dict(args.override))
+    try:
+        path = write_report(config.run_root, args.run_a, args.run_b)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_eval_compare(args: argparse.Namespace) -> int:
     """``refinery eval compare RUN_A RUN_B``: the eval stages both runs completed, same tasks side by side."""
     run_root = args.run_root or load_config(args.config).run_root
@@ -376,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="list stages, their inputs, and (with -v) their config keys")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_stages)
+
+    p = sub.add_parser("report", help="one HTML report of a run (funnel, curves, eval with intervals, lineage), "
+                                      "or two runs side by side")
+    _add_config_args(p)
+    p.add_argument("run_a", metavar="RUN")
+    p.add_argument("run_b", metavar="RUN_B", nargs="?", help="a second run to show side by side")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="evaluation results: compare two runs' eval stages")
     esub = p.add_subparsers(dest="eval_command", required=True)

@@ -7,6 +7,7 @@ import prefect.settings
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.report import write_report
 from flows.stages import STAGE_FLOWS, explorer_link, label_flow_run, markdown_table, resolve_config
 from infra.config import DEFAULT_CONFIG
 from infra.executor import parse_from
@@ -58,16 +59,18 @@ def pipeline(
             "status": "skipped" if manifest.get("skipped") else "reused" if manifest.get("cached_from") else "completed",
             "dir": str(manifest["manifest_path"]).rsplit("/", 1)[0],
         }
-    create_markdown_artifact(markdown=run_summary_markdown(run_id, results, manifests), key="refinery-run-summary",
+    report = write_report(config.run_root, run_id)
+    logger.info("run %s: report %s", run_id, report)
+    create_markdown_artifact(markdown=run_summary_markdown(run_id, results, manifests, report), key="refinery-run-summary",
                              description=f"Refinery run {run_id}: stages, funnel, evaluation, lineage")
     return {"run_id": run_id, "run_root": config.run_root, "stages": results}
 
 
-def run_summary_markdown(run_id: str, results: dict, manifests: dict) -> str:
+def run_summary_markdown(run_id: str, results: dict, manifests: dict, report=None) -> str:
     """The parent run's summary: stage table with links, the curation funnel, the evaluation table."""
     ui = (prefect.settings.get_current_settings().ui_url or "").rstrip("/")
-    lines = [f"# Refinery run {run_id}", "", explorer_link(f"/run/{run_id}") + f" · CLI: `refinery lineage show {run_id}`",
-             "", "## Stages", ""]
+    lines = [f"# Refinery run {run_id}", "", explorer_link(f"/run/{run_id}") + f" · CLI: `refinery lineage show {run_id}`"
+             + (f" · report (charts): `{report}`" if report else ""), "", "## Stages", ""]
     rows = []
     for stage, info in results.items():
         m = manifests[stage]

@@ -196,3 +196,41 @@ def test_explorer_renders_the_cross_run_graph_in_chromium(three_runs, browser, t
         assert "r1 vs r2" in browser.page_source and "suffix" in browser.page_source
     finally:
         server.shutdown()
+
+
+def test_wilson_interval_matches_the_formula_and_known_values():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from flows.report import wilson_interval
+
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # textbook values
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+
+    @given(st.integers(1, 5000), st.data())
+    def contains_p(n, data):
+        k = data.draw(st.integers(0, n))
+        lo, hi = wilson_interval(k / n, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+
+    contains_p()
+
+
+def test_run_report_renders_funnel_and_lineage_in_chromium(three_runs, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from flows.report import write_report
+
+    root, _ = three_runs
+    one = write_report(root, "r2")
+    both = write_report(root, "r1", "r2")
+    assert one == root / "r2" / "report.html" and both.name == "compare-r1-r2.html"
+    browser.get(one.as_uri())
+    assert "Run r2" in browser.page_source and "Curation funnel" in browser.page_source
+    funnel = browser.find_elements(By.XPATH, "//h3[text()='Curation funnel']/following-sibling::table[1]//tr")
+    assert len(funnel) == 2  # header + alpha (3 in, 3 kept)
+    assert browser.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")  # the funnel chart
+    assert browser.find_elements(By.CSS_SELECTOR, "svg g.node")
+    browser.get(both.as_uri())
+    assert "Run r1" in browser.page_source and "Run r2" in browser.page_source
+    browser.save_screenshot(str(tmp_path / "report.png"))
