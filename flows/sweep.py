@@ -257,7 +257,9 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
     groups: dict[str, list[dict]] = {}
     for a in arms:
         groups.setdefault(json.dumps(a["values"], sort_keys=True), []).append(a)
-    metrics = sorted({k for m in per_run.values() for k in m})
+    found = {k for m in per_run.values() for k in m}
+    stage_pos = {s: i for i, s in enumerate(summary["stages"])}
+    metrics = sorted(found, key=lambda k: (":" in k, stage_pos.get(k.split("/")[0].split(":")[0], len(stage_pos)), k))
     rows, lines, charts = [], [], []
     stats: dict[str, dict[str, tuple[float, float, int]]] = {}
     for key, members in groups.items():
@@ -279,7 +281,8 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
         if n_seeds < 2:
             verdict = "no seed spread measured (use --seeds 2 or more)"
         else:
-            verdict = ("larger than" if gap > 2 * spread else "within") + f" twice the seed spread (sd {spread:.3g})"
+            verdict = ("larger than" if gap > 2 * spread else "within") + f" twice the seed spread (sd {spread:.3g}"
+            verdict += f", from only {n_seeds} seeds)" if n_seeds < 5 else ")"
         lines.append(f"{metric}: highest {_arm_label(best[0])} {best[1][0]:.4g}, lowest {_arm_label(worst[0])} "
                      f"{worst[1][0]:.4g}; the gap {gap:.3g} is {verdict}")
         for axis in axis_keys:
