@@ -6,12 +6,13 @@ Chromium with selenium:
   2. the `refinery-ingest` custom-run form is opened and submitted untouched; the run must complete
      and resolve to exactly the served config (no lineage diff);
   3. a pipeline run (ingest only) shows its summary artifact on the parent run, named after the run id;
-  4. the lineage explorer shows the run's graph.
+  4. the lineage explorer shows the run's graph;
+  5. a two-arm sweep started from the `refinery-sweep` deployment completes, ingest reused by both arms.
 Screenshots go to --out-dir (default bench/out/ui). Needs chromium + chromium-driver (`make ui-check`).
 
     python bench/ui_check.py [--out-dir bench/out/ui]
 
-Last line: `ui_checks_passed <n>/4`.
+Last line: `ui_checks_passed <n>/5`.
 """
 
 from __future__ import annotations
@@ -167,6 +168,23 @@ def main() -> int:
         driver.save_screenshot(str(out / "4_explorer_run.png"))
         print(f"4. lineage explorer: {len(nodes)} nodes in the run's graph")
         passed += len(nodes) >= 2
+
+        # 5. a small sweep from the refinery-sweep deployment (what its Run form submits)
+        body = {"parameters": {"axes": {"extract.timeout_s": [5, 10]}, "stages": ["ingest", "extract"],
+                               "parallel": 2, "name": "ui-sweep"}}
+        sweep_run = api_post(f"{api}/deployments/{deps['refinery-sweep']['id']}/create_flow_run", body)
+        finished = wait_for(lambda: next((r for r in flow_runs(api) if r["id"] == sweep_run["id"]
+                                          and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")), None),
+                            900, "the sweep run", every=5)
+        summary = json.loads((run_root / "sweeps" / "ui-sweep" / "sweep.json").read_text()) \
+            if (run_root / "sweeps" / "ui-sweep" / "sweep.json").is_file() else {}
+        driver.get(f"{ui}/runs/flow-run/{sweep_run['id']}")
+        time.sleep(4)
+        driver.save_screenshot(str(out / "5_sweep_run.png"))
+        ok = finished["state_type"] == "COMPLETED" and len(summary.get("arms", [])) == 2
+        print(f"5. sweep from the UI deployment: {finished['state_type']}, arms {len(summary.get('arms', []))}, "
+              f"stage executions {summary.get('stage_executions')}")
+        passed += ok
     finally:
         if driver is not None:
             driver.quit()
@@ -176,8 +194,8 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             serve.kill()
         print(f"serve log: {work / 'serve.log'}")
-    print(f"ui_checks_passed {passed}/4")
-    return 0 if passed == 4 else 1
+    print(f"ui_checks_passed {passed}/5")
+    return 0 if passed == 5 else 1
 
 
 if __name__ == "__main__":
