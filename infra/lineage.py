@@ -104,7 +104,7 @@ class LineageCatalog:
                     (
                         out["uri"], out["hash"], "stage_output", out.get("run_id", run_id),
                         out.get("stage", stage), name, _now(),
-                        json.dumps({"n_files": len(out["files"]), "path": out["path"]}),
+                        json.dumps({"n_files": len(out["files"]), **({"path": out["path"]} if "path" in out else {})}),
                     ),
                 )
                 for src in input_uris:
