@@ -64,7 +64,10 @@ def browser():
 def wait_for(predicate, timeout: float, what: str, every: float = 2.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except OSError:  # the API answered too slowly (a busy 2-core machine): ask again
+            value = None
         if value:
             return value
         time.sleep(every)
