@@ -273,7 +273,7 @@ class Explorer:
         if warc_file and offset.isdigit():
             rows.append(["WARC record", f"byte {_e(offset)} of {_e(warc_file)}"])
         producer = matches[0]
-        body = (f"<h2>Token sequence → document → WARC record</h2>" + table(["", ""], rows)
+        body = ("<h2>Token sequence → document → WARC record</h2>" + table(["", ""], rows)
                 + f"<p>Shards built by <a href='/stage/{_e(producer['run_id'])}/{_e(producer['stage'])}'>"
                 f"{_e(producer['run_id'])}/{_e(producer['stage'])}</a></p>")
         return page("trace", body)
