@@ -57,9 +57,12 @@ def label_flow_run(name: str, tags: list[str]) -> None:
     flow_run_id = prefect_runtime.flow_run.id
     if not flow_run_id:
         return
-    with get_client(sync_client=True) as client:
-        current = client.read_flow_run(flow_run_id)
-        client.update_flow_run(flow_run_id, name=name, tags=sorted(set(current.tags) | set(tags)))
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(flow_run_id)
+            client.update_flow_run(flow_run_id, name=name, tags=sorted(set(current.tags) | set(tags)))
+    except Exception as exc:  # a name is a convenience: never fail a stage over it
+        get_run_logger().warning("could not name the flow run %s: %s", name, exc)
 
 
 def explorer_link(path: str) -> str:
