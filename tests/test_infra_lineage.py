@@ -41,7 +41,7 @@ def _hammer(root: str, worker: str, start, errors) -> None:
 
 @pytest.mark.slow
 def test_two_processes_hammering_one_catalog_stay_consistent(tmp_path):
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork copies a test process full of threads (Prefect, pytest-timeout): not safe
     start, errors = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_hammer, args=(str(tmp_path), w, start, errors)) for w in ("a", "b")]
     for p in procs:
