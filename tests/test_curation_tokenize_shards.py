@@ -230,7 +230,9 @@ def test_units_cut_each_source_in_file_order_across_files_and_row_groups(tmp_pat
     # one unit's rows interleave splits: each split's shard keeps its documents in input order
     tok = load_worker_tokenizer(str(tokenizer_dir / "tokenizer.json"))
     stats = write_shards(unit_rows(units[0], "50,25,25", 4), str(tmp_path), tok, 0, np.uint16, 4)
-    assert sorted(s["shard"] for s in stats) == ["web-test-00000", "web-train-00000", "web-valid-00000"]
+    # doc_ids (so splits) depend on the fixture's path; which splits the 16 documents reach is computed, not assumed
+    splits = {split_of(d["doc_id"], "50,25,25") for d in expected["web"][:16]}
+    assert len(splits) >= 2 and sorted(s["shard"] for s in stats) == sorted(f"web-{sp}-00000" for sp in splits)
     for s in stats:
         want = [d for d in expected["web"][:16] if split_of(d["doc_id"], "50,25,25") == s["split"]]
         index = ms.read_index(tmp_path / s["shard"])
