@@ -1,5 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python >= 3.11, Java 17, make):
-#   make demo   create .venv, install, run the pipeline on the bundled sample
+#   make demo   create .venv, install, run the pipeline on the bundled sample: curation, then SmolLM2
+#               continued pretraining and post-training, each measured before -> after on held-out data
+#               (make demo PROFILE=tiny: the fast smoke profile with a tiny from-scratch model)
 #   make test   install dev extras, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -38,7 +40,7 @@ demo: install
 	$(VENV)/bin/refinery demo --config configs/$(PROFILE).yaml
 
 test: install-dev
-	$(PY) -m pytest -q --timeout=1800 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q --timeout=1800 --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: install-dev
 	$(PY) -m pytest -q -m "not slow" tests

@@ -3,6 +3,9 @@
 * shingling limit — normalise + build the set of 5-gram strings (the floor of any signature step);
 * our signature core (curation.minhash: 64-bit MinHash compiled with numba, fused per batch) — ratio vs the shingling limit;
 * datasketch — per-document MinHash.update_batch + MinHashLSH insert/query, single process;
+* the ``minhash_backend: datasketch`` reference (``datasketch_backend``: datasketch's MinHash with our
+  hash function and permutations, same signatures as our core; ``ours_spark_datasketch``: the Spark
+  fuzzy level with that backend) — ``ratio_native_vs_datasketch_backend`` for the core and the stage;
 * our Spark ``dedup`` fuzzy level (local[cores]: read Parquet, signatures, buckets, verification,
   connected components, kept count) with the project's Spark settings (in local mode the JVM's JIT
   is limited to C1, ``spark.local_c1_jit``) — and, at ``--docs``, once more with HotSpot's default
@@ -24,6 +27,7 @@ headline, since at 1k documents both mostly measure fixed start-up costs.
 ``--scaling-only`` stops there).
 
     .venv/bin/python bench/dedup_throughput.py [--docs 20000] [--cores 1] [--scaling 10000,50000,200000 [--scaling-only]]
+    .venv/bin/python bench/dedup_throughput.py --backends   # only native vs datasketch backend, real set
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from dedup_corpus import REPO, load_corpus
 OUT = REPO / "bench" / "out"
 DT_VENV = REPO / ".venv-bench-datatrove"
 ENGINES = ("shingle_limit", "ours_core", "datasketch", "ours_spark")
+BACKEND_ENGINES = ("ours_core", "datasketch_backend", "ours_spark", "ours_spark_datasketch")
 SHARD_DOCS = 5000  # documents per input file (Parquet part / JSONL shard), as an upstream stage writes them
 
 
@@ -115,7 +120,12 @@ def run_engine(engine: str, n: int, cores: int) -> dict:
             m.update_batch([" ".join(w[k : k + 5]).encode() for k in range(max(1, len(w) - 4))])
             lsh.query(m)
             lsh.insert(str(i), m)
-    elif engine in ("ours_spark", "ours_spark_tiered"):
+    elif engine == "datasketch_backend":
+        from curation.minhash import band_keys, datasketch_signatures
+
+        for start in range(0, len(texts), 1000):
+            band_keys(datasketch_signatures(texts[start : start + 1000]))
+    elif engine.startswith("ours_spark"):
         from curation.dedup import DedupConfig, deduplicate
         from infra.config import SparkConfig
         from infra.spark import get_spark
@@ -124,7 +134,8 @@ def run_engine(engine: str, n: int, cores: int) -> dict:
         spark = get_spark(cfg, app_name="bench-dedup")
         t0 = time.perf_counter()
         df = spark.read.parquet(str(folder / "parquet"))
-        out, _ = deduplicate(df, DedupConfig(url=False, exact=False, lines=False))
+        backend = "datasketch" if engine == "ours_spark_datasketch" else "native"
+        out, _ = deduplicate(df, DedupConfig(url=False, exact=False, lines=False, minhash_backend=backend))
         out.where("drop_reason IS NULL").count()
     seconds = time.perf_counter() - t0
     return {"engine": engine, "docs": n, "seconds": seconds, "docs_per_s": n / seconds}
@@ -230,6 +241,7 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=1, help="CPUs every engine is pinned to (Spark local[cores], DataTrove workers)")
     ap.add_argument("--scaling", default="", help="comma-separated sizes for the Spark scaling run")
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling run (no comparison, no ratios)")
+    ap.add_argument("--backends", action="store_true", help="only native vs datasketch backend on the real set")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_engine(args.child, args.docs, args.cores)))
@@ -261,6 +273,16 @@ def main() -> None:
         )
     if args.scaling_only:
         print(f"load avg after {os.getloadavg()}")
+        return
+    if args.backends:
+        small = {e: child(e, len(real), cpus) for e in BACKEND_ENGINES}
+        for r in small.values():
+            report(r)
+        print(f"load avg after {os.getloadavg()}")
+        core = small["ours_core"]["docs_per_s"] / small["datasketch_backend"]["docs_per_s"]
+        stage = small["ours_spark"]["docs_per_s"] / small["ours_spark_datasketch"]["docs_per_s"]
+        print(f"ratio_spark_stage_native_vs_datasketch_backend {stage:.3f}")
+        print(f"ratio_native_vs_datasketch_backend {core:.3f}")
         return
     small = {e: child(e, len(real), cpus) for e in ENGINES}
     small["datatrove"] = with_datatrove(len(real))

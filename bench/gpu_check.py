@@ -210,7 +210,7 @@ def run_steps(trainer, count: int) -> list[float]:
     for _ in range(count):
         samples, trainer.position = next_batch(trainer.position, trainer.cfg.global_batch_size, trainer.ledger,
                                                len(trainer.dataset))
-        loss, _ = trainer.train_step(samples, None)
+        loss, _ = trainer.train_step(samples)
         trainer.step += 1
         trainer.scheduler.step(1)
         trainer.apply_lr()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from evaluation.effects import Z95, wilson_interval  # noqa: E402 (after the repo is on the path)
 SHARED = REPO.parent / "shared" / "data"
 HH = str(SHARED / "hh_rlhf_harmless_test" / "harmless-base_test.jsonl.gz")
 
@@ -43,20 +44,12 @@ DEFAULTS = {
             "warmup_steps": 5, "beta": 0.1},
 }
 HEADLINE = {"sft": "eval_loss_after", "reward": "eval_accuracy_after", "dpo": "eval_reward_accuracy_after"}
-Z95 = 1.959964
-
-
-def wilson(p: float, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion p observed on n items."""
-    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 / (1 + Z95**2 / n) * (p * (1 - p) / n + Z95**2 / (4 * n * n)) ** 0.5
-    return centre - half, centre + half
 
 
 def accuracy_effect(name: str, before: float, after: float, n: int) -> str:
     """Before → after with 95% CIs; the change's CI treats the two as independent samples (wider than paired)."""
-    lo_b, hi_b = wilson(before, n)
-    lo_a, hi_a = wilson(after, n)
+    lo_b, hi_b = wilson_interval(before, n)
+    lo_a, hi_a = wilson_interval(after, n)
     half = Z95 * (before * (1 - before) / n + after * (1 - after) / n) ** 0.5
     delta = after - before
     return (f"{name} on {n} held-out pairs: {before:.3f} [{lo_b:.3f}, {hi_b:.3f}] -> {after:.3f} [{lo_a:.3f}, {hi_a:.3f}]; "
@@ -69,12 +62,12 @@ def effects(stage: str, m: dict) -> list[str]:
         return [f"sft held-out loss per assistant token: {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}"]
     n = int(m["eval_items"])
     if stage == "reward":
-        lo, hi = wilson(m["eval_accuracy_after"], n)
+        lo, hi = wilson_interval(m["eval_accuracy_after"], n)
         return [accuracy_effect("reward pairwise accuracy", m["eval_accuracy_before"], m["eval_accuracy_after"], n),
                 f"reward accuracy after vs chance 0.5: 95% CI [{lo:.3f}, {hi:.3f}] "
                 f"({'excludes' if lo > 0.5 else 'includes'} 0.5)",
                 f"reward margin r_c - r_r: {m['eval_reward_margin_before']:+.4f} -> {m['eval_reward_margin_after']:+.4f}"]
-    lo, hi = wilson(m["eval_reward_accuracy_after"], n)
+    lo, hi = wilson_interval(m["eval_reward_accuracy_after"], n)
     return [accuracy_effect("dpo log-prob accuracy (log pi(y_c) > log pi(y_r))",
                             m["eval_logp_accuracy_before"], m["eval_logp_accuracy_after"], n),
             f"dpo implicit-reward accuracy {m['eval_reward_accuracy_after']:.3f} on {n} held-out pairs, 95% CI "

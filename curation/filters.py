@@ -3,8 +3,10 @@
 Pure module, DataTrove-style but split in two halves so thresholds can change without recomputing:
 
 - signal functions: ``text -> {signal_name: number}``, one per filter, no thresholds inside;
-- rules: ``Rule(filter, name, signal, op, threshold)`` rows built from the config; :func:`first_failure`
-  returns the reason of the first rule a document fails (``"gopher_quality:min_doc_words"``).
+- rules: each declared once in :data:`RULE_SPECS` (filter, name, signal, op, default threshold, what it
+  drops; the heuristics config is generated from it); ``Rule(filter, name, signal, op, threshold)`` rows are
+  built from the config; :func:`first_failure` returns the reason of the first rule a document fails
+  (``"gopher_quality:min_doc_words"``).
 
 The signals follow DataTrove's ``GopherQualityFilter``, ``GopherRepetitionFilter``, ``C4QualityFilter``
 and ``FineWebQualityFilter`` (same definitions and default thresholds) with one difference: words come
@@ -230,43 +232,77 @@ class Rule:
         return _OPS[self.op](value, self.threshold)
 
 
-# (filter, rule name, signal, op): a document fails the rule when ``signal <op> threshold``. The
-# thresholds live in the heuristics config under the same ``filter.name`` keys; None disables a rule.
-RULE_SPECS: tuple[tuple[str, str, str, str], ...] = (
-    ("gopher_quality", "min_doc_words", "gopher_n_words", "<"),
-    ("gopher_quality", "max_doc_words", "gopher_n_words", ">"),
-    ("gopher_quality", "min_avg_word_length", "gopher_mean_word_length", "<"),
-    ("gopher_quality", "max_avg_word_length", "gopher_mean_word_length", ">"),
-    ("gopher_quality", "max_hash_word_ratio", "gopher_hash_word_ratio", ">"),
-    ("gopher_quality", "max_ellipsis_word_ratio", "gopher_ellipsis_word_ratio", ">"),
-    ("gopher_quality", "max_bullet_lines_ratio", "gopher_bullet_lines_ratio", ">"),
-    ("gopher_quality", "max_ellipsis_lines_ratio", "gopher_ellipsis_lines_ratio", ">"),
-    ("gopher_quality", "min_alpha_words_ratio", "gopher_alpha_words_ratio", "<"),
-    ("gopher_quality", "min_stop_words", "gopher_stop_words", "<"),
-    ("gopher_repetition", "max_dup_para_frac", "gopher_dup_para_frac", ">"),
-    ("gopher_repetition", "max_dup_para_char_frac", "gopher_dup_para_char_frac", ">"),
-    ("gopher_repetition", "max_dup_line_frac", "gopher_dup_line_frac", ">"),
-    ("gopher_repetition", "max_dup_line_char_frac", "gopher_dup_line_char_frac", ">"),
-    *(("gopher_repetition", f"max_top_{n}gram_char_frac", f"gopher_top_{n}gram_char_frac", ">") for n in GOPHER_TOP_NGRAMS),
-    *(("gopher_repetition", f"max_dup_{n}gram_char_frac", f"gopher_dup_{n}gram_char_frac", ">") for n in GOPHER_DUP_NGRAMS),
-    ("c4", "lorem_ipsum", "c4_lorem_ipsum", ">="),
-    ("c4", "curly_bracket", "c4_curly_bracket", ">="),
-    ("c4", "min_sentences", "c4_sentences", "<"),
-    ("fineweb", "min_line_punct_ratio", "fineweb_line_punct_ratio", "<="),
-    ("fineweb", "max_short_line_ratio", "fineweb_short_line_ratio", ">="),
-    ("fineweb", "max_dup_line_char_frac", "fineweb_dup_line_char_frac", ">="),
-    ("fineweb", "max_newline_word_ratio", "fineweb_newline_word_ratio", ">"),
+@dataclass(frozen=True)
+class RuleSpec:
+    """One heuristic rule, declared once (as DataTrove's ``gopher_quality_filter.py`` does): the filter it
+    belongs to, its config key ``name`` (the drop reason is ``filter:name``), the test — a document fails when
+    ``signal <op> threshold`` — the default threshold and what it drops. ``kind`` is the config type: ``int``
+    or ``float`` (null disables the rule) or ``bool`` for a flag rule (True = drop when the flag is set)."""
+
+    filter: str
+    name: str
+    signal: str
+    op: str
+    default: float | bool | None
+    description: str
+    kind: type = float
+
+
+_TOP_NGRAM_MAX = {2: 0.20, 3: 0.18, 4: 0.16}
+_DUP_NGRAM_MAX = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+# In this order: the first rule a document fails is its drop reason. Defaults are DataTrove's.
+RULE_SPECS: tuple[RuleSpec, ...] = (
+    RuleSpec("gopher_quality", "min_doc_words", "gopher_n_words", "<", 50, "drop documents with fewer words", int),
+    RuleSpec("gopher_quality", "max_doc_words", "gopher_n_words", ">", 100_000, "drop documents with more words", int),
+    RuleSpec("gopher_quality", "min_avg_word_length", "gopher_mean_word_length", "<", 3,
+             "drop when the mean word length is below"),
+    RuleSpec("gopher_quality", "max_avg_word_length", "gopher_mean_word_length", ">", 10,
+             "drop when the mean word length is above"),
+    RuleSpec("gopher_quality", "max_hash_word_ratio", "gopher_hash_word_ratio", ">", 0.1, "max '#' symbols per word"),
+    RuleSpec("gopher_quality", "max_ellipsis_word_ratio", "gopher_ellipsis_word_ratio", ">", 0.1,
+             "max '...'/'…' per word"),
+    RuleSpec("gopher_quality", "max_bullet_lines_ratio", "gopher_bullet_lines_ratio", ">", 0.9,
+             "max share of lines starting with a bullet"),
+    RuleSpec("gopher_quality", "max_ellipsis_lines_ratio", "gopher_ellipsis_lines_ratio", ">", 0.3,
+             "max share of lines ending with an ellipsis"),
+    RuleSpec("gopher_quality", "min_alpha_words_ratio", "gopher_alpha_words_ratio", "<", 0.8,
+             "min share of words with a letter"),
+    RuleSpec("gopher_quality", "min_stop_words", "gopher_stop_words", "<", 2,
+             "min count of English stop words (the, be, to, of, ...)", int),
+    RuleSpec("gopher_repetition", "max_dup_para_frac", "gopher_dup_para_frac", ">", 0.3,
+             "max share of duplicate paragraphs"),
+    RuleSpec("gopher_repetition", "max_dup_para_char_frac", "gopher_dup_para_char_frac", ">", 0.2,
+             "max share of chars in duplicate paragraphs"),
+    RuleSpec("gopher_repetition", "max_dup_line_frac", "gopher_dup_line_frac", ">", 0.3, "max share of duplicate lines"),
+    RuleSpec("gopher_repetition", "max_dup_line_char_frac", "gopher_dup_line_char_frac", ">", 0.2,
+             "max share of chars in duplicate lines"),
+    *(RuleSpec("gopher_repetition", f"max_top_{n}gram_char_frac", f"gopher_top_{n}gram_char_frac", ">", v,
+               f"max char share of the most frequent {n}-gram") for n, v in _TOP_NGRAM_MAX.items()),
+    *(RuleSpec("gopher_repetition", f"max_dup_{n}gram_char_frac", f"gopher_dup_{n}gram_char_frac", ">", v,
+               f"max char share in duplicated {n}-grams") for n, v in _DUP_NGRAM_MAX.items()),
+    RuleSpec("c4", "lorem_ipsum", "c4_lorem_ipsum", ">=", True, "drop documents containing 'lorem ipsum'", bool),
+    RuleSpec("c4", "curly_bracket", "c4_curly_bracket", ">=", True, "drop documents containing '{'", bool),
+    RuleSpec("c4", "min_sentences", "c4_sentences", "<", 5, "min sentences after C4's line rules", int),
+    RuleSpec("fineweb", "min_line_punct_ratio", "fineweb_line_punct_ratio", "<=", 0.12,
+             "drop when <= this share of lines ends in . ! ? \" '"),
+    RuleSpec("fineweb", "max_short_line_ratio", "fineweb_short_line_ratio", ">=", 0.67,
+             "drop when >= this share of lines is <= 30 chars"),
+    RuleSpec("fineweb", "max_dup_line_char_frac", "fineweb_dup_line_char_frac", ">=", 0.01,
+             "drop when >= this share of chars is in duplicate lines"),
+    RuleSpec("fineweb", "max_newline_word_ratio", "fineweb_newline_word_ratio", ">", 0.3,
+             "drop when newlines per word exceed this"),
 )
-FILTERS: tuple[str, ...] = tuple(dict.fromkeys(spec[0] for spec in RULE_SPECS))
+FILTERS: tuple[str, ...] = tuple(dict.fromkeys(spec.filter for spec in RULE_SPECS))
 
 
 def build_rules(thresholds: dict[str, dict[str, float | None]]) -> list[Rule]:
     """Rules in :data:`RULE_SPECS` order from ``{filter: {rule name: threshold}}``; None/False disable a rule."""
     rules = []
-    for filt, name, signal, op in RULE_SPECS:
-        threshold = thresholds[filt][name]  # a bool for flag rules: True = drop when the flag is set
+    for spec in RULE_SPECS:
+        threshold = thresholds[spec.filter][spec.name]  # a bool for flag rules: True = drop when the flag is set
         if threshold is not None and threshold is not False:
-            rules.append(Rule(filt, name, signal, op, float(threshold)))
+            rules.append(Rule(spec.filter, spec.name, spec.signal, spec.op, float(threshold)))
     return rules
 
 

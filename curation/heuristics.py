@@ -24,61 +24,39 @@ import shutil
 import uuid
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, create_model
 
+from curation.filters import RULE_SPECS
+from infra.markdown import markdown_table
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 CACHE_DIR = "cache/heuristics_signals"
 
 
-class GopherQualityThresholds(StageConfig):
-    """Gopher quality rules (Rae et al. 2021, DataTrove defaults); null disables a rule."""
-
-    min_doc_words: int | None = Field(50, description="drop documents with fewer words")
-    max_doc_words: int | None = Field(100_000, description="drop documents with more words")
-    min_avg_word_length: float | None = Field(3, description="drop when the mean word length is below")
-    max_avg_word_length: float | None = Field(10, description="drop when the mean word length is above")
-    max_hash_word_ratio: float | None = Field(0.1, description="max '#' symbols per word")
-    max_ellipsis_word_ratio: float | None = Field(0.1, description="max '...'/'…' per word")
-    max_bullet_lines_ratio: float | None = Field(0.9, description="max share of lines starting with a bullet")
-    max_ellipsis_lines_ratio: float | None = Field(0.3, description="max share of lines ending with an ellipsis")
-    min_alpha_words_ratio: float | None = Field(0.8, description="min share of words with a letter")
-    min_stop_words: int | None = Field(2, description="min count of English stop words (the, be, to, of, ...)")
+def thresholds_model(name: str, filter_name: str, doc: str) -> type[StageConfig]:
+    """The config section of one filter, generated from its rules in :data:`curation.filters.RULE_SPECS`
+    (key, type, default threshold and description each come from the rule's one declaration)."""
+    fields = {
+        spec.name: (spec.kind if spec.kind is bool else spec.kind | None, Field(spec.default, description=spec.description))
+        for spec in RULE_SPECS if spec.filter == filter_name
+    }
+    return create_model(name, __base__=StageConfig, __doc__=doc, __module__=__name__, **fields)
 
 
-class GopherRepetitionThresholds(StageConfig):
-    """Gopher repetition rules (Gopher Table A1, DataTrove defaults); null disables a rule."""
-
-    max_dup_para_frac: float | None = Field(0.3, description="max share of duplicate paragraphs")
-    max_dup_para_char_frac: float | None = Field(0.2, description="max share of chars in duplicate paragraphs")
-    max_dup_line_frac: float | None = Field(0.3, description="max share of duplicate lines")
-    max_dup_line_char_frac: float | None = Field(0.2, description="max share of chars in duplicate lines")
-    max_top_2gram_char_frac: float | None = Field(0.20, description="max char share of the most frequent 2-gram")
-    max_top_3gram_char_frac: float | None = Field(0.18, description="max char share of the most frequent 3-gram")
-    max_top_4gram_char_frac: float | None = Field(0.16, description="max char share of the most frequent 4-gram")
-    max_dup_5gram_char_frac: float | None = Field(0.15, description="max char share in duplicated 5-grams")
-    max_dup_6gram_char_frac: float | None = Field(0.14, description="max char share in duplicated 6-grams")
-    max_dup_7gram_char_frac: float | None = Field(0.13, description="max char share in duplicated 7-grams")
-    max_dup_8gram_char_frac: float | None = Field(0.12, description="max char share in duplicated 8-grams")
-    max_dup_9gram_char_frac: float | None = Field(0.11, description="max char share in duplicated 9-grams")
-    max_dup_10gram_char_frac: float | None = Field(0.10, description="max char share in duplicated 10-grams")
-
-
-class C4Thresholds(StageConfig):
-    """C4 rules (Raffel et al. 2020, DataTrove's C4QualityFilter); sentences are counted on the lines C4 keeps."""
-
-    lorem_ipsum: bool = Field(True, description="drop documents containing 'lorem ipsum'")
-    curly_bracket: bool = Field(True, description="drop documents containing '{'")
-    min_sentences: int | None = Field(5, description="min sentences after C4's line rules")
-
-
-class FineWebThresholds(StageConfig):
-    """FineWeb quality rules (Penedo et al. 2024, DataTrove defaults); null disables a rule."""
-
-    min_line_punct_ratio: float | None = Field(0.12, description="drop when <= this share of lines ends in . ! ? \" '")
-    max_short_line_ratio: float | None = Field(0.67, description="drop when >= this share of lines is <= 30 chars")
-    max_dup_line_char_frac: float | None = Field(0.01, description="drop when >= this share of chars is in duplicate lines")
-    max_newline_word_ratio: float | None = Field(0.3, description="drop when newlines per word exceed this")
+GopherQualityThresholds = thresholds_model(
+    "GopherQualityThresholds", "gopher_quality", "Gopher quality rules (Rae et al. 2021, DataTrove defaults); null disables a rule."
+)
+GopherRepetitionThresholds = thresholds_model(
+    "GopherRepetitionThresholds", "gopher_repetition",
+    "Gopher repetition rules (Gopher Table A1, DataTrove defaults); null disables a rule.",
+)
+C4Thresholds = thresholds_model(
+    "C4Thresholds", "c4",
+    "C4 rules (Raffel et al. 2020, DataTrove's C4QualityFilter); sentences are counted on the lines C4 keeps.",
+)
+FineWebThresholds = thresholds_model(
+    "FineWebThresholds", "fineweb", "FineWeb quality rules (Penedo et al. 2024, DataTrove defaults); null disables a rule."
+)
 
 
 class HeuristicsConfig(StageConfig):
@@ -218,9 +196,7 @@ def run(ctx: StageContext) -> StageResult:
         metrics={**counts, "signals_cache": cache, "signals_cache_dir": str(cache_dir), "kept_after": by_filter,
                  "funnel": funnel},
         tables={"funnel": funnel_rows("heuristics", counts), "pipeline_funnel": funnel},
-        report_md="\n".join(
-            ["| step | documents |", "|---|---|", *(f"| {r['step']} | {r['documents']} |" for r in funnel)]
-        ),
+        report_md="\n".join(markdown_table(["step", "documents"], ((r["step"], r["documents"]) for r in funnel))),
     )
 
 

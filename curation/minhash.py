@@ -9,8 +9,11 @@ Pure functions on one document or one batch; the Spark shell lives in ``curation
   (:func:`word_hashes`) and the ``n`` word hashes of a shingle combined with a mix (no word or
   n-gram strings are built). A document with fewer than ``n`` words is one shingle of all its
   words; an empty one has none.
-* permutations: ``h_i(x) = a_i * x + b_i mod 2^64`` for odd ``a_i`` — a bijection of the 64-bit
-  space; the shingle hashes ``x`` are already well mixed, so two multiply-adds per value suffice.
+* permutations: datasketch's ``affine64`` scheme, ``h_i(x) = a_i * fmix64(x) + b_i mod 2^64`` for odd
+  ``a_i`` (MurmurHash3's finaliser once per shingle, then one multiply-add per permutation: a bijection
+  of the 64-bit space), with ``(a, b)`` drawn as datasketch draws them for the seed — so
+  ``datasketch.MinHash(scheme="affine64")`` fed :func:`shingle_texts` through :func:`shingle_hash`
+  gives the same signatures (:func:`datasketch_signatures`, the reference backend).
 * LSH: ``bands × rows`` (FineWeb: 14 × 8 = 112) — a band key is a 63-bit hash of its ``rows`` values.
 
 Hashing and the min over permutations are compiled with numba (``cache=True``: compiled once per
@@ -184,9 +187,9 @@ def _shingles_into(words, n_words, ngram, out):
 
 @njit(cache=True)
 def _min_into(row, shingles, n_shingles, a, b):
-    """``row[j] = min(row[j], min over shingles x of a[j] * x + b[j])`` (mod 2^64)."""
+    """``row[j] = min(row[j], min over shingles x of a[j] * fmix64(x) + b[j])`` (mod 2^64)."""
     for i in range(n_shingles):
-        x = shingles[i]
+        x = _mix64(shingles[i])
         for j in range(row.shape[0]):
             row[j] = min(row[j], a[j] * x + b[j])
 
@@ -267,10 +270,12 @@ def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) of the ``num_perm`` hash permutations, ``a`` odd; deterministic in ``seed``."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    a = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64, endpoint=False) | np.uint64(1)
-    b = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64, endpoint=False)
+    """(a, b) of the ``num_perm`` hash permutations, ``a`` odd: what ``datasketch.MinHash(num_perm,
+    seed, scheme="affine64")`` draws (``RandomState(seed)``, ``a`` then ``b``)."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = gen.randint(0, 1 << 64, num_perm, dtype=np.uint64)
+    a.flags.writeable = b.flags.writeable = False  # cached: shared by every caller
     return a, b
 
 
@@ -290,6 +295,38 @@ def batch_signatures(texts: list[str], params: MinHashParams = MinHashParams()) 
     out = np.full((len(texts), params.num_perm), EMPTY, dtype=np.uint64)
     code_points, starts = _nfkc_code_points(texts)
     _batch_signatures_kernel(code_points, starts, *_expansions(), params.ngram, a, b, out)
+    return out
+
+
+def shingle_texts(text: str | None, ngram: int = 5) -> list[str]:
+    """The word ``ngram``-grams of :func:`normalize_text` as strings (fewer words → one of all of
+    them), repeats included: what the datasketch backend feeds ``MinHash.update_batch``."""
+    words = normalize_text(text or "").split()
+    n = min(ngram, len(words))
+    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)] if words else []
+
+
+def shingle_hash(shingle: str) -> int:
+    """The native core's 64-bit hash of one shingle string of normalised words (the hash function
+    the datasketch backend passes to ``MinHash``)."""
+    words = word_hashes(_code_points(shingle))
+    out = np.empty(1, dtype=np.uint64)
+    _shingles_into(words, len(words), len(words), out)
+    return int(out[0])
+
+
+def datasketch_signatures(texts: list[str], params: MinHashParams = MinHashParams()) -> np.ndarray:
+    """:func:`batch_signatures` computed by datasketch: one ``MinHash(scheme="affine64")`` per text with
+    :func:`shingle_hash` and this module's :func:`permutations` passed in, updated with
+    :func:`shingle_texts`, kept as a ``LeanMinHash``. Slow (Python per shingle): the reference backend."""
+    from datasketch import LeanMinHash, MinHash
+
+    perms = np.array(permutations(params.num_perm, params.seed))
+    out = np.empty((len(texts), params.num_perm), dtype=np.uint64)
+    for row, text in zip(out, texts):
+        m = MinHash(params.num_perm, params.seed, hashfunc=shingle_hash, permutations=perms, scheme="affine64")
+        m.update_batch(shingle_texts(text, params.ngram))
+        row[:] = LeanMinHash(m).hashvalues
     return out
 
 

@@ -12,7 +12,6 @@ fraction. Only doc_id and text are read; every other column passes through.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import re
@@ -21,6 +20,7 @@ from typing import Iterator
 
 from pydantic import Field
 
+from infra.jsonl import open_text, read_jsonl
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 HQ, LQ = "__label__hq", "__label__lq"
@@ -95,10 +95,6 @@ def chunk_words(text: str, size: int, min_words: int) -> list[str]:
     return [c for c in chunks if len(c.split()) >= min_words]
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.suffix == ".gz" else open(path, encoding="utf-8", errors="replace")
-
-
 def _json_text(obj: dict) -> str:
     for key in _JSON_TEXT_KEYS:
         if isinstance(obj.get(key), str) and obj[key].strip():
@@ -132,7 +128,7 @@ def read_texts(path: str | Path) -> Iterator[str]:
         return
     name = path.name
     if name.endswith((".txt", ".txt.gz")):
-        with _open_text(path) as fh:
+        with open_text(path, errors="replace") as fh:
             para: list[str] = []
             for line in [*fh, ""]:
                 if line.strip() and not _WIKI_HEADING.match(line):
@@ -141,12 +137,10 @@ def read_texts(path: str | Path) -> Iterator[str]:
                     yield " ".join(para)
                     para = []
     elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
-        with _open_text(path) as fh:
-            for line in fh:
-                if line.strip():
-                    text = _json_text(json.loads(line))
-                    if text.strip():
-                        yield text
+        for _, obj in read_jsonl(path, errors="replace"):  # a bad line is an error: training data must parse
+            text = _json_text(obj)
+            if text.strip():
+                yield text
     elif name.endswith((".warc", ".warc.gz")):
         yield from _warc_texts(path)
     elif name.endswith(".parquet"):

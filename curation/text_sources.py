@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Iterator
+
+from infra import jsonl
 
 PARQUET = "parquet"
 JSONL = "jsonl"
@@ -96,19 +97,15 @@ def _open_text(path: Path):
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
-    """One document per JSON line; lines that are not JSON objects with a ``text`` are skipped."""
-    with _open_text(path) as fh:
-        for line_no, raw in enumerate(fh, 1):
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                continue
-            given = obj.get("id")
-            doc_id = stable_doc_id(str(given)) if given is not None else stable_doc_id(str(path), str(line_no))
-            url = obj.get("url") or (given if isinstance(given, str) and "://" in given else None)
-            yield {"doc_id": doc_id, "url": url, "source": f"{path}@{line_no}", "text": obj["text"]}
+    """One document per JSON line; lines that are not JSON objects with a ``text`` are not documents and
+    are passed over (bad lines included: ``on_bad`` ignores them), lone surrogates are kept for valid_text."""
+    for line_no, obj in jsonl.read_jsonl(path, on_bad=lambda bad: None, errors="surrogatepass"):
+        if not isinstance(obj.get("text"), str):
+            continue
+        given = obj.get("id")
+        doc_id = stable_doc_id(str(given)) if given is not None else stable_doc_id(str(path), str(line_no))
+        url = obj.get("url") or (given if isinstance(given, str) and "://" in given else None)
+        yield {"doc_id": doc_id, "url": url, "source": f"{path}@{line_no}", "text": obj["text"]}
 
 
 def read_text_file(path: Path, separator: str = BLANK_LINES) -> Iterator[dict]:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from curation.megatron_shards import SPLITS
 from curation.text_sources import BLANK_LINES
+from infra.markdown import markdown_table
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 HASH_BUCKETS = 10_000
@@ -427,8 +428,7 @@ def run(ctx: StageContext) -> StageResult:
     }
     report = "\n".join([
         f"### tokenize: {total['tokens']:,} tokens in {total['docs']:,} documents, {total['shards']} shards ({info['dtype']})",
-        "", "| weight | train prefix |", "|---|---|",
-        *(f"| {w:.4f} | {p} |" for w, p in blend["prefixes"]),
+        "", *markdown_table(["weight", "train prefix"], ((f"{w:.4f}", p) for w, p in blend["prefixes"])),
     ])
     return StageResult(metrics=metrics, tables={"tokenize": table}, report_md=report)
 

@@ -1,15 +1,15 @@
-"""Task-file loading shared by every evaluation task: JSON-lines (plain or .gz), malformed lines
-skipped and counted, and subset selection (``limit`` + ``seed``).
+"""Task-file loading shared by every evaluation task: JSON-lines (plain or .gz, read by
+:mod:`infra.jsonl`), malformed lines skipped and counted, and subset selection (``limit`` + ``seed``).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
+
+from infra.jsonl import read_jsonl
 
 T = TypeVar("T")
 
@@ -27,36 +27,27 @@ class Loaded(Generic[T]):
     malformed_examples: list[str] = field(default_factory=list)
 
 
-def open_text(path: str | Path):
-    """Open a text file, transparently gunzipping ``*.gz``."""
+def load_jsonl(path: str | Path, parse: Callable[[dict], T]) -> Loaded[T]:
+    """Parse every non-empty line of a JSON-lines file (plain or ``.gz``) with ``parse``.
+
+    A bad line (not a UTF-8 JSON object, :mod:`infra.jsonl`), or one that ``parse`` rejects
+    (KeyError/ValueError/TypeError/IndexError), is skipped and counted; the first few reasons are kept for the report.
+    """
     path = Path(path)
     if not path.is_file():
         raise EvalDataError(f"task file {str(path)!r} does not exist")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
-
-
-def load_jsonl(path: str | Path, parse: Callable[[dict], T]) -> Loaded[T]:
-    """Parse every non-empty line of a JSON-lines file with ``parse``.
-
-    A line that is not a JSON object, or that ``parse`` rejects (KeyError/ValueError/TypeError),
-    is skipped and counted; the first few reasons are kept for the report.
-    """
     loaded: Loaded[T] = Loaded(items=[])
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise TypeError(f"expected a JSON object, got {type(record).__name__}")
-                loaded.items.append(parse(record))
-            except (json.JSONDecodeError, KeyError, ValueError, TypeError, IndexError) as exc:
-                loaded.malformed += 1
-                if len(loaded.malformed_examples) < 5:
-                    loaded.malformed_examples.append(f"{Path(path).name}:{lineno}: {type(exc).__name__}: {exc}")
+
+    def skip(line_no: int, reason: str) -> None:
+        loaded.malformed += 1
+        if len(loaded.malformed_examples) < 5:
+            loaded.malformed_examples.append(f"{path.name}:{line_no}: {reason}")
+
+    for line_no, record in read_jsonl(path, on_bad=lambda bad: skip(bad.line_no, bad.reason)):
+        try:
+            loaded.items.append(parse(record))
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            skip(line_no, f"{type(exc).__name__}: {exc}")
     return loaded
 
 

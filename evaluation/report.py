@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from evaluation.tasks import TaskResult
+from infra.markdown import markdown_table as table_lines
 
 EVAL_TABLE = "eval"
 
@@ -38,9 +39,8 @@ def _fmt(value) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A table with the report's number format (floats to 4 places, None as –)."""
+    return "\n".join(table_lines(header, rows, _fmt))
 
 
 def eval_tables(run_root: str | Path, run_id: str) -> dict[str, list[dict]]:

@@ -2,26 +2,42 @@
 run on each training stage's ``hf/`` checkpoint.
 
 Each stage runs its configured task list (hellaswag, gsm8k, perplexity, heldout — the
-``tokenize`` stage's validation shards, reward_accuracy — the ``reward`` stage's model on held-out
-preference pairs) and writes ``results/`` (``results.json`` + ``samples/<task>.jsonl``), the
-results as flat manifest metrics, a Prefect table (``eval``) and a markdown report that puts this
-stage next to the run's other eval stages.
+``tokenize`` stage's validation shards, arithmetic — the RL stages' verifiable task on held-out
+questions, reward_accuracy — the ``reward`` stage's model on held-out preference pairs) and writes
+``results/`` (``results.json`` + ``samples/<task>.jsonl``), the results as flat manifest metrics, a
+Prefect table (``eval``) and a markdown report that puts this stage next to the run's other eval stages.
+
+With ``compare_to_start`` the same items are also scored on the model the training stage started
+from, giving before → after rows with 95% intervals (``tables["effects"]``, ``evaluation.effects``).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
-TaskName = Literal["hellaswag", "gsm8k", "perplexity", "web_perplexity", "heldout", "reward_accuracy"]
+TaskName = Literal["hellaswag", "gsm8k", "perplexity", "web_perplexity", "heldout", "reward_accuracy", "arithmetic"]
 FIXTURES = "tests/data/eval"
 
 # eval stage → the training stage whose hf/ checkpoint it evaluates
 EVALUATED = {"eval_pretrain": "pretrain", "eval_sft": "sft", "eval_dpo": "dpo", "eval_grpo": "grpo", "eval_ppo": "ppo"}
+# training stage → the stage whose hf/ it starts from when its `model` is "upstream"
+STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "grpo": "sft", "ppo": "sft"}
+# task → (metric, kind, better, per-sample value, per-sample weight or None): the before → after rows
+EFFECT_SPECS = {
+    "hellaswag": ("acc_norm", "proportion", "higher", lambda s: s["acc_norm"], None),
+    "gsm8k": ("exact_match_flexible", "proportion", "higher", lambda s: s["exact_match_flexible"], None),
+    "arithmetic": ("accuracy", "proportion", "higher", lambda s: s["accuracy"], None),
+    "heldout": ("loss", "mean", "lower", lambda s: -s["loglikelihood"] / s["tokens"], lambda s: s["tokens"]),
+    "perplexity": ("bits_per_byte", "mean", "lower", lambda s: -s["loglikelihood"] / s["bytes"] / math.log(2), lambda s: s["bytes"]),
+    "web_perplexity": ("bits_per_byte", "mean", "lower", lambda s: -s["loglikelihood"] / s["bytes"] / math.log(2), lambda s: s["bytes"]),
+}
 
 
 class HellaSwagConfig(StageConfig):
@@ -57,6 +73,11 @@ class RewardAccuracyConfig(StageConfig):
     max_length: int = Field(512, ge=8, description="tokens kept per text (from the end)")
 
 
+class ArithmeticConfig(StageConfig):
+    limit: int | None = Field(None, ge=1, description="held-out arithmetic questions to ask (null = all 118)")
+    max_new_tokens: int = Field(24, ge=1, description="generation budget per question")
+
+
 class EvalConfig(StageConfig):
     """Which tasks to run on the checkpoint and how."""
 
@@ -70,6 +91,9 @@ class EvalConfig(StageConfig):
     max_length: int | None = Field(None, ge=16, description="max tokens per sequence (null = the model's)")
     generation_backend: Literal["auto", "hf", "vllm"] = Field("auto", description="vLLM when installed (auto), else transformers")
     progress: bool = Field(True, description="tqdm progress bars")
+    compare_to_start: bool = Field(
+        True, description="also score the model the training stage started from on the same items: before → after "
+                          "rows with 95% intervals (doubles the time; a pretrain from random init has no before)")
     hellaswag: HellaSwagConfig = Field(default_factory=HellaSwagConfig, description="HellaSwag settings")
     gsm8k: GSM8KConfig = Field(default_factory=GSM8KConfig, description="GSM8K settings")
     perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig, description="WikiText perplexity settings")
@@ -80,6 +104,7 @@ class EvalConfig(StageConfig):
     )
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig, description="held-out shard loss settings")
     reward_accuracy: RewardAccuracyConfig = Field(default_factory=RewardAccuracyConfig, description="reward-model accuracy settings")
+    arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig, description="held-out arithmetic (the RL task) settings")
 
     @model_validator(mode="after")
     def _web_text_is_set(self) -> "EvalConfig":
@@ -106,8 +131,40 @@ def task_files(cfg: EvalConfig) -> dict[str, str]:
     return files
 
 
-def run_tasks(ctx: StageContext, hf_dir, shards_dir=None, reward_dir=None):
-    """Run the configured tasks; returns (results, notes about tasks that could not run)."""
+def start_model(trained: dict, run_root: Path) -> str | None:
+    """The model a training stage started from, from its manifest: ``pretrain.init_from`` (None for a
+    random init), the upstream stage's ``hf/`` when ``model`` is "upstream" (where its files are: a
+    reused stage's outputs live in the run that computed them), else ``model`` itself."""
+    cfg, stage = trained["config"], trained["stage"]
+    if stage == "pretrain":
+        return cfg.get("init_from")
+    if cfg.get("model") != "upstream":
+        return cfg.get("model")
+    source = trained["inputs"].get(f"{STARTS_FROM[stage]}/hf")
+    if not source:
+        return None
+    producer = Path(run_root) / source["run_id"] / source["stage"] / "manifest.json"
+    return json.loads(producer.read_text())["outputs"][source["output"]]["path"]
+
+
+def task_effects(stage: str, before: list, after: list) -> list[dict]:
+    """Before → after rows (95% intervals) for the tasks scored on both models."""
+    from evaluation.effects import effect_row
+
+    earlier = {r.task: r for r in before}
+    rows = []
+    for res in after:
+        if res.task not in EFFECT_SPECS or res.task not in earlier:
+            continue
+        metric, kind, better, value, weight = EFFECT_SPECS[res.task]
+        b, a = earlier[res.task].samples, res.samples
+        rows.append(effect_row(stage, f"{res.task}/{metric}", [value(x) for x in b], [value(x) for x in a],
+                               kind=kind, better=better, weights=[weight(x) for x in b] if weight else None))
+    return rows
+
+
+def run_tasks(ctx: StageContext, hf_dir, shards_dir=None, reward_dir=None, tasks=None):
+    """Run the configured tasks (or ``tasks``); returns (results, notes about tasks that could not run)."""
     from evaluation.data import EvalDataError
     from evaluation.model import EvalModel
 
@@ -116,7 +173,7 @@ def run_tasks(ctx: StageContext, hf_dir, shards_dir=None, reward_dir=None):
     model = EvalModel(hf_dir, batch_size=cfg.batch_size, max_length=cfg.max_length, dtype=cfg.dtype,
                       generation_backend=cfg.generation_backend)
     results, skipped = [], []
-    for task in cfg.tasks:
+    for task in tasks or cfg.tasks:
         ctx.log.info("eval: %s on %s", task, hf_dir)
         try:
             res = _run_task(task, cfg, model, files, shards_dir, reward_dir)
@@ -133,8 +190,10 @@ def run_tasks(ctx: StageContext, hf_dir, shards_dir=None, reward_dir=None):
 
 def _run_task(task: str, cfg: EvalConfig, model, files, shards_dir, reward_dir):
     from evaluation.data import EvalDataError
-    from evaluation.tasks import gsm8k, heldout, hellaswag, perplexity, reward_accuracy
+    from evaluation.tasks import arithmetic, gsm8k, heldout, hellaswag, perplexity, reward_accuracy
 
+    if task == "arithmetic":
+        return arithmetic.evaluate(model, cfg.arithmetic.limit, cfg.arithmetic.max_new_tokens, cfg.progress)
     if task == "hellaswag":
         return hellaswag.evaluate(model, files["hellaswag"], cfg.hellaswag.limit, cfg.seed, cfg.progress)
     if task == "gsm8k":
@@ -161,22 +220,32 @@ def _run_task(task: str, cfg: EvalConfig, model, files, shards_dir, reward_dir):
 
 
 def run(ctx: StageContext) -> StageResult:
+    from evaluation.effects import EFFECTS_TABLE, effect_metrics, format_effect
     from evaluation.report import EVAL_TABLE, eval_tables, flat_metrics, markdown_table, result_rows, stages_side_by_side
+    from training.models import resolve_model
 
+    cfg: EvalConfig = ctx.config
     upstream = ctx.input(EVALUATED[ctx.stage])
     optional = {name: inp for name, inp in ctx.inputs.items() if name in ("tokenize", "reward")}
-    results, skipped = run_tasks(
-        ctx,
-        upstream.path("hf"),
-        shards_dir=optional["tokenize"].path("shards") if "tokenize" in optional else None,
-        reward_dir=optional["reward"].path("hf") if "reward" in optional else None,
-    )
+    shards_dir = optional["tokenize"].path("shards") if "tokenize" in optional else None
+    results, skipped = run_tasks(ctx, upstream.path("hf"), shards_dir=shards_dir,
+                                 reward_dir=optional["reward"].path("hf") if "reward" in optional else None)
+    effects, start = [], start_model(upstream.manifest, ctx.run_root) if cfg.compare_to_start else None
+    comparable = [r.task for r in results if r.task in EFFECT_SPECS]
+    if start and comparable:
+        ctx.log.info("eval: the same items on the starting model %s (the before of each row)", start)
+        before, _ = run_tasks(ctx, resolve_model(start), shards_dir=shards_dir, tasks=comparable)
+        effects = task_effects(EVALUATED[ctx.stage], before, results)
+        for row in effects:
+            ctx.log.info("eval: %s before → after: %s", EVALUATED[ctx.stage], format_effect(row))
+    elif cfg.compare_to_start:
+        ctx.log.info("eval: no before: %s started from %s", EVALUATED[ctx.stage], start or "a random init")
     out = ctx.output("results")
     (out / "samples").mkdir(parents=True)
     rows = result_rows(results)
     summary = {
-        "checkpoint": f"{upstream.run_id}/{upstream.stage}/hf",
-        "rows": rows, "skipped": skipped,
+        "checkpoint": f"{upstream.run_id}/{upstream.stage}/hf", "started_from": start,
+        "rows": rows, "effects": effects, "skipped": skipped,
         "malformed": {r.task: {"count": r.malformed, "examples": r.notes} for r in results},
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -190,14 +259,18 @@ def run(ctx: StageContext) -> StageResult:
                              [[r["task"], r["metric"], r["value"], r["n"], r["malformed"]] for r in rows]))
     if skipped:
         md += [""] + [f"- {s}" for s in skipped]
+    if effects:
+        md += ["", f"### Before → after (starting model {start}; 95% intervals)", ""]
+        md += [f"- {format_effect(r)}" for r in effects]
     earlier = {s: t for s, t in eval_tables(ctx.run_root, ctx.run_id).items() if s != ctx.stage}
     if earlier:
         md += ["", "### Along the pipeline", "", stages_side_by_side({**earlier, ctx.stage: rows})]
-    metrics = {**flat_metrics(rows), "tasks_skipped": len(skipped)}
+    metrics = {**flat_metrics(rows), **effect_metrics(effects), "tasks_skipped": len(skipped)}
     warnings = [f"evaluated checkpoint {upstream.run_id}/{upstream.stage}: {w}" for w in upstream.manifest.get("warnings", [])]
     if warnings:
         md += ["", "**Warnings**", "", *(f"- {w}" for w in warnings)]
-    return StageResult(metrics=metrics, tables={EVAL_TABLE: rows}, report_md="\n".join(md), warnings=warnings)
+    return StageResult(metrics=metrics, tables={EVAL_TABLE: rows, EFFECTS_TABLE: effects}, report_md="\n".join(md),
+                       warnings=warnings)
 
 
 def _stage(name: str, optional_inputs: tuple[str, ...]) -> Stage:

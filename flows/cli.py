@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from curation.megatron_shards import trace_tokens
+from evaluation.effects import EFFECTS_TABLE, format_effect
 from evaluation.report import compare_runs
 from flows.explorer import start_explorer
 from flows.registry import all_stages, load_config
@@ -83,30 +84,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = pipeline(config_file=args.config, overrides=overrides, run_id=args.run_id or "")
     run_root = Path(config.run_root).resolve()
     run_dir = run_root / result["run_id"]
+    catalog = LineageCatalog(run_root)
+    stage_runs = catalog.stage_runs(result["run_id"])
+    manifests = {r["stage"]: json.loads(Path(r["manifest_path"]).read_text()) for r in stage_runs}
     print("\n=== Refinery demo finished ===")
     print(f"outputs:  {run_dir}")
+    total = 0.0
     for stage, info in result["stages"].items():
-        print(f"  {stage:<16} {info['status']:<10} {info['dir']}")
-    catalog = LineageCatalog(run_root)
+        seconds = manifests.get(stage, {}).get("timings", {}).get("seconds", 0.0) if info["status"] == "completed" else 0.0
+        total += seconds
+        print(f"  {stage:<16} {info['status']:<10} {seconds:>7.1f} s  {info['dir']}")
+    print(f"  {'total':<16} {'':<10} {total:>7.1f} s  (stage wall times; reused stages count 0)")
     print(f"lineage catalog: {catalog.path}")
-    for r in catalog.stage_runs(result["run_id"]):
+    for r in stage_runs:
         outs = ", ".join(f"{k} [{v['hash'].split(':')[-1][:10]}]" for k, v in r["outputs"].items())
         ins = ", ".join(sorted({v.get("stage") or name for name, v in r["inputs"].items()}))
         print(f"  {r['stage']:<16} <- {ins or '-'}  -> {outs}")
-    funnel = [r for r in catalog.stage_runs(result["run_id"]) if "kept" in r["metrics"]]
+    funnel = [r for r in stage_runs if "kept" in r["metrics"]]
     if funnel:
         print("funnel (documents kept per stage):")
         for r in funnel:
             print(f"  {r['stage']:<16} {r['metrics']['rows_in']:>7} in  {r['metrics']['kept']:>7} kept")
-    evals = eval_rows([r for r in catalog.stage_runs(result["run_id"]) if r["stage"].startswith("eval_")])
+    evals = eval_rows([r for r in stage_runs if r["stage"].startswith("eval_")])
     if evals:
         print("evaluation (one row per trained checkpoint):")
         for row in [list(evals[0]), *(row.values() for row in evals)]:
             print("  " + " | ".join(map(str, row)))
-    warnings = [(r["stage"], w) for r in catalog.stage_runs(result["run_id"])
-                for w in json.loads((Path(r["manifest_path"])).read_text()).get("warnings", [])]
-    for stage, warning in warnings:
-        print(f"WARNING {stage}: {warning}")
+    effects = [row for m in manifests.values() for row in (m.get("tables") or {}).get(EFFECTS_TABLE, [])]
+    if effects:
+        print("training effects on held-out data (before → after, 95% intervals; Δ interval is paired):")
+        for row in effects:
+            print(f"  {row['stage']:<8} {format_effect(row)}")
+    for stage, m in manifests.items():
+        for warning in m.get("warnings", []):
+            print(f"WARNING {stage}: {warning}")
+    print(f"report:   {run_dir / 'report.html'}")
     print(f"UI: run `refinery serve` and open http://{config.prefect.host}:{config.prefect.port} "
           f"(flow runs, logs, artifacts; PREFECT_HOME={os.environ['PREFECT_HOME']})")
     print(f"lineage: refinery lineage show {result['run_id']}  |  refinery lineage diff RUN_A RUN_B")

@@ -7,10 +7,12 @@ import prefect.settings
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from evaluation.effects import EFFECTS_TABLE, format_effect
 from flows.report import write_report
-from flows.stages import STAGE_FLOWS, explorer_link, label_flow_run, markdown_table, resolve_config
+from flows.stages import STAGE_FLOWS, explorer_link, label_flow_run, resolve_config
 from infra.config import DEFAULT_CONFIG
 from infra.executor import parse_from
+from infra.markdown import dict_table
 from infra.runstore import check_run_id, new_run_id
 
 StageName = Literal[tuple(STAGE_FLOWS)]  # the UI offers a picker of the known stages
@@ -80,7 +82,7 @@ def run_summary_markdown(run_id: str, results: dict, manifests: dict, report=Non
                      "seconds": m.get("timings", {}).get("seconds", 0),
                      "outputs": ", ".join(f"{k} `{v['hash'].split(':')[-1][:10]}`" for k, v in m["outputs"].items()),
                      "summary": summary})
-    lines += markdown_table(rows)
+    lines += dict_table(rows)
     warnings = [f"{stage}: {w}" for stage, m in manifests.items() for w in m.get("warnings", [])]
     if warnings:
         lines += ["", "## ⚠ Warnings", "", *(f"- **{w}**" for w in warnings)]
@@ -89,10 +91,14 @@ def run_summary_markdown(run_id: str, results: dict, manifests: dict, report=Non
                    (m["metrics"].get("drop_reasons") or {}).items(), key=lambda kv: -kv[1])[:3])}
               for s, m in manifests.items() if "kept" in m["metrics"] and "rows_in" in m["metrics"]]
     if funnel:
-        lines += ["", "## Curation funnel (documents)", "", *markdown_table(funnel)]
+        lines += ["", "## Curation funnel (documents)", "", *dict_table(funnel)]
+    effects = [{"stage": row["stage"], "held-out effect (before → after, 95% intervals)": format_effect(row)}
+               for m in manifests.values() for row in (m.get("tables") or {}).get(EFFECTS_TABLE, [])]
+    if effects:
+        lines += ["", "## Training effects on held-out data", "", *dict_table(effects)]
     evals = eval_rows([{"stage": s, "metrics": m["metrics"]} for s, m in manifests.items() if s.startswith("eval_")])
     if evals:
-        lines += ["", "## Evaluation (one row per trained checkpoint)", "", *markdown_table(evals)]
+        lines += ["", "## Evaluation (one row per trained checkpoint)", "", *dict_table(evals)]
     return "\n".join(lines)
 
 
@@ -100,7 +106,7 @@ def eval_rows(eval_runs: list[dict]) -> list[dict]:
     """One row of ``task/metric`` values per eval stage (n and malformed counts left out)."""
     skip = ("/n", "/malformed", "tasks_skipped")
     columns = sorted({k for r in eval_runs for k, v in r["metrics"].items()
-                      if isinstance(v, (int, float)) and not k.endswith(skip)})
+                      if isinstance(v, (int, float)) and not k.endswith(skip) and not k.startswith("effect/")})
     return [{"checkpoint": r["stage"].removeprefix("eval_"),
              **{c: f"{r['metrics'][c]:.4g}" if isinstance(r["metrics"].get(c), (int, float)) else "-" for c in columns}}
             for r in eval_runs]

@@ -1,6 +1,7 @@
 """One self-contained HTML report per run (``RUN_ROOT/RUN/report.html``), or two runs side by side.
 
-Sections: warnings; the curation funnel (documents in and kept per stage, top drop reasons, tokens);
+Sections: warnings; training effects on held-out data (before → after with 95% intervals, one
+panel per row); the curation funnel (documents in and kept per stage, top drop reasons, tokens);
 pretraining loss and learning-rate curves; RL mean reward and response length per step; the
 evaluation table with 95% intervals (Wilson for accuracies) as a chart; and the run's lineage graph
 (stages and artifacts with content hashes). Charts are matplotlib PNGs embedded in the page.
@@ -21,27 +22,17 @@ from typing import Any
 
 import matplotlib
 
+from evaluation.effects import EFFECTS_TABLE, format_effect, wilson_interval
 from flows.explorer import render_svg
 from infra.lineage import LineageCatalog, lineage_graph
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after selecting the non-interactive backend)
 
-Z95 = 1.959964
 STYLE = ("body{font-family:system-ui,sans-serif;margin:24px;color:#1d2433;max-width:1400px} table{border-collapse:"
          "collapse;margin:8px 0 18px} td,th{border:1px solid #ccd;padding:3px 8px;font-size:13px} th{background:#eef1f7}"
          " .warn{background:#fff3cd;border:1px solid #e0b44c;padding:8px 12px} img{margin:4px;border:1px solid #dde}"
          " .cols{display:flex;gap:24px;align-items:flex-start} .cols>div{flex:1;min-width:0}")
-
-
-def wilson_interval(p: float, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``p`` observed on ``n`` items."""
-    if n <= 0:
-        return 0.0, 1.0
-    denom = 1 + Z95**2 / n
-    centre = (p + Z95**2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # p inside despite rounding at 0 and 1
 
 
 def _png(fig) -> str:
@@ -85,17 +76,40 @@ def run_data(catalog: LineageCatalog, run_id: str) -> dict[str, Any]:
                 lo, hi = wilson_interval(row["value"], int(row["n"]))
             evals.append({"checkpoint": stage.removeprefix("eval_"), "task": row["task"], "metric": row["metric"],
                           "value": row["value"], "n": row["n"], "low": lo, "high": hi})
+    effects = [row for m in manifests.values() for row in (m.get("tables") or {}).get(EFFECTS_TABLE, [])
+               if row.get("before") is not None]
     warnings = [f"{s}: {w}" for s, m in manifests.items() for w in m.get("warnings", [])]
     return {"run_id": run_id, "stages": [{"stage": s, "status": ("reused " + m["cached_from"]) if m.get("cached_from")
                                           else "computed", "seconds": m["timings"]["seconds"]}
                                          for s, m in manifests.items()],
             "funnel": funnel, "tokens": manifests.get("tokenize", {}).get("metrics", {}).get("tokens"),
-            "pretrain": pretrain, "rl": rl, "evals": evals, "warnings": warnings,
+            "pretrain": pretrain, "rl": rl, "evals": evals, "effects": effects, "warnings": warnings,
             "graph": lineage_graph(catalog, [(run_id, s) for s in manifests])}
 
 
+VERDICT_COLOURS = {"improved": "tab:green", "worse": "tab:red", "no clear change": "tab:gray",
+                   "too few items for an interval": "tab:gray"}
+
+
+def _effects_chart(effects: list[dict]) -> str:
+    """One panel per before → after row: both means with their 95% intervals, coloured by verdict."""
+    cols = min(4, len(effects))
+    rows = math.ceil(len(effects) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
+    for ax, e in zip(axes.flat, effects):
+        ys = [e["before"], e["after"]]
+        err = [[e["before"] - e["before_lo"], e["after"] - e["after_lo"]], [e["before_hi"] - e["before"], e["after_hi"] - e["after"]]]
+        ax.errorbar(["before", "after"], ys, yerr=err, marker="o", capsize=5, color=VERDICT_COLOURS[e["verdict"]])
+        ax.set_title(f"{e['stage']}: {e['metric']}\n{e['verdict']} (n={e['n']}, {e['better']} is better)", fontsize=9)
+        ax.margins(x=0.4)
+    for ax in list(axes.flat)[len(effects):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _charts(data: dict) -> list[str]:
-    out = []
+    out = [_effects_chart(data["effects"])] if data["effects"] else []
     if data["funnel"]:
         fig, ax = plt.subplots(figsize=(5, 2.8))
         ax.bar([f["stage"] for f in data["funnel"]], [f["kept"] for f in data["funnel"]], color="#4c78a8")
@@ -122,7 +136,7 @@ def _charts(data: dict) -> list[str]:
     for e in data["evals"]:
         by_metric.setdefault(f"{e['task']}/{e['metric']}", []).append(e)
     for name, rows in by_metric.items():
-        if len(rows) < 1 or name.endswith(("word_perplexity", "token_perplexity", "byte_perplexity")):
+        if len(rows) < 1 or name.endswith(("word_perplexity", "token_perplexity", "byte_perplexity", "tokens")):
             continue
         fig, ax = plt.subplots(figsize=(4.2, 2.8))
         xs = [r["checkpoint"] for r in rows]
@@ -145,6 +159,9 @@ def _section(data: dict) -> str:
     warn = ("<div class='warn'><b>Warnings</b><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in data["warnings"])
             + "</ul></div>") if data["warnings"] else ""
     return (f"<h2>Run {html.escape(data['run_id'])}</h2>{warn}<h3>Stages</h3>{_table(data['stages'])}"
+            + (f"<h3>Training effects on held-out data (before → after, 95% intervals)</h3>"
+               f"{_table([{'stage': e['stage'], 'effect': format_effect(e)} for e in data['effects']])}"
+               if data["effects"] else "") +
             f"<h3>Curation funnel</h3>{_table(data['funnel'])}<p>tokens after tokenize: {data['tokens'] or '-'}</p>"
             "<h3>Charts</h3>" + "".join(_charts(data)) + f"<h3>Evaluation</h3>{_table(evals)}"
             f"<h3>Lineage</h3>{render_svg(data['graph'], set())}")

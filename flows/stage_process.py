@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flows.registry import execute_stage, validate_config
 from infra.config import ConfigError
-from infra.executor import RESULT_MARKER, StageInputError
+from infra.executor import RESULT_MARKER, StageInputError, StageStorageError
 from infra.process import stop_own_group_on_sigterm
 from infra.runstore import RunStoreError
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = validate_config(json.loads(Path(args.config_json).read_text()))
         manifest = execute_stage(args.stage, config, args.run_id, args.from_ref, args.force)
-    except (ConfigError, StageInputError, RunStoreError) as exc:
+    except (ConfigError, StageInputError, RunStoreError, StageStorageError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     result = {"manifest": manifest["manifest_path"], "skipped": bool(manifest.get("skipped"))}

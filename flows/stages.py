@@ -26,6 +26,7 @@ from flows.registry import all_stages, load_config
 from infra.config import DEFAULT_CONFIG, BaseRefineryConfig
 from infra.executor import RESULT_MARKER
 from infra.lineage import flatten
+from infra.markdown import dict_table, markdown_table
 from infra.process import run_streaming
 from infra.runstore import new_run_id
 
@@ -33,7 +34,20 @@ EXPLORER_URL_ENV = "REFINERY_EXPLORER_URL"  # set by `refinery serve`; summaries
 
 
 class StageFailed(RuntimeError):
-    """The stage process exited with an error (its log is in the flow run's logs)."""
+    """The stage process exited with an error (its log is in the flow run's logs).
+
+    ``retryable``: the process crashed or raised; exit code 2 (bad config, missing input, disk full or
+    read-only) would fail the same way again.
+    """
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def _retryable(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a crashed stage process, not a clear user-side error."""
+    return getattr(state.result(raise_on_failure=False), "retryable", False)
 
 
 def resolve_config(config_file: str, overrides: Optional[dict[str, Any]], section: Optional[tuple[str, Any]] = None):
@@ -105,7 +119,7 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
         os.unlink(config_json)
     if rc != 0 or not result:
         errors = [t for t in tail if t.startswith("error:")]
-        raise StageFailed(f"stage {stage!r} failed (exit {rc}): {(errors or tail or ['no output'])[-1]}")
+        raise StageFailed(f"stage {stage!r} failed (exit {rc}): {(errors or tail or ['no output'])[-1]}", rc != 2)
     return {**json.loads(Path(result["manifest"]).read_text()), "skipped": result["skipped"]}
 
 
@@ -134,15 +148,6 @@ def publish(manifest: dict) -> Optional[str]:
     return str(artifact_id) if artifact_id else None
 
 
-def markdown_table(rows: list[dict]) -> list[str]:
-    """Rows of dicts as markdown table lines (columns: the union of keys, in first-seen order)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row.get(c, "")).replace("|", "\\|") for c in columns) + " |")
-    return lines
-
-
 def stage_markdown(manifest: dict) -> str:
     """Markdown summary of a stage run: metrics (list-valued ones as tables), lineage with hashes, cache status."""
     run_id, stage = manifest["run_id"], manifest["stage"]
@@ -152,16 +157,13 @@ def stage_markdown(manifest: dict) -> str:
     if manifest.get("warnings"):
         lines += ["## ⚠ Warnings", "", *(f"- **{w}**" for w in manifest["warnings"]), ""]
     scalars = {k: v for k, v in flatten(manifest["metrics"]).items() if not _is_rows(v)}
-    lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in scalars.items()]
+    lines += ["## Metrics", "", *markdown_table(["metric", "value"], scalars.items())]
     for key, value in flatten(manifest["metrics"]).items():
         if _is_rows(value):
-            lines += ["", f"## {key}", "", *markdown_table(value)]
-    lines += ["", "## Lineage", "", "| direction | name | uri | hash |", "|---|---|---|---|"]
-    for name, inp in manifest["inputs"].items():
-        lines.append(f"| input | {name} | {inp['uri']} | `{inp['hash'][:19]}` |")
-    for name, out in manifest["outputs"].items():
-        lines.append(f"| output | {name} | {out['uri']} | `{out['hash'][:19]}` |")
+            lines += ["", f"## {key}", "", *dict_table(value)]
+    lineage = [("input", name, a["uri"], f"`{a['hash'][:19]}`") for name, a in manifest["inputs"].items()]
+    lineage += [("output", name, a["uri"], f"`{a['hash'][:19]}`") for name, a in manifest["outputs"].items()]
+    lines += ["", "## Lineage", "", *markdown_table(["direction", "name", "uri", "hash"], lineage)]
     for name, path in (manifest.get("images") or {}).items():
         lines += ["", f"**{name}**: `{path}`"]
     if manifest.get("report_md"):
@@ -175,7 +177,9 @@ def _is_rows(value: Any) -> bool:
 
 def run_stage(stage: str, config: BaseRefineryConfig, run_id: str, from_ref: Optional[str], force: bool) -> dict:
     label_flow_run(f"{run_id}/{stage}", ["refinery", f"run:{run_id}", f"stage:{stage}"])
-    manifest = run_stage_process(stage, run_id, config, from_ref, force)
+    manifest = run_stage_process.with_options(
+        retries=config.pipeline.retries, retry_delay_seconds=config.pipeline.retry_delay_s, retry_condition_fn=_retryable,
+    )(stage, run_id, config, from_ref, force)
     if not manifest.get("skipped"):
         manifest["summary_artifact_id"] = publish(manifest)
     get_run_logger().info(

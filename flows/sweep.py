@@ -40,6 +40,7 @@ from flows.stages import label_flow_run
 from flows.registry import load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.lineage import LineageCatalog, flatten, run_differences
+from infra.markdown import markdown_table
 from infra.runstore import write_json_atomic
 
 SEED_KEY = "pretrain.seed"
@@ -402,7 +403,7 @@ def sweep_markdown(summary: dict) -> str:
              f"Report: `{summary['report']}` · stage executions: {ex['computed']} computed, {ex['reused']} reused "
              f"from the cache, {ex['skipped']} already done", "", "## Verdicts", ""]
     lines += [f"- {line}" for line in summary["lines"]] or ["- (no evaluation metric to compare)"]
-    lines += ["", "## Arms", "", "| run | values | seed | status |", "|---|---|---|---|"]
-    lines += [f"| {a['run_id']} | {json.dumps(a['values'])} | {a['seed']} | {a['status']} |" for a in summary["arms"]]
+    arms = [(a["run_id"], json.dumps(a["values"]), a["seed"], a["status"]) for a in summary["arms"]]
+    lines += ["", "## Arms", "", *markdown_table(["run", "values", "seed", "status"], arms)]
     return "\n".join(lines)
 

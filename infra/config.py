@@ -87,6 +87,10 @@ class PipelineConfig(Strict):
     fail_on_noop: bool = Field(
         False, description="fail a stage whose output is identical to one of its inputs (e.g. a training stage "
                            "that changed no weight) instead of warning")
+    retries: int = Field(
+        0, ge=0, description="Prefect retries of a failed stage process (not of config, input or disk errors); a "
+                             "retry resumes a training stage from its last checkpoint")
+    retry_delay_s: float = Field(10.0, ge=0, description="seconds between a stage's failure and its retry")
 
 
 class BaseRefineryConfig(Strict):

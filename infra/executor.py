@@ -8,11 +8,15 @@ layer knows the stage list); this module only knows the :class:`~infra.stage.Sta
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +48,102 @@ class StageNoOp(RuntimeError):
     """A stage produced an output identical to one of its inputs and ``pipeline.fail_on_noop`` is set."""
 
 
+class StageStorageError(RuntimeError):
+    """The run root is full or read-only: one line naming the path and the free space."""
+
+
 NO_OP = "no-op:"
+RESUME_DIR = ".resume"  # RUN_ROOT/.resume/STAGE-KEY: resumable work kept across failed attempts
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _free_space(path: Path) -> str:
+    """'12.0 KiB free of 2.0 MiB' for the filesystem holding ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    usage = shutil.disk_usage(path)
+
+    def size(n: float) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if n < 1024 or unit == "TiB":
+                return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+            n /= 1024
+
+    return f"{size(usage.free)} free of {size(usage.total)}"
+
+
+def storage_error(exc: BaseException, where: Path) -> StageStorageError | None:
+    """A :class:`StageStorageError` if ``exc`` (or a child process's error text) says the disk is full or
+    read-only, else None. ``where`` is reported when the exception names no file."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    text = str(exc)
+    if code not in _STORAGE_ERRNOS:
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            code = errno.ENOSPC
+        elif "Read-only file system" in text:
+            code = errno.EROFS
+        else:
+            return None
+    path = Path(getattr(exc, "filename", None) or where)
+    what = "is read-only" if code == errno.EROFS else "ran out of space"
+    return StageStorageError(f"{path}: the filesystem {what} ({_free_space(path)})")
+
+
+def check_writable(run_root: Path) -> None:
+    """Fail early, with one line, when the run root cannot be written (read-only or full)."""
+    try:
+        run_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_root, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        err = storage_error(OSError(exc.errno, exc.strerror), run_root)  # name the run root, not the probe
+        raise (err or StageStorageError(f"run_root {run_root} is not writable: {exc}")) from None
+
+
+class ResumeDir:
+    """``RUN_ROOT/.resume/STAGE-KEY``: a resumable stage's work dir for one cache key, held under an
+    exclusive ``flock`` (released by the kernel when the process dies, so a crash leaves no stale lock).
+    When another live process holds it, this attempt works in a private dir inside its temp dir."""
+
+    def __init__(self, run_root: Path, stage: str, key: str, tmp: Path, log: logging.Logger):
+        base = run_root / RESUME_DIR
+        base.mkdir(exist_ok=True)
+        self.path = base / f"{stage}-{key.removeprefix('sha256:')[:16]}"
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.fd = self._lock()
+        if self.fd is None:
+            log.warning("stage %s: %s is in use by another run; this attempt cannot resume", stage, self.path)
+            self.path = tmp / RESUME_DIR
+        elif self.path.is_dir() and any(self.path.iterdir()):
+            log.info("stage %s: resuming the work of an earlier attempt in %s", stage, self.path)
+        self.path.mkdir(exist_ok=True)
+
+    def _lock(self) -> int | None:
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                if os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
+                    return fd  # not a lock file that its owner removed meanwhile
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def done(self) -> None:
+        """The output is committed: the work is no longer needed."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.release(remove=True)
+
+    def release(self, remove: bool = False) -> None:
+        if self.fd is not None:
+            if remove:
+                self.lock_path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
 
 
 def _no_op_warnings(outputs: dict[str, dict], records: dict[str, dict]) -> list[str]:
@@ -165,6 +264,7 @@ def execute(
     cfg = config.stage_config(name)
     run_root = Path(config.run_root).resolve()
     log = log or logging.getLogger(f"refinery.{name}")
+    check_writable(run_root)
     catalog = LineageCatalog(run_root)
 
     inputs = resolve_inputs(stage, run_root, run_id, from_ref)
@@ -195,11 +295,21 @@ def execute(
 
     events = StageRunEvents(config.openlineage, run_root, name, run_id, log)
     events.start(records, key)
-    tmp = make_temp_dir(run_root, run_id, name)
+    tmp = resume = None
+    try:
+        tmp = make_temp_dir(run_root, run_id, name)
+        resume = ResumeDir(run_root, name, key, tmp, log) if stage.resumable else None
+    except OSError as exc:
+        full = storage_error(exc, tmp or run_root)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        events.fail(records, exc)
+        raise (full or exc) from exc
     started, t0 = _now(), time.time()
     ctx = StageContext(
         run_id=run_id, stage=name, config=cfg, spark_config=config.spark, inputs=inputs,
         external_inputs=external, out_dir=tmp, run_root=run_root, log=log,
+        resume_dir=resume.path if resume else None,
     )
     log.info("stage %s: running into %s", name, tmp)
     try:
@@ -238,9 +348,18 @@ def execute(
         write_json_atomic(tmp / MANIFEST, manifest)
         commit_stage_dir(tmp, final)
     except BaseException as exc:
+        full = storage_error(exc, tmp)  # the free space before the temp dir is removed
         shutil.rmtree(tmp, ignore_errors=True)
+        if resume is not None:
+            resume.release()
+            if resume.path.is_relative_to(run_root / RESUME_DIR):
+                log.info("stage %s: kept %s; the same command resumes from it", name, resume.path)
         events.fail(records, exc)
+        if full is not None:
+            raise full from exc
         raise
+    if resume is not None:
+        resume.done()
     catalog.record_stage_run(manifest)
     events.complete(manifest)
     log.info("stage %s: done in %.1f s -> %s", name, manifest["timings"]["seconds"], final)

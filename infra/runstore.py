@@ -186,6 +186,22 @@ def make_temp_dir(run_root: Path, run_id: str, stage: str) -> Path:
     return tmp
 
 
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link a file or a directory's files from ``src`` to ``dst`` (copies across filesystems):
+    a stage publishes work kept elsewhere (e.g. checkpoints in its resume dir) without copying bytes."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if Path(src).is_dir():
+        shutil.copytree(src, dst, copy_function=link)
+    else:
+        link(str(src), str(dst))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))

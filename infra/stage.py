@@ -69,7 +69,12 @@ class StageResult:
 
 @dataclass
 class StageContext:
-    """Everything a stage's ``run`` needs; outputs go under ``out_dir`` (a temp dir renamed on success)."""
+    """Everything a stage's ``run`` needs; outputs go under ``out_dir`` (a temp dir renamed on success).
+
+    ``resume_dir`` (stages declared ``resumable``) survives a failed or killed attempt: the next attempt
+    with the same cache key gets the same directory back, so a training loop resumes from the newest
+    checkpoint it finds there. It is removed once the stage's output is committed.
+    """
 
     run_id: str
     stage: str
@@ -80,6 +85,7 @@ class StageContext:
     out_dir: Path
     run_root: Path
     log: logging.Logger
+    resume_dir: Path | None = None  # resumable stages: work (checkpoints) kept across failed attempts
     _spark: Any = None
 
     def input(self, stage: str) -> StageInput:
@@ -108,6 +114,7 @@ class Stage:
     optional_inputs: upstream stages used when present (e.g. a model exported by pretraining).
     external_inputs: maps the stage config to named external paths (files/dirs) it reads.
     version: bump when the stage's output for the same inputs and config changes (cache key).
+    resumable: the stage keeps checkpoints in ``ctx.resume_dir`` and resumes from them.
     """
 
     name: str
@@ -119,3 +126,4 @@ class Stage:
     external_inputs: Callable[[Any], dict[str, str]] = lambda cfg: {}
     version: str = "1"
     uses_spark: bool = False
+    resumable: bool = False

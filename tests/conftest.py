@@ -10,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("REFINERY_SHARED_DATA", REPO.parent / "shared" / "data"))
 TEST_DATA = REPO / "tests" / "data"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"  # the fast profile every test builds on
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -35,13 +36,13 @@ def spark():
 
 @pytest.fixture
 def make_config(tmp_path):
-    """Build a validated config with ``run_root`` in a temp dir; pass overrides as dotted keys."""
+    """Build a validated config (configs/tiny.yaml unless ``path``) with ``run_root`` in a temp dir;
+    pass overrides as dotted keys."""
     from flows.registry import load_config
-    from infra.config import DEFAULT_CONFIG
 
     def build(overrides: dict | None = None, path: Path | None = None):
         data = {"run_root": str(tmp_path / "runs"), "spark.master": "local[2]", **(overrides or {})}
-        return load_config(path or DEFAULT_CONFIG, overrides=data)
+        return load_config(path or TINY_CONFIG, overrides=data)
 
     return build
 

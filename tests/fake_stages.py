@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from evaluation.effects import EFFECTS_TABLE, effect_row
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 
@@ -37,7 +38,12 @@ def upper(ctx: StageContext) -> StageResult:
     text = "\n".join(line.upper() + ctx.config.suffix for line in src.read_text().splitlines())
     ctx.output("data").mkdir()
     (ctx.output("data") / "upper.txt").write_text(text)
-    return StageResult(metrics={"lines": len(text.splitlines())}, tables={"t": [{"a": 1}]}, report_md="done")
+    # a before → after row as a training stage reports one (upper-casing "improves" the share of capitals)
+    before = [float(line[:1].isupper()) for line in src.read_text().splitlines()]
+    after = [float(line[:1].isupper()) for line in text.splitlines()]
+    effect = effect_row("beta", "capitalised", before, after, kind="proportion", better="higher")
+    return StageResult(metrics={"lines": len(text.splitlines())}, tables={"t": [{"a": 1}], EFFECTS_TABLE: [effect]},
+                       report_md="done")
 
 
 STAGES = [

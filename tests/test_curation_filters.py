@@ -84,3 +84,17 @@ def test_filter_funnel_counts_down_in_filter_order():
     counts = {"rows_in": 10, "kept": 4, "dropped": 6,
               "drop_reasons": {"c4:min_sentences": 1, "gopher_quality:min_doc_words": 3, "fineweb:max_short_line_ratio": 2}}
     assert [r["documents"] for r in filter_funnel(counts, FILTERS)] == [7, 7, 6, 4]
+
+
+def test_each_rule_is_declared_once_and_the_config_is_generated_from_it():
+    """Config keys, types, defaults and descriptions come from RULE_SPECS: no key without a rule, no drift."""
+    config = HeuristicsConfig()
+    sections = {f: type(getattr(config, f)).model_fields for f in FILTERS}
+    assert {(f, k) for f, fields in sections.items() for k in fields} == {(s.filter, s.name) for s in RULE_SPECS}
+    for spec in RULE_SPECS:
+        field = sections[spec.filter][spec.name]
+        assert (field.default, field.description) == (spec.default, spec.description)
+        assert spec.signal in all_signals("a b c.")
+    with pytest.raises(ValueError):  # a flag rule takes a bool, a threshold rule a number or null
+        HeuristicsConfig.model_validate({"gopher_quality": {"min_doc_words": "many"}})
+    assert HeuristicsConfig.model_validate({"c4": {"lorem_ipsum": False}}).c4.lorem_ipsum is False

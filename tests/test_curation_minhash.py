@@ -17,12 +17,16 @@ from curation.minhash import (
     MinHashParams,
     band_keys,
     batch_signatures,
+    datasketch_signatures,
     estimated_jaccard,
     jaccard,
     line_hashes,
     normalize_text,
+    permutations,
     s_curve,
+    shingle_hash,
     shingle_hashes,
+    shingle_texts,
     signatures,
     word_hashes,
 )
@@ -162,3 +166,40 @@ def test_s_curve_fineweb_setting():
     assert 0.90 < curve["0.80"] < 0.95 and curve["0.90"] > 0.999
     values = list(curve.values())
     assert values == sorted(values)
+
+
+def _fmix64(x: int) -> int:
+    """MurmurHash3's 64-bit finaliser on Python ints (the reference, written from the formula)."""
+    mask = (1 << 64) - 1
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & mask
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & mask
+    return x ^ (x >> 33)
+
+
+def test_datasketch_backend_gives_the_native_signatures_on_real_pages(shared_data, wiki_docs):
+    """Real Common Crawl pages (Dolma samples), WikiText, near copies and awkward documents: the
+    native core, datasketch's MinHash (affine64, our hash function and permutations passed in) and the
+    formula on Python ints, ``min_x (a_j * fmix64(x) + b_j) mod 2^64``, give the same signatures."""
+    from datasketch import MinHash
+
+    base = shared_data / "web_text_samples_dolma"
+    pages = [json.loads(line)["text"] for name in ("cc_en_head-0091.jsonl.gz", "provided_documents_000.json.gz")
+             for line in gzip.open(base / name, "rt")]
+    near = [" ".join(w if i % 37 else "edited" for i, w in enumerate(p.split())) for p in pages[:5]]
+    awkward = ["", " \n ", "!!!", "only three words", "Café déjà ﬁnal ＡＢＣ 2024", "日本語のテキスト。", "a b c d e"]
+    docs = pages + wiki_docs[:10] + near + awkward
+    params = MinHashParams()
+    a, b = permutations(params.num_perm, params.seed)
+    default = MinHash(params.num_perm, params.seed, scheme="affine64").permutations  # datasketch's own draw
+    assert np.array_equal(default[0], a) and np.array_equal(default[1], b)
+    native, reference = batch_signatures(docs, params), datasketch_signatures(docs, params)
+    assert np.array_equal(native, reference)
+    assert (native[len(pages) + 10 + len(near)] == EMPTY).all() and not (native[: len(pages)] == EMPTY).any()
+    mask = (1 << 64) - 1
+    for doc, row in zip(docs[:3] + awkward[3:], native[:3].tolist() + native[-4:].tolist()):
+        shingles = {int(x) for x in shingle_hashes(doc)}
+        assert {shingle_hash(s) for s in shingle_texts(doc)} == shingles  # the hash function passed in
+        expected = [min((int(aj) * _fmix64(x) + int(bj)) & mask for x in shingles) for aj, bj in zip(a, b)]
+        assert row == expected

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow  # a Spark session and three Spark runs
 
 REPO = Path(__file__).resolve().parent.parent
 WIKI = REPO / "tests" / "data" / "tokenize" / "wikitext2_valid.txt.gz"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"  # its tokenizer section trains one (demo.yaml copies SmolLM2's)
 SCHEMA = pa.schema([(c, pa.string()) for c in ("doc_id", "url", "source", "text")])
 
 
@@ -72,7 +73,7 @@ def setup(tmp_path_factory, shared_data, spark):
         {"name": "wiki", "path": str(WIKI), "weight": 0.5, "doc_separator": r"\n(?= = [^=])"},
         {"name": "extra", "path": str(extra), "weight": 0.25},
     ]
-    config = load_config(overrides={
+    config = load_config(TINY_CONFIG, overrides={
         "run_root": str(root / "runs"), "spark.master": "local[2]", "tokenizer.vocab_size": 1000,
         "tokenizer.extra_paths": [str(WIKI)], "tokenize.sources": sources, "tokenize.split": "80,10,10",
         "tokenize.docs_per_shard": 60, "tokenize.encode_batch_size": 16,

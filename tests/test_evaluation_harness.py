@@ -325,7 +325,8 @@ def test_lm_eval_runs_a_local_task_on_our_model_with_our_scores(model, tmp_path,
 
 # ---- stages through the executor --------------------------------------------------------------
 
-def _fake_stage(run_root: Path, run_id: str, stage: str, outputs: dict[str, Path]) -> None:
+def _fake_stage(run_root: Path, run_id: str, stage: str, outputs: dict[str, Path], config: dict | None = None,
+                inputs: dict | None = None) -> None:
     """A completed upstream stage: its outputs copied under RUN/STAGE and a hand-written manifest."""
     from infra.runstore import content_hash, listing
 
@@ -337,7 +338,7 @@ def _fake_stage(run_root: Path, run_id: str, stage: str, outputs: dict[str, Path
                           "files": listing(final / name), "run_id": run_id, "stage": stage}
     (final / "manifest.json").write_text(json.dumps({
         "run_id": run_id, "stage": stage, "status": "completed", "cache_key": f"fake-{stage}", "outputs": recorded,
-        "metrics": {}, "tables": {}, "inputs": {}, "config": {},
+        "metrics": {}, "tables": {}, "inputs": inputs or {}, "config": config or {},
     }))
 
 
@@ -406,6 +407,57 @@ def test_eval_stages_via_executor_and_compare(tiny_dirs, make_config, tmp_path, 
 
     assert main(["eval", "compare", "run-a", "run-b", "--run-root", str(run_root)]) == 0
     assert "| eval_pretrain | hellaswag | acc |" in capsys.readouterr().out
+
+
+def test_eval_stage_scores_the_starting_model_on_the_same_items(tiny_dirs, make_config, tmp_path):
+    """eval_sft of an sft that started from pretrain/hf: every comparable task is also scored on that
+    model, and each before → after row's 'before' equals a direct evaluation of the starting model."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from evaluation.model import EvalModel
+    from evaluation.tasks import arithmetic, hellaswag
+    from flows.registry import execute_stage
+
+    trained = tmp_path / "trained"
+    lm = LlamaForCausalLM.from_pretrained(tiny_dirs["lm"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lm.save_pretrained(trained)
+    shutil.copy(tiny_dirs["lm"] / "tokenizer.json", trained)
+    shutil.copy(tiny_dirs["lm"] / "tokenizer_config.json", trained)
+
+    config = make_config({"eval_sft.tasks": ["hellaswag", "heldout", "arithmetic"], "eval_sft.hellaswag.limit": 6,
+                          "eval_sft.heldout.split": "valid", "eval_sft.heldout.window": 64,
+                          "eval_sft.arithmetic.limit": 5, "eval_sft.arithmetic.max_new_tokens": 4,
+                          "eval_sft.generation_backend": "hf", "eval_sft.progress": False})
+    run_root = Path(config.run_root)
+    _fake_stage(run_root, "r", "tokenize", {"shards": _fake_shards(tiny_dirs["lm"], tmp_path / "shards")})
+    # run r reused r0's pretrain: its hf/ files live under r0, its manifest says where
+    _fake_stage(run_root, "r0", "pretrain", {"hf": tiny_dirs["lm"]})
+    (run_root / "r" / "pretrain").mkdir(parents=True)
+    shutil.copy(run_root / "r0" / "pretrain" / "manifest.json", run_root / "r" / "pretrain" / "manifest.json")
+    start = run_root / "r0" / "pretrain" / "hf"
+    _fake_stage(run_root, "r", "sft", {"hf": trained}, config={"model": "upstream"}, inputs={"pretrain/hf": {
+        "uri": (run_root / "r" / "pretrain" / "hf").as_uri(), "run_id": "r", "stage": "pretrain", "output": "hf"}})
+
+    manifest = execute_stage("eval_sft", config, "r")
+    effects = {row["metric"]: row for row in manifest["tables"]["effects"]}
+    assert set(effects) == {"hellaswag/acc_norm", "heldout/loss", "arithmetic/accuracy"}
+    assert all(row["stage"] == "sft" and row["verdict"] in ("improved", "worse", "no clear change") for row in effects.values())
+    reference = EvalModel(start, batch_size=4, generation_backend="hf")
+    assert effects["hellaswag/acc_norm"]["before"] == pytest.approx(
+        hellaswag.evaluate(reference, FIX / "hellaswag_val.jsonl", limit=6, progress=False).metrics["acc_norm"])
+    assert effects["arithmetic/accuracy"]["n"] == 5 and effects["arithmetic/accuracy"]["before"] == pytest.approx(
+        arithmetic.evaluate(reference, 5, 4, progress=False).metrics["accuracy"])
+    heldout = effects["heldout/loss"]
+    assert heldout["after"] == pytest.approx(manifest["metrics"]["heldout/loss"])  # token-weighted = the task's loss
+    assert heldout["before"] != heldout["after"]  # the perturbed weights changed the loss
+    assert heldout["before_lo"] <= heldout["before"] <= heldout["before_hi"]
+    assert manifest["metrics"]["effect/heldout/loss/delta"] == pytest.approx(heldout["after"] - heldout["before"])
+    assert "Before → after" in manifest["report_md"]
 
 
 def test_eval_stage_rejects_a_checkpoint_without_tokenizer(tiny_dirs, make_config):

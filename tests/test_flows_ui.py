@@ -168,6 +168,7 @@ def browser():
 
 def test_explorer_renders_the_cross_run_graph_in_chromium(three_runs, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from flows.explorer import start_explorer
 
@@ -193,27 +194,10 @@ def test_explorer_renders_the_cross_run_graph_in_chromium(three_runs, browser, t
         for select, run in zip(selects, ("r1", "r2")):
             select.find_element(By.CSS_SELECTOR, f"option[value='{run}']").click()
         form.find_element(By.TAG_NAME, "button").click()
-        assert "r1 vs r2" in browser.page_source and "suffix" in browser.page_source
+        WebDriverWait(browser, 30).until(lambda b: "r1 vs r2" in b.page_source)  # the click navigates asynchronously
+        assert "suffix" in browser.page_source
     finally:
         server.shutdown()
-
-
-def test_wilson_interval_matches_the_formula_and_known_values():
-    from hypothesis import given
-    from hypothesis import strategies as st
-
-    from flows.report import wilson_interval
-
-    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # textbook values
-    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-
-    @given(st.integers(1, 5000), st.data())
-    def contains_p(n, data):
-        k = data.draw(st.integers(0, n))
-        lo, hi = wilson_interval(k / n, n)
-        assert 0.0 <= lo <= k / n <= hi <= 1.0
-
-    contains_p()
 
 
 def test_run_report_renders_funnel_and_lineage_in_chromium(three_runs, browser, tmp_path):
@@ -229,8 +213,10 @@ def test_run_report_renders_funnel_and_lineage_in_chromium(three_runs, browser, 
     assert "Run r2" in browser.page_source and "Curation funnel" in browser.page_source
     funnel = browser.find_elements(By.XPATH, "//h3[text()='Curation funnel']/following-sibling::table[1]//tr")
     assert len(funnel) == 2  # header + alpha (3 in, 3 kept)
-    assert browser.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")  # the funnel chart
+    assert len(browser.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png']")) >= 2  # effects + funnel charts
     assert browser.find_elements(By.CSS_SELECTOR, "svg g.node")
+    effects = browser.find_elements(By.XPATH, "//h3[starts-with(text(), 'Training effects')]/following-sibling::table[1]//tr")
+    assert len(effects) == 2 and "capitalised 0 [" in effects[1].text and "improved (n=3)" in effects[1].text
     browser.get(both.as_uri())
     assert "Run r1" in browser.page_source and "Run r2" in browser.page_source
     browser.save_screenshot(str(tmp_path / "report.png"))

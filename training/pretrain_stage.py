@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,10 @@ from typing import Literal
 from pydantic import Field
 
 from infra.process import run_streaming
+from infra.runstore import link_tree
 from infra.stage import Stage, StageConfig, StageContext, StageResult
+from training.megatron.checkpoint import latest_valid, list_checkpoints, read_metadata
+from training.models import stage_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,16 +168,12 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer_dir = ctx.input("tokenizer").path("tokenizer")
     init_dir = None
     if cfg.init_from:
-        from training.models import resolve_model
-
-        init_dir = str(resolve_model(cfg.init_from))
-    ckpt_dir, tb_dir, metrics_dir = ctx.output("checkpoints"), ctx.output("tensorboard"), ctx.output("metrics")
-    metrics_dir.mkdir(parents=True)
-    if cfg.resume_from:  # continue from a copy: upstream artifacts are never modified
-        import shutil
-
-        from training.megatron.checkpoint import latest_valid
-
+        init_dir = str(stage_model_dir(ctx, "init_from", cfg.init_from))
+    # checkpoints, TensorBoard and metrics.jsonl live in the resume dir while training, so a rerun after a
+    # crash continues from the newest valid checkpoint; they are hard-linked into the output at the end
+    work = ctx.resume_dir or ctx.out_dir / ".work"
+    ckpt_dir, tb_dir, metrics_path = work / "checkpoints", work / "tensorboard", work / "metrics.jsonl"
+    if cfg.resume_from and not list_checkpoints(ckpt_dir):  # continue from a copy: upstream is never modified
         good, rejected = latest_valid(cfg.resume_from)
         for path, reason in rejected:
             ctx.log.warning("resume_from: %s", reason)
@@ -182,16 +182,20 @@ def run(ctx: StageContext) -> StageResult:
         shutil.copytree(good, ckpt_dir / good.name)
     job = {
         "config": cfg.model_dump(mode="json"), "shards": str(shards), "init_from_dir": init_dir,
-        "save_dir": str(ckpt_dir), "tensorboard_dir": str(tb_dir), "metrics_path": str(metrics_dir / "metrics.jsonl"),
-        "cache_dir": str(ctx.out_dir / ".data_cache"),
+        "save_dir": str(ckpt_dir), "tensorboard_dir": str(tb_dir), "metrics_path": str(metrics_path),
+        "cache_dir": str(work / ".data_cache"),
     }
     launch(job, ctx.out_dir / ".job", cfg.nproc_per_node, cfg.torchrun_args, ctx.log)
-
-    from training.megatron.checkpoint import latest_valid, read_metadata
 
     final, _ = latest_valid(ckpt_dir)
     if final is None:
         raise RuntimeError(f"training finished without a valid checkpoint in {ckpt_dir}")
+    metrics_dir = ctx.output("metrics")
+    metrics_dir.mkdir(parents=True)
+    link_tree(ckpt_dir, ctx.output("checkpoints"))
+    link_tree(tb_dir, ctx.output("tensorboard"))
+    link_tree(metrics_path, metrics_dir / "metrics.jsonl")
+    final = ctx.output("checkpoints") / final.name
     ctx.log.info("exporting %s to HF safetensors", final.name)
     subprocess.run(
         [sys.executable, "-m", "training.megatron.convert", "export", "--checkpoint", str(final),
@@ -199,6 +203,7 @@ def run(ctx: StageContext) -> StageResult:
         check=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     steps, events = read_metrics(metrics_dir / "metrics.jsonl")
+    resumed = [e["step"] for e in events if e["event"] == "resumed"]
     ledger = read_metadata(final).get("skip_ledger", [])
     (metrics_dir / "skip_ledger.json").write_text(json.dumps(ledger, indent=1))
     plot_loss(steps, events, metrics_dir / "loss_curve.png")
@@ -220,7 +225,7 @@ def run(ctx: StageContext) -> StageResult:
            if ledger else [])
     )
     return StageResult(
-        metrics=summary,
+        metrics={**summary, "resumed_from_steps": json.dumps(resumed)},
         tables={"skip_ledger": [{**e, "skipped_samples": json.dumps(e["skipped_samples"])} for e in ledger]},
         report_md=report,
         images={"loss_curve": "metrics/loss_curve.png"},
@@ -236,5 +241,6 @@ STAGES = [
         inputs=("tokenize", "tokenizer"),
         external_inputs=pretrain_external,
         version="1",
+        resumable=True,
     )
 ]

@@ -85,17 +85,22 @@ class RewardTask:
         return loss, n, {"accuracy": ((chosen > rejected).sum().item(), n),
                          "reward_margin": ((chosen - rejected).sum().item(), n)}
 
+    # held-out metrics measured before and after training: kind, which direction is better, unit
+    EFFECTS = {"accuracy": {"kind": "proportion", "better": "higher", "unit": "pairs ranked right (tie ½)"}}
+
     def evaluate(self, model, pairs) -> dict:
+        """Per pair: 1 if r(chosen) > r(rejected), ½ for a tie, else 0; and the margin r(chosen) − r(rejected)."""
         import torch
 
-        correct = margin = 0.0
-        pairs = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))  # less padding
+        correct, margin = [], []
+        order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i].chosen.input_ids), len(pairs[i].rejected.input_ids)))
         with torch.no_grad():
-            for i in range(0, len(pairs), self.cfg.eval_batch_size):
-                chosen, rejected = self.rewards(model, pairs[i:i + self.cfg.eval_batch_size])
-                correct += float((chosen > rejected).sum())
-                margin += float((chosen - rejected).sum())
-        return {"accuracy": (correct, len(pairs)), "reward_margin": (margin, len(pairs))}
+            for i in range(0, len(order), self.cfg.eval_batch_size):  # similar lengths together: less padding
+                chosen, rejected = self.rewards(model, [pairs[j] for j in order[i:i + self.cfg.eval_batch_size]])
+                correct += ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).tolist()
+                margin += (chosen - rejected).double().tolist()
+        ones = [1.0] * len(pairs)
+        return {"accuracy": (correct, ones), "reward_margin": (margin, ones)}
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -62,28 +62,38 @@ class SFTTask:
     def setup(self, model, train_items, eval_items) -> None:
         """Nothing to precompute for SFT."""
 
-    def _forward_loss(self, model, rows):
+    # held-out metrics measured before and after training: kind, which direction is better, unit
+    EFFECTS = {"loss": {"kind": "mean", "better": "lower", "unit": "nats per assistant token"}}
+
+    def _forward(self, model, rows):
+        """(logits, labels) of packed rows."""
         from training.data import collate_packed
-        from training.losses import sft_loss
 
         device = next(model.parameters()).device  # the DeepSpeed engine's GPU, or the CPU
         batch = {k: v.to(device) for k, v in collate_packed(rows, self.cfg.max_len, self.pad_id).items()}
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return sft_loss(logits, batch["labels"])
+        return logits, batch["labels"]
 
     def loss(self, model, rows, dist):
-        loss_sum, count = self._forward_loss(model, rows)
+        from training.losses import sft_loss
+
+        loss_sum, count = sft_loss(*self._forward(model, rows))
         return loss_sum, int(count), {}
 
     def evaluate(self, model, rows) -> dict:
+        """Per packed row: (loss per supervised token, supervised tokens as its weight)."""
         import torch
 
-        total, count = 0.0, 0
+        from training.losses import token_logps
+
+        losses, tokens = [], []
         with torch.no_grad():
             for i in range(0, len(rows), self.cfg.eval_batch_size):
-                loss_sum, n = self._forward_loss(model, rows[i:i + self.cfg.eval_batch_size])
-                total, count = total + loss_sum.item(), count + int(n)
-        return {"loss": (total, count)}
+                logps, mask = token_logps(*self._forward(model, rows[i:i + self.cfg.eval_batch_size]))
+                for row_sum, row_count in zip((-logps.sum(-1)).tolist(), mask.sum(-1).tolist()):
+                    losses.append(row_sum / max(row_count, 1))
+                    tokens.append(float(row_count))
+        return {"loss": (losses, tokens)}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -98,5 +108,6 @@ STAGES = [
         run=run,
         optional_inputs=("pretrain",),
         external_inputs=external_inputs,
+        resumable=True,
     )
 ]

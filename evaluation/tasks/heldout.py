@@ -4,7 +4,7 @@ blend with only ``prefixes``, the documents Megatron's dataset builder assigns t
 (``split`` ``"98,1,1"``: documents ``[round(.98 N), round(.99 N))`` of each shard).
 
 Each document's tokens after the first are scored given all earlier ones (windows of ``window``
-tokens); reported are the mean loss in nats per token and its perplexity.
+tokens); reported are the mean loss in nats per token and its perplexity, and one sample per window.
 """
 
 from __future__ import annotations
@@ -85,9 +85,6 @@ def evaluate(
     ll = sum(lp for lp, _ in scores)
     n_tokens = sum(len(c) for _, c in windows)
     metrics = {"loss": -ll / n_tokens, "perplexity": math.exp(-ll / n_tokens), "tokens": float(n_tokens)}
-    per_doc = [0.0] * len(docs)
-    for i, (lp, _) in zip(owners, scores):
-        per_doc[i] += lp
-    samples = [{"doc": i, "tokens": len(t) - 1, "loglikelihood": per_doc[i]} for i, t in enumerate(docs)]
+    # one record per scoring window (the unit a before → after comparison resamples)
+    samples = [{"doc": i, "tokens": len(cont), "loglikelihood": lp} for i, (_, cont), (lp, _) in zip(owners, windows, scores)]
     return TaskResult("heldout", metrics, len(docs), 0, [], samples)
-

@@ -1,6 +1,7 @@
 """What GRPO and PPO share: rollout batches as tensors, trainer-side log-probs, the precision contract,
-the trainer-vs-rollout mismatch metrics, model sources, prompt sets, and the stage's outputs
-(HF checkpoint, TensorBoard scalars, reward-curve plot).
+the trainer-vs-rollout mismatch metrics, model sources, prompt sets, loading a run's models (``load_run``)
+and the stage's outputs (HF checkpoint, TensorBoard scalars, reward-curve plot). The rollout → experience
+step itself is in :mod:`training.rl.experience`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from infra.stage import StageConfig, StageContext
+from training.models import model_input, stage_model_dir
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -207,38 +209,67 @@ def load_prompt_set(cfg: RLConfigBase, external: dict[str, Path]):
 
 def rl_external_inputs(cfg: RLConfigBase) -> dict[str, str]:
     """Non-upstream model / reward model / prompt file: hashed into the cache key and the lineage."""
-    from training.models import resolve_model
-
-    out = {}
-    if cfg.model != "upstream":
-        out["model"] = str(resolve_model(cfg.model))
-    if cfg.reward_model != "upstream" and (cfg.reward_weights.get("reward_model") or cfg.r1_alpha is not None):
+    out = model_input("model", cfg.model)
+    if cfg.reward_model != "upstream" and uses_reward_model(cfg):
         out["reward_model"] = cfg.reward_model
     if cfg.prompts != "arithmetic":
         out["prompts"] = cfg.prompts
     return out
 
 
+def uses_reward_model(cfg: RLConfigBase) -> bool:
+    """A reward-model weight or R1 shaping (which always scores with the reward model)."""
+    return bool(cfg.reward_weights.get("reward_model")) or cfg.r1_alpha is not None
+
+
 def resolve_sources(ctx: StageContext, cfg: RLConfigBase) -> tuple[Path, Path | None]:
     """(policy HF dir, reward-model HF dir or None when no reward-model weight); clear errors otherwise."""
-    from training.models import ModelSourceError, resolve_model
-
-    if cfg.model == "upstream":
-        if "sft" not in ctx.inputs:
-            raise ModelSourceError(
-                f"{ctx.stage}.model is 'upstream' but no 'sft' output exists in this run (or --from); "
-                f"run sft first or set {ctx.stage}.model: smollm2 (or a local HF dir)"
-            )
-        policy = resolve_model(ctx.input("sft").path("hf"))
-    else:
-        policy = ctx.external_inputs["model"]
-    if not (cfg.reward_weights.get("reward_model") or cfg.r1_alpha is not None):
+    policy = stage_model_dir(ctx, "model", cfg.model, "sft")
+    if not uses_reward_model(cfg):
         return policy, None
-    if cfg.reward_model != "upstream":
-        return policy, ctx.external_inputs["reward_model"]
-    if "reward" not in ctx.inputs:
-        raise ModelSourceError(f"{ctx.stage}.reward_model is 'upstream' but no 'reward' output exists; run reward first")
-    return policy, ctx.input("reward").path("hf")
+    return policy, stage_model_dir(ctx, "reward_model", cfg.reward_model, "reward", hint="a local HF reward-model directory")
+
+
+@dataclass
+class RLRun:
+    """What an RL stage trains with: its sources, prompts, tokenizer, policy, frozen reference (or None),
+    reward-model scorer (or None) and rollout engine."""
+
+    policy_dir: Path
+    reward_model_dir: Path | None
+    examples: list
+    tokenizer: Any
+    policy: Any
+    ref: Any
+    reward_model: Any
+    engine: Any
+
+
+def load_run(ctx: StageContext, with_ref: bool, detail: str) -> RLRun:
+    """Resolve the sources, load the prompt set and the models (fp32) and start the rollout engine."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.rl.rewards import RewardModelScorer
+    from training.rl.rollout import make_engine
+
+    cfg: RLConfigBase = ctx.config
+    policy_dir, rm_dir = resolve_sources(ctx, cfg)
+    examples = load_prompt_set(cfg, ctx.external_inputs)
+    ctx.log.info("%s: policy %s, reward model %s, %d prompts, backend %s, precision %s, %s", ctx.stage, policy_dir,
+                 rm_dir, len(examples), cfg.rollout_backend, cfg.precision, detail)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval() if with_ref else None
+    reward_model = RewardModelScorer(rm_dir) if rm_dir else None
+    engine = make_engine(cfg.rollout_backend, policy_dir, cfg.precision, cfg.seed, max_model_len=1024)
+    return RLRun(policy_dir, rm_dir, examples, tokenizer, policy, ref, reward_model, engine)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def chat_prompt_ids(tokenizer, question: str) -> list[int]:
@@ -281,12 +312,12 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def finish_stage(ctx: StageContext, policy, tokenizer, history: list[dict], label: str, extra: dict):
+def finish_stage(ctx: StageContext, run: RLRun, history: list[dict], label: str, extra: dict):
     """End of an RL stage: the policy as ``hf/``, the curve and scalars, summary metrics and a report."""
     from infra.stage import StageResult
 
     cfg = ctx.config
-    save_hf(policy, tokenizer, ctx.output("hf"))
+    save_hf(run.policy, run.tokenizer, ctx.output("hf"))
     metrics = {**finish_outputs(ctx, history), **extra, "rollout_backend": cfg.rollout_backend,
                "precision": cfg.precision}
     report = (

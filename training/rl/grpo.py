@@ -12,14 +12,13 @@ importance sampling against the engine's log-probs → in-place weight sync to t
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from infra.stage import Stage, StageContext, StageResult
-from training.rl.common import RLConfigBase, rl_external_inputs
+from training.rl.common import RLConfigBase, finish_stage, load_run, rl_external_inputs
 
 
 class GRPOConfig(RLConfigBase):
@@ -57,123 +56,75 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
                reward_functions=None, log: logging.Logger | None = None) -> list[dict]:
     """Run ``cfg.steps`` GRPO steps; returns one metrics dict per step. The policy is trained in place."""
     import torch
+    from tqdm import tqdm
 
     from training.losses import constant_groups, grpo_loss, group_advantages, loss_normaliser, truncated_is_weights
-    from training.rl.common import (
-        Trainer, chat_prompt_ids, forward_logps, mismatch_stats, to_batch, warn_nucleus_tis,
-    )
-    from training.rl.rewards import overlong_penalty, score_samples
-    from training.rl.rollout import Sampling
+    from training.rl.common import Trainer, forward_logps, mismatch_stats, pad_token_id, warn_nucleus_tis
+    from training.rl.experience import Rollout, RolloutSource, make_experience
+    from training.rl.rewards import overlong_penalty
 
     log = log or logging.getLogger("refinery.grpo")
     g = cfg.group_size
-    rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scale = cfg.scale_rewards if cfg.scale_rewards != "auto" else ("none" if cfg.aggregation == "dr_grpo" else "group")
     warn_nucleus_tis(cfg, log)
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    source = RolloutSource(engine, tokenizer, examples, cfg, reward_model, reward_functions, log)
     trainer = Trainer(policy.parameters(), cfg.precision, cfg.lr, cfg.grad_clip)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
     history: list[dict] = []
-    drawn = 0  # prompts drawn so far (the order is cycled)
-    from tqdm import tqdm
-
-    def rollout(step: int, n_prompts: int):
-        """The next ``n_prompts`` prompts × G completions, their rewards (with the overlong punishment) and components."""
-        nonlocal drawn
-        picked = [examples[order[(drawn + i) % len(order)]] for i in range(n_prompts)]
-        drawn += n_prompts
-        completions = engine.generate([chat_prompt_ids(tokenizer, e.question) for e in picked], g, sampling)
-        scored = score_samples(
-            [picked[c.prompt_index].question for c in completions], [c.text for c in completions],
-            [picked[c.prompt_index].answer for c in completions], cfg.reward_weights, reward_model, cfg.r1_alpha,
-            reward_functions,
-        )
-        for name, n in scored.failures.items():
-            log.warning("step %d: reward %r failed on %d/%d samples (first: %s); scored 0", step, name, n,
-                        len(completions), scored.first_errors[name])
-        components = dict(scored.components)
-        rewards = list(scored.total)
-        if cfg.overlong_buffer:
-            components["overlong"] = [overlong_penalty(len(c.token_ids), cfg.max_new_tokens, cfg.overlong_buffer,
-                                                       cfg.overlong_penalty) for c in completions]
-            rewards = [r + p for r, p in zip(rewards, components["overlong"])]
-        return completions, rewards, components, sum(scored.failures.values())
 
     for step in tqdm(range(cfg.steps), desc="grpo", mininterval=10):
         t0 = time.time()
         # sample; with dynamic sampling keep only groups with a reward spread and refill, up to a budget
-        sampled, sampled_rewards, components, failures = [], [], {}, 0
-        completions, kept_rewards = [], []
+        sampled, kept = Rollout(), Rollout()
         for _ in range(1 + (cfg.resample_rounds if cfg.dynamic_sampling else 0)):
-            need = cfg.prompts_per_step - len(completions) // g
+            need = cfg.prompts_per_step - len(kept.completions) // g
             if not need:
                 break
-            new, new_rewards, comps, failed = rollout(step, need)
-            sampled += new
-            sampled_rewards += new_rewards
-            failures += failed
-            for k, v in comps.items():
-                components.setdefault(k, []).extend(v)
-            flat = constant_groups(torch.tensor(new_rewards), g) if cfg.dynamic_sampling else torch.zeros(need, dtype=torch.bool)
+            new = source.sample(step, need, g)
+            if cfg.overlong_buffer:
+                new.add_component("overlong", [overlong_penalty(len(c.token_ids), cfg.max_new_tokens,
+                                                                cfg.overlong_buffer, cfg.overlong_penalty)
+                                               for c in new.completions])
+            sampled.extend(new)
+            flat = constant_groups(torch.tensor(new.rewards), g) if cfg.dynamic_sampling else torch.zeros(need, dtype=torch.bool)
             for j in (~flat).nonzero().flatten().tolist():
-                completions += new[j * g:(j + 1) * g]
-                kept_rewards += new_rewards[j * g:(j + 1) * g]
+                kept.completions += new.completions[j * g:(j + 1) * g]
+                kept.rewards += new.rewards[j * g:(j + 1) * g]
         t_gen = time.time() - t0
-        lengths = [len(c.token_ids) for c in sampled]
-        all_rewards = torch.tensor(sampled_rewards)
         record = {
-            "step": step, "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
-            **{f"reward_{k}": sum(v) / len(v) for k, v in components.items()},
-            "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
-            "truncated": sum(not c.finished for c in sampled), "reward_failures": failures,
-            **({"sampled_groups": len(sampled) // g, "kept_groups": len(completions) // g} if cfg.dynamic_sampling else {}),
+            "step": step, **sampled.metrics(spread=True),
+            **({"sampled_groups": len(sampled.completions) // g, "kept_groups": len(kept.completions) // g}
+               if cfg.dynamic_sampling else {}),
         }
-        if not completions:
+        if not kept.completions:
             log.warning("grpo step %d: every sampled group had equal rewards after %d rounds; no update", step,
                         1 + cfg.resample_rounds)
             history.append({**record, "gen_s": round(t_gen, 3), "step_s": round(time.time() - t0, 3)})
             continue
-        rewards = torch.tensor(kept_rewards)
-        advantages = group_advantages(rewards, g, scale)
-        batch = to_batch(completions, pad_id)
-        mask = batch.completion_mask.clone()
-        truncated = torch.tensor([not c.finished for c in completions])
-        if cfg.mask_truncated:
-            mask &= ~truncated.unsqueeze(1)
 
         policy.train()
-        mb = cfg.micro_batch_size
         # μ = 1: the old policy is the current one, so its log-probs come from the training forward
         # itself (detached), saving a forward pass; μ > 1 needs them fixed before the first update.
         reuse_forward = cfg.mu == 1
-        old_logps = ref_logps = None
-        with torch.no_grad(), trainer.autocast():
-            if not reuse_forward:
-                old_logps = torch.cat([forward_logps(policy, batch.rows(slice(i, i + mb)), cfg.temperature)
-                                       for i in range(0, len(completions), mb)])
-            if cfg.beta:
-                ref_logps = torch.cat([forward_logps(ref_model, batch.rows(slice(i, i + mb)), cfg.temperature)
-                                       for i in range(0, len(completions), mb)])
+        exp = make_experience(kept.completions, kept.rewards, pad_token_id(tokenizer), cfg, trainer.autocast,
+                              policy=None if reuse_forward else policy, ref_model=ref_model if cfg.beta else None)
+        advantages = group_advantages(exp.rewards, g, scale)
+        batch, mask = exp.batch, exp.mask
         # one normaliser (rows, tokens or B·max_new_tokens) for the whole step: micro-batches only split the sum
         normaliser = loss_normaliser(mask, cfg.aggregation, cfg.max_new_tokens)
         losses, clip_fracs, kls, norms, seen_old = [], [], [], [], []
         for _ in range(cfg.mu):
             step_loss = 0.0
-            for i in range(0, len(completions), mb):
-                rows = slice(i, i + mb)
+            for rows in exp.micro_batches(cfg.micro_batch_size):
                 with trainer.autocast():
                     logps = forward_logps(policy, batch.rows(rows), cfg.temperature)
-                old = logps.detach() if reuse_forward else old_logps[rows]
+                old = logps.detach() if reuse_forward else exp.old_logps[rows]
                 if reuse_forward:
                     seen_old.append(old)
                 is_weights = truncated_is_weights(old, batch.rollout_logps[rows], cfg.tis_cap) if cfg.tis_cap else None
                 loss, stats = grpo_loss(
-                    logps, old, advantages[rows], mask[rows], cfg.aggregation, cfg.eps_low, cfg.eps_high,
-                    cfg.beta, None if ref_logps is None else ref_logps[rows], is_weights, cfg.max_new_tokens, normaliser,
+                    logps, old, advantages[rows], mask[rows], cfg.aggregation, cfg.eps_low, cfg.eps_high, cfg.beta,
+                    None if exp.ref_logps is None else exp.ref_logps[rows], is_weights, cfg.max_new_tokens, normaliser,
                 )
                 trainer.backward(loss)
                 step_loss += loss.item()
@@ -181,14 +132,13 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
                 kls.append(stats.get("kl", torch.tensor(0.0)).item())
             losses.append(step_loss)
             norms.append(trainer.step())
-        if reuse_forward:
-            old_logps = torch.cat(seen_old)
+        old_logps = torch.cat(seen_old) if reuse_forward else exp.old_logps
         gap = mismatch_stats(old_logps, batch.rollout_logps, batch.completion_mask, cfg.tis_cap)
         engine.update_weights(policy.state_dict())
         record.update({
             "loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
             "kl": sum(kls) / len(kls), "grad_norm": sum(norms) / len(norms),
-            "zero_adv_groups": int(constant_groups(rewards, g).sum()), "groups": len(rewards) // g,
+            "zero_adv_groups": int(constant_groups(exp.rewards, g).sum()), "groups": len(exp) // g,
             "gen_s": round(t_gen, 3), "step_s": round(time.time() - t0, 3), **gap,
         })
         history.append(record)
@@ -201,27 +151,11 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
 
 
 def run(ctx: StageContext) -> StageResult:
-    import torch
-
-    from training.rl.common import finish_stage, load_prompt_set, resolve_sources
-    from training.rl.rewards import RewardModelScorer
-    from training.rl.rollout import make_engine
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cfg: GRPOConfig = ctx.config
-    policy_dir, rm_dir = resolve_sources(ctx, cfg)
-    examples = load_prompt_set(cfg, ctx.external_inputs)
-    ctx.log.info("grpo: policy %s, %d prompts, backend %s, precision %s, aggregation %s",
-                 policy_dir, len(examples), cfg.rollout_backend, cfg.precision, cfg.aggregation)
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval() if cfg.beta else None
-    reward_model = RewardModelScorer(rm_dir) if rm_dir else None
-    engine = make_engine(cfg.rollout_backend, policy_dir, cfg.precision, cfg.seed, max_model_len=1024)
-    history = train_grpo(policy, tokenizer, engine, examples, cfg, ref, reward_model, log=ctx.log)
-    return finish_stage(ctx, policy, tokenizer, history, f"GRPO ({cfg.aggregation}, G={cfg.group_size})",
-                        {"policy": str(policy_dir), "aggregation": cfg.aggregation, "prompts": len(examples)})
+    rl = load_run(ctx, with_ref=bool(cfg.beta), detail=f"aggregation {cfg.aggregation}")
+    history = train_grpo(rl.policy, rl.tokenizer, rl.engine, rl.examples, cfg, rl.ref, rl.reward_model, log=ctx.log)
+    return finish_stage(ctx, rl, history, f"GRPO ({cfg.aggregation}, G={cfg.group_size})",
+                        {"policy": str(rl.policy_dir), "aggregation": cfg.aggregation, "prompts": len(rl.examples)})
 
 
 STAGES = [

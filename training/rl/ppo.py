@@ -11,14 +11,13 @@ the policy backbone (``critic: shared``) or a separate model initialised from th
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import Literal
 
 from pydantic import Field
 
 from infra.stage import Stage, StageContext, StageResult
-from training.rl.common import RLConfigBase, rl_external_inputs
+from training.rl.common import RLConfigBase, finish_stage, load_run, rl_external_inputs
 
 
 class PPOConfig(RLConfigBase):
@@ -108,62 +107,26 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
         aggregate_token_loss, clipped_surrogate, clipped_value_loss, gae, loss_normaliser, masked_whiten,
         ppo_token_rewards, truncated_is_weights,
     )
-    from training.rl.common import (
-        Trainer, chat_prompt_ids, forward_logps, mismatch_stats, to_batch, warn_nucleus_tis,
-    )
-    from training.rl.rewards import score_samples
-    from training.rl.rollout import Sampling
+    from training.rl.common import Trainer, mismatch_stats, pad_token_id, warn_nucleus_tis
+    from training.rl.experience import RolloutSource, make_experience, policy_forward
 
     log = log or logging.getLogger("refinery.ppo")
-    rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     warn_nucleus_tis(cfg, log)
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-    shared = critic.backbone is None
-    params = list(policy.parameters()) + list(critic.parameters())
-    trainer = Trainer(params, cfg.precision, cfg.lr, cfg.grad_clip)
+    source = RolloutSource(engine, tokenizer, examples, cfg, reward_model, reward_functions, log)
+    trainer = Trainer(list(policy.parameters()) + list(critic.parameters()), cfg.precision, cfg.lr, cfg.grad_clip)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    mb = cfg.micro_batch_size
     history: list[dict] = []
-
-    def policy_and_values(rows_batch, entropy=False):
-        """(log-probs, values, entropy per token or None)."""
-        out = forward_logps(policy, rows_batch, cfg.temperature, hidden=shared, entropy=entropy)
-        out = out if isinstance(out, tuple) else (out,)
-        values = critic.values(rows_batch, out[1]) if shared else critic.values(rows_batch)
-        return out[0], values, out[-1] if entropy else None
 
     for step in tqdm(range(cfg.steps), desc="ppo", mininterval=10):
         t0 = time.time()
-        picked = [examples[order[(step * cfg.prompts_per_step + i) % len(order)]] for i in range(cfg.prompts_per_step)]
-        completions = engine.generate([chat_prompt_ids(tokenizer, e.question) for e in picked], cfg.samples_per_prompt, sampling)
+        rollout = source.sample(step, cfg.prompts_per_step, cfg.samples_per_prompt)
         t_gen = time.time() - t0
-        scored = score_samples(
-            [picked[c.prompt_index].question for c in completions], [c.text for c in completions],
-            [picked[c.prompt_index].answer for c in completions], cfg.reward_weights, reward_model, cfg.r1_alpha,
-            reward_functions,
-        )
-        for name, n in scored.failures.items():
-            log.warning("step %d: reward %r failed on %d/%d samples (first: %s); scored 0", step, name, n,
-                        len(completions), scored.first_errors[name])
-        scores = torch.tensor(scored.total)
-        batch = to_batch(completions, pad_id)
-        mask = batch.completion_mask.clone()
-        truncated = torch.tensor([not c.finished for c in completions])
-        if cfg.mask_truncated:
-            mask &= ~truncated.unsqueeze(1)
-        n = len(completions)
-
         policy.train()
-        with torch.no_grad(), trainer.autocast():
-            old = [policy_and_values(batch.rows(slice(i, i + mb)))[:2] for i in range(0, n, mb)]
-            old_logps, old_values = torch.cat([o[0] for o in old]).float(), torch.cat([o[1] for o in old]).float()
-            ref_logps = torch.cat([forward_logps(ref_model, batch.rows(slice(i, i + mb)), cfg.temperature)
-                                   for i in range(0, n, mb)])
-        token_rewards, kl = ppo_token_rewards(scores, old_logps, ref_logps, mask, kl_ctl.value)
+        exp = make_experience(rollout.completions, rollout.rewards, pad_token_id(tokenizer), cfg, trainer.autocast,
+                              policy=policy, critic=critic, ref_model=ref_model)
+        batch, mask, old_logps, old_values = exp.batch, exp.mask, exp.old_logps, exp.values
+        token_rewards, kl = ppo_token_rewards(exp.rewards, old_logps, exp.ref_logps, mask, kl_ctl.value)
         advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
@@ -173,10 +136,10 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
         pg_losses, vf_losses, entropies, clip_fracs, norms = [], [], [], [], []
         for _ in range(cfg.ppo_epochs):
             pg_sum = vf_sum = entropy_sum = 0.0
-            for i in range(0, n, mb):
-                rows = slice(i, i + mb)
+            for rows in exp.micro_batches(cfg.micro_batch_size):
                 with trainer.autocast():
-                    logps, values, entropy = policy_and_values(batch.rows(rows), entropy=cfg.entropy_coef > 0)
+                    logps, values, entropy = policy_forward(policy, batch.rows(rows), cfg.temperature, critic,
+                                                            entropy=cfg.entropy_coef > 0)
                 per_token, was_clipped = clipped_surrogate(logps, old_logps[rows], advantages[rows], cfg.clip, cfg.clip)
                 if is_weights is not None:
                     per_token = per_token * is_weights[rows]
@@ -198,13 +161,9 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
             norms.append(trainer.step())
         engine.update_weights(policy.state_dict())
         seq_kl = float(kl.sum(1).mean())
-        kl_ctl.update(seq_kl, n)
-        lengths = [len(c.token_ids) for c in completions]
+        kl_ctl.update(seq_kl, len(exp))
         record = {
-            "step": step, "reward_mean": float(scores.mean()),
-            **{f"reward_{k}": sum(v) / len(v) for k, v in scored.components.items()},
-            "response_len_mean": sum(lengths) / len(lengths), "response_len_max": max(lengths),
-            "truncated": int(truncated.sum()), "reward_failures": sum(scored.failures.values()),
+            "step": step, **rollout.metrics(),
             "pg_loss": sum(pg_losses) / len(pg_losses), "vf_loss": sum(vf_losses) / len(vf_losses),
             **({"entropy": sum(entropies) / len(entropies)} if cfg.entropy_coef else {}),
             "clip_frac": sum(clip_fracs) / len(clip_fracs), "kl_seq": seq_kl, "kl_coef": kl_ctl.value,
@@ -218,28 +177,13 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
 
 
 def run(ctx: StageContext) -> StageResult:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.rl.common import finish_stage, load_prompt_set, resolve_sources
-    from training.rl.rewards import RewardModelScorer
-    from training.rl.rollout import make_engine
-
     cfg: PPOConfig = ctx.config
-    policy_dir, rm_dir = resolve_sources(ctx, cfg)
-    examples = load_prompt_set(cfg, ctx.external_inputs)
-    ctx.log.info("ppo: policy %s, reward model %s, %d prompts, critic %s, backend %s, precision %s",
-                 policy_dir, rm_dir, len(examples), cfg.critic, cfg.rollout_backend, cfg.precision)
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
-    reward_model = RewardModelScorer(rm_dir) if rm_dir else None
-    critic = build_critic(policy, cfg.critic, rm_dir, policy_dir)
-    engine = make_engine(cfg.rollout_backend, policy_dir, cfg.precision, cfg.seed, max_model_len=1024)
-    history = train_ppo(policy, tokenizer, engine, examples, cfg, ref, critic, reward_model, log=ctx.log)
-    return finish_stage(ctx, policy, tokenizer, history, f"PPO ({cfg.critic} critic)",
-                        {"policy": str(policy_dir), "critic": cfg.critic, "prompts": len(examples),
+    rl = load_run(ctx, with_ref=True, detail=f"critic {cfg.critic}")
+    critic = build_critic(rl.policy, cfg.critic, rl.reward_model_dir, rl.policy_dir)
+    history = train_ppo(rl.policy, rl.tokenizer, rl.engine, rl.examples, cfg, rl.ref, critic, rl.reward_model,
+                        log=ctx.log)
+    return finish_stage(ctx, rl, history, f"PPO ({cfg.critic} critic)",
+                        {"policy": str(rl.policy_dir), "critic": cfg.critic, "prompts": len(rl.examples),
                          "kl_coef_final": history[-1]["kl_coef"]})
 
 

@@ -9,14 +9,16 @@ aborts a step: a function that raises gives 0 for that sample and the failure is
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
+import zlib
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
+
+from infra.jsonl import BadLine, read_jsonl
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 _FINAL = re.compile(r"####\s*(" + _NUMBER + r")")
@@ -221,42 +223,69 @@ def score_samples(
 INSTRUCTION = "Answer with the number."
 
 
+ARITHMETIC_TEMPLATES = (
+    ("What is {a} plus {b}?", lambda a, b: a + b),
+    ("What is {a} minus {b}?", lambda a, b: a - b),
+    ("What is {a} times {b}?", lambda a, b: a * b),
+    ("Tom has {a} apples and buys {b} more. How many apples does he have now?", lambda a, b: a + b),
+    ("A box holds {a} pens. Sara takes {b} of them. How many pens are left?", lambda a, b: a - b),
+)
+HELDOUT_BUCKETS = 3  # one question in 3 (by a hash of its text) is reserved for evaluation
+
+
+def is_heldout_question(question: str) -> bool:
+    """Whether an arithmetic question belongs to the evaluation split (stable: CRC-32 of its text)."""
+    return zlib.crc32(question.encode()) % HELDOUT_BUCKETS == 0
+
+
+def _arithmetic_example(template: str, fn, a: int, b: int) -> PromptExample:
+    if fn(a, b) < 0:
+        a, b = b, a
+    return PromptExample(template.format(a=a, b=b), str(fn(a, b)))
+
+
 def arithmetic_prompts(count: int, seed: int = 0, max_operand: int = 10) -> list[PromptExample]:
-    """Templated arithmetic word problems (a + b, a − b, a × b) with their exact answers; bundled, no data needed."""
+    """Templated arithmetic word problems (a + b, a − b, a × b) with their exact answers, drawn with
+    replacement from the training split (never a question :func:`heldout_arithmetic_prompts` returns);
+    bundled, no data needed."""
     rng = random.Random(seed)
-    templates = [
-        ("What is {a} plus {b}?", lambda a, b: a + b),
-        ("What is {a} minus {b}?", lambda a, b: a - b),
-        ("What is {a} times {b}?", lambda a, b: a * b),
-        ("Tom has {a} apples and buys {b} more. How many apples does he have now?", lambda a, b: a + b),
-        ("A box holds {a} pens. Sara takes {b} of them. How many pens are left?", lambda a, b: a - b),
-    ]
     out = []
-    for _ in range(count):
-        template, fn = rng.choice(templates)
-        a, b = rng.randint(2, max_operand), rng.randint(2, max_operand)
-        if fn(a, b) < 0:
-            a, b = b, a
-        out.append(PromptExample(template.format(a=a, b=b), str(fn(a, b))))
+    while len(out) < count:
+        template, fn = rng.choice(ARITHMETIC_TEMPLATES)
+        example = _arithmetic_example(template, fn, rng.randint(2, max_operand), rng.randint(2, max_operand))
+        if not is_heldout_question(example.question):
+            out.append(example)
     return out
 
 
+def heldout_arithmetic_prompts(count: int | None = None, max_operand: int = 10) -> list[PromptExample]:
+    """The evaluation split of the arithmetic problems: every distinct held-out question in a fixed
+    order (template, then operands), the first ``count`` of them (None = all; 118 at ``max_operand`` 10)."""
+    seen, out = set(), []
+    for template, fn in ARITHMETIC_TEMPLATES:
+        for a in range(2, max_operand + 1):
+            for b in range(2, max_operand + 1):
+                example = _arithmetic_example(template, fn, a, b)
+                if example.question not in seen and is_heldout_question(example.question):
+                    seen.add(example.question)
+                    out.append(example)
+    return out[:count] if count else out
+
+
 def load_gsm8k_jsonl(path: str | Path, limit: int = 0) -> list[PromptExample]:
-    """GSM8K-format JSONL → examples; the answer is the text after the final ``####`` (None if absent)."""
+    """GSM8K-format JSONL (``.gz`` too) → examples; the answer is the text after the final ``####`` (None if
+    absent). Strict: a bad line or a row without a ``question`` is a :class:`PromptSetError`."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                question = row["question"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise PromptSetError(f"{path}:{line_no}: not a {{'question', 'answer'}} JSON row ({exc})") from None
+    try:
+        for line_no, row in read_jsonl(path):
+            if "question" not in row:
+                raise BadLine(path, line_no, "no 'question'")
             final = _FINAL.findall(str(row.get("answer") or ""))
-            out.append(PromptExample(question, final[-1].replace(",", "") if final else None))
+            out.append(PromptExample(row["question"], final[-1].replace(",", "") if final else None))
             if limit and len(out) >= limit:
                 break
+    except BadLine as bad:
+        raise PromptSetError(f"{bad.path}:{bad.line_no}: not a {{'question', 'answer'}} JSON row ({bad.reason})") from None
     return out
 
 
