@@ -279,6 +279,9 @@ def execute(
                 existing = read_manifest(run_root, run_id, name)
                 if existing["cache_key"] == key:
                     log.info("stage %s: unchanged inputs and config, skipped (%s)", name, final)
+                    recorded = catalog.stage_run(run_id, name)
+                    if recorded is None or recorded["cache_key"] != key:  # killed between commit and record
+                        catalog.record_stage_run(existing)
                     return {**existing, "skipped": True}
             except RunStoreError:
                 pass

@@ -49,6 +49,22 @@ def test_unchanged_stage_is_skipped_changed_input_reruns(fake):
     assert rerun["cache_key"] != first["cache_key"]
 
 
+def test_a_kill_between_commit_and_catalog_record_is_repaired_by_the_rerun(fake):
+    """The output is committed before the catalog records it: the rerun that skips the stage records it."""
+    import sqlite3
+
+    from infra.lineage import DB_NAME
+
+    build, _, root = fake
+    first = execute_stage("alpha", build(), "r1")
+    with sqlite3.connect(root / DB_NAME) as c:  # as if SIGKILLed right after commit_stage_dir
+        c.execute("DELETE FROM stage_runs WHERE run_id='r1' AND stage='alpha'")
+    assert LineageCatalog(root).stage_run("r1", "alpha") is None
+    again = execute_stage("alpha", build(), "r1")
+    assert again.get("skipped")
+    assert LineageCatalog(root).stage_run("r1", "alpha")["cache_key"] == first["cache_key"]
+
+
 def test_other_run_with_same_inputs_reuses_outputs(fake):
     build, _, root = fake
     first = execute_stage("alpha", build(), "r1")
