@@ -151,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("Errors of Prefect's server services (scheduler, ...) are shown here; Ctrl-C stops.", flush=True)
         try:
             if not args.check:
-                serve(*deployments, print_starting_message=False)
+                serve(*deployments, print_starting_message=False, limit=args.limit)
         finally:
             if explorer:
                 explorer.shutdown()
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: prefect.port, 4200)")
     p.add_argument("--explorer-port", type=int,
                    help="port of the lineage explorer served next to the UI (default: prefect.explorer_port, 4201; 0 = off)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="flow runs this worker runs at once (default: no limit). A second `refinery serve` with "
+                        "PREFECT_API_URL set to the first one's server is a second worker for the same deployments")
     p.add_argument("--check", action="store_true", help="start the server, build the deployments, and exit")
     p.set_defaults(func=cmd_serve)
 
@@ -431,11 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a failed stage: the log above has the details
+    except Exception as exc:
         from flows.stages import StageFailed  # imports Prefect; only reached when a command failed
 
         if isinstance(exc, (StageInputError, RunStoreError, StageFailed)):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {getattr(exc, 'reason', exc)}", file=sys.stderr)  # the log above has the details
             return 1
         raise
 

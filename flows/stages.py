@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,7 @@ from infra.markdown import dict_table, markdown_table
 from infra.process import run_streaming
 from infra.runstore import new_run_id
 
+FAILURE_TAIL_LINES = 40  # log lines kept for a failed stage's artifact
 EXPLORER_URL_ENV = "REFINERY_EXPLORER_URL"  # set by `refinery serve`; summaries link to the lineage explorer
 
 
@@ -37,11 +39,13 @@ class StageFailed(RuntimeError):
     """The stage process exited with an error (its log is in the flow run's logs).
 
     ``retryable``: the process crashed or raised; exit code 2 (bad config, missing input, disk full or
-    read-only) would fail the same way again.
+    read-only) would fail the same way again. ``reason`` is the one-line cause; the message adds the
+    process's last log lines, so the flow run's state in the UI shows them.
     """
 
-    def __init__(self, message: str, retryable: bool = True):
-        super().__init__(message)
+    def __init__(self, reason: str, retryable: bool = True, log_tail: list[str] | tuple = ()):
+        super().__init__("\n".join([reason, "last log lines:", *log_tail]) if log_tail else reason)
+        self.reason = reason
         self.retryable = retryable
 
 
@@ -103,24 +107,38 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
         cmd.append("--force")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = None
-    tail: list[str] = []
+    tail: deque[str] = deque(maxlen=FAILURE_TAIL_LINES)
 
     def on_line(line: str) -> None:
-        nonlocal result, tail
+        nonlocal result
         if line.startswith(RESULT_MARKER):
             result = json.loads(line[len(RESULT_MARKER):])
             return
         logger.info(line)
-        tail = (tail + [line])[-5:]
+        tail.append(line)
 
     try:
         rc = run_streaming(cmd, on_line, env=env)
     finally:
         os.unlink(config_json)
     if rc != 0 or not result:
-        errors = [t for t in tail if t.startswith("error:")]
-        raise StageFailed(f"stage {stage!r} failed (exit {rc}): {(errors or tail or ['no output'])[-1]}", rc != 2)
+        raise stage_failure(stage, run_id, rc, list(tail))
     return {**json.loads(Path(result["manifest"]).read_text()), "skipped": result["skipped"]}
+
+
+def stage_failure(stage: str, run_id: str, rc: int, tail: list[str]) -> StageFailed:
+    """The error a failed stage process raises: the reason (its last ``error:`` line, else its last line)
+    and its last log lines, in the exception (the flow run's state message in the UI) and in a
+    ``STAGE-failure`` markdown artifact."""
+    errors = [t for t in tail if t.startswith("error:")]
+    reason = (errors or tail or ["no output"])[-1]
+    how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
+    create_markdown_artifact(
+        markdown="\n".join([f"# {run_id}/{stage} failed ({how})", "", f"**Reason:** {reason}", "",
+                             f"## Last {len(tail)} log lines", "", "```", *tail, "```"]),
+        key=_artifact_key(stage, "failure"), description=f"{run_id}/{stage}: why the stage failed",
+    )
+    return StageFailed(f"stage {stage!r} failed ({how}): {reason}", rc != 2, tail[-10:])
 
 
 def publish(manifest: dict) -> Optional[str]:
