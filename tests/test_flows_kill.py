@@ -1,17 +1,36 @@
-"""Killing the CLI while a stage runs: the stage process, Spark's JVM and its workers go with it, the
-half-written output is removed, and the same command then completes (issue 16, part 2)."""
+"""Killing the CLI while a stage runs (issue 16, part 2): the stage process, Spark's JVM and its workers go
+with it, the half-written output is removed, the catalog holds nothing half-written, and the same command
+then gives the outputs of an uninterrupted run."""
 
+import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+MARK = "REFINERY_KILL_TEST"  # set in the CLI's environment: every process it starts inherits it
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    """Every process on the machine whose environment carries this test's mark (the process table check)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARK) == mark:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
 
 
 def _stage_tree(root: psutil.Process) -> list[psutil.Process]:
@@ -27,37 +46,103 @@ def _stage_tree(root: psutil.Process) -> list[psutil.Process]:
     return procs
 
 
-@pytest.mark.slow
-def test_sigkill_of_the_cli_takes_the_stage_tree_and_the_rerun_completes(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+@pytest.fixture(scope="module")
+def tokenize_upstream(tmp_path_factory, shared_data):
+    """A run root whose run ``up`` has a completed dedup output (real web text) and a trained tokenizer."""
+    from test_curation_tokenize import fake_completed_stage, web_rows
+
+    runs = tmp_path_factory.mktemp("kill") / "runs"
+    fake_completed_stage(runs, "up", "dedup", web_rows(shared_data))
+    env = {**os.environ, "PREFECT_HOME": str(runs.parent / "prefect")}
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--stages", "ingest", "--run-id", "k1",
-           "-o", f"run_root={tmp_path / 'runs'}", "-o", "spark.master=local[1]"]
-    cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    root = psutil.Process(cli.pid)
-    others = []
-    try:
-        deadline = time.time() + 240
-        while not any("java" in p.name() for p in _stage_tree(root)):  # the stage's JVM is up
-            assert cli.poll() is None, "the run ended before it could be killed"
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", str(TINY_CONFIG), "--stages", "tokenizer",
+                           "--run-id", "up", "-o", f"run_root={runs}", "-o", "spark.master=local[1]"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return runs
+
+
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+STAGE_ARGS = {"ingest": ["--stages", "ingest"], "tokenize": ["--stages", "tokenize", "--from", "up"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ingest", "tokenize"])
+def test_sigkill_at_a_random_point_then_the_same_command_gives_the_uninterrupted_outputs(
+        stage, tmp_path, request):
+    """SIGKILL of the CLI's whole process group at a random moment of the stage's life (seed printed), then
+    the same command (``--force``, so the rerun recomputes instead of reusing the uninterrupted run):
+    no process of the killed command is left on the machine, no temp dir, the catalog records nothing for
+    the killed stage unless its output was committed, and the rerun's output hashes equal the
+    uninterrupted run's."""
+    from catalog_checks import assert_catalog_consistent
+
+    from infra.lineage import LineageCatalog
+    from infra.runstore import read_manifest
+
+    runs = request.getfixturevalue("tokenize_upstream") if stage == "tokenize" else tmp_path / "runs"
+    seed = int(os.environ.get("REFINERY_KILL_SEED", random.SystemRandom().randrange(2**32)))
+    rng = random.Random(seed)
+
+    def command(run_id: str) -> list[str]:
+        return [sys.executable, "-m", "flows.cli", "run", "-c", str(TINY_CONFIG), *STAGE_ARGS[stage],
+                "--run-id", run_id, "--force", "-o", f"run_root={runs}", "-o", "spark.master=local[1]"]
+
+    def start(run_id: str, mark: str) -> subprocess.Popen:
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), MARK: mark}
+        env.pop("PREFECT_API_URL", None)
+        log = open(tmp_path / f"{mark}.log", "w")  # a file, not a pipe nobody reads while the test sleeps
+        proc = subprocess.Popen(command(run_id), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        proc.log = tmp_path / f"{mark}.log"
+        return proc
+
+    def finish(proc: subprocess.Popen) -> str:
+        proc.wait(timeout=900)
+        return proc.log.read_text()
+
+    def stage_started(cli: subprocess.Popen) -> float:
+        deadline = time.time() + 300
+        while not any("flows.stage_process" in " ".join(p.cmdline()) for p in _stage_tree(psutil.Process(cli.pid))):
+            assert cli.poll() is None, "the command ended before its stage process was seen"
             assert time.time() < deadline, "the stage never started"
-            time.sleep(0.5)
-        tree = _stage_tree(root)
-        others = [p for p in root.children(recursive=True) if p not in tree]  # e.g. Prefect's temporary server
-        cli.send_signal(signal.SIGKILL)
-        cli.wait()
-        gone, alive = psutil.wait_procs(tree, timeout=30)
-        assert not alive, [" ".join(p.cmdline()[:4]) for p in alive]
-        assert not list((tmp_path / "runs" / "k1").glob(".tmp-*")), "the killed stage left a temp dir"
-        assert not (tmp_path / "runs" / "k1" / "ingest" / "manifest.json").exists()
-    finally:
-        for p in [*others, *_stage_tree(root)] if cli.poll() is None else others:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert (tmp_path / "runs" / "k1" / "ingest" / "manifest.json").is_file()
-    assert not list((tmp_path / "runs" / "k1").glob(".tmp-*"))
+            time.sleep(0.1)
+        return time.time()
+
+    clean = start("clean", uuid.uuid4().hex)
+    began = stage_started(clean)
+    out = finish(clean)
+    assert clean.returncode == 0, out[-3000:]
+    lifetime = time.time() - began  # the stage process's life, and the CLI's wind-down after it
+    expected = {k: v["hash"] for k, v in read_manifest(runs, "clean", stage)["outputs"].items()}
+
+    mark = uuid.uuid4().hex
+    killed = start("k", mark)
+    delay = rng.uniform(0.0, lifetime)
+    stage_started(killed)
+    time.sleep(delay)
+    committed = (runs / "k" / stage / "manifest.json").is_file()
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    where = f"seed {seed}: killed {delay:.1f} s into a {lifetime:.1f} s stage (output committed: {committed})"
+    print(where)
+    deadline = time.time() + 30
+    while (left := _marked(mark)) and time.time() < deadline:
+        time.sleep(0.5)
+    left = [(p.pid, " ".join(p.cmdline()[:4])) for p in _marked(mark)]
+    for pid, _ in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"{where}: processes of the killed command still running: {left}"
+    assert not list((runs / "k").glob(".tmp-*")), f"{where}: a temp dir was left"
+    if not (runs / "k" / stage / "manifest.json").is_file():
+        assert LineageCatalog(runs).stage_run("k", stage) is None, f"{where}: the catalog recorded an uncommitted stage"
+
+    rerun = start("k", uuid.uuid4().hex)
+    out = finish(rerun)
+    assert rerun.returncode == 0, f"{where}\n{out[-3000:]}"
+    manifest = read_manifest(runs, "k", stage)  # verifies every file and size
+    assert manifest["cached_from"] is None
+    assert {k: v["hash"] for k, v in manifest["outputs"].items()} == expected, where
+    assert not list(runs.glob("*/.tmp-*")), where
+    assert_catalog_consistent(runs, {"k": manifest, "clean": read_manifest(runs, "clean", stage)})
