@@ -327,6 +327,34 @@ def test_sft_reward_dpo_chain(make_config, tiny_dir):
     assert (Path(dpo["outputs"]["hf"]["path"]) / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize(("task", "extra"), [("reward", {"train_layers": 1}), ("dpo", {"train_layers": 1})])
+def test_reward_and_dpo_resume_after_a_crash_with_identical_losses(make_config, tiny_dir, tmp_path, monkeypatch,
+                                                                    task, extra):
+    """The attempt that crashes right after its step-2 checkpoint leaves the resume dir; the same command
+    continues from step 2, and its per-step losses and output equal an uninterrupted run's exactly."""
+    from flows.registry import execute_stage
+    from training import learner
+
+    overrides = _overrides(task, model=str(tiny_dir), max_steps=4, save_every=2, **extra)
+    expected = execute_stage(task, make_config({**overrides, "run_root": str(tmp_path / "clean")}), run_id="r")
+    config = make_config({**overrides, "run_root": str(tmp_path / "crash")})
+    save = learner.save_state
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise RuntimeError("crash after the checkpoint")
+
+    monkeypatch.setattr(learner, "save_state", save_then_crash)
+    with pytest.raises(RuntimeError, match="crash after the checkpoint"):
+        execute_stage(task, config, run_id="r")
+    monkeypatch.setattr(learner, "save_state", save)
+    resumed = execute_stage(task, config, run_id="r")
+    assert resumed["metrics"]["resumed_from_step"] == 2
+    assert [r["loss"] for r in resumed["tables"]["train_log"]] == [r["loss"] for r in expected["tables"]["train_log"]]
+    assert resumed["outputs"]["hf"]["hash"] == expected["outputs"]["hf"]["hash"]
+    assert not list((tmp_path / "crash" / ".resume").iterdir())
+
+
 # ---- torch vs DeepSpeed ZeRO ------------------------------------------------------------------------------
 
 

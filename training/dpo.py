@@ -279,5 +279,6 @@ STAGES = [
         run=run,
         optional_inputs=("sft",),
         external_inputs=external_inputs,
+        resumable=True,
     )
 ]

@@ -115,5 +115,6 @@ STAGES = [
         run=run,
         optional_inputs=("sft",),
         external_inputs=external_inputs,
+        resumable=True,
     )
 ]
