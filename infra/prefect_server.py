@@ -17,7 +17,8 @@ def configure_prefect_env(home: str | Path | None = None) -> None:
     """Defaults set before Prefect is imported: a project-local PREFECT_HOME, no analytics, loopback only."""
     os.environ.setdefault("PREFECT_HOME", str(Path(home or Path.cwd() / ".prefect").resolve()))
     # Prefect creates its home without parents: PREFECT_HOME=/new/dir/prefect would fail its server's start
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # unwritable: Prefect reports it
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
