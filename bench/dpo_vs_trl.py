@@ -84,7 +84,7 @@ def run_ours(model_dir: Path, pairs_file: Path, args) -> dict:
 
     from training.data import prepare_tokenizer
 
-    cfg = {"max_steps": args.steps, "batch_size": args.batch, "max_len": args.max_len, "lr": args.lr,
+    cfg = {"steps": args.steps, "batch_size": args.batch, "max_len": args.max_len, "lr": args.lr,
            "warmup_steps": 1, "beta": 0.1, "heldout_fraction": 0.0, "eval_batch_size": args.batch}
     task = DPOTask(cfg, [str(pairs_file)])
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -148,7 +148,7 @@ def prepare(work: Path, plan: Plan) -> dict:
     from transformers import LlamaForCausalLM
 
     from curation.megatron_shards import token_dtype, write_blend, write_shard
-    from curation.tokenizer import TokenizerConfig, save_hf, tokenizer_info, train_bpe
+    from curation.tokenizer import TokenizerConfig, save_hf_tokenizer, tokenizer_info, train_bpe
     from training.megatron.convert import hf_config, write_hf
     from training.megatron.model import LlamaArch, pad_vocab
 
@@ -157,7 +157,7 @@ def prepare(work: Path, plan: Plan) -> dict:
     tok_cfg = TokenizerConfig(vocab_size=plan.vocab)
     tok = train_bpe(docs + chats, plan.vocab, tok_cfg.special_tokens())
     tok_dir = work / "tokenizer"
-    save_hf(tok, tok_dir, tok_cfg)
+    save_hf_tokenizer(tok, tok_dir, tok_cfg)
     info = tokenizer_info(tok_dir)
     dtype = token_dtype(info["vocab_size"])
     shards = work / "shards"
@@ -194,7 +194,8 @@ def pretrain_job(work: Path, name: str, model: dict, seq: int, mbs: int, gbs: in
                  dtype: str, init_from_dir: Path | None) -> dict:
     """A training.pretrain job spec (what the pretrain stage writes), spike guard off."""
     config = {"tp": 1, "pp": 1, "seq_length": seq, "micro_batch_size": mbs, "global_batch_size": gbs,
-              "train_steps": steps, "warmup_steps": 2, "lr": 3e-4, "min_lr": 3e-5, "dtype": dtype,
+              "steps": steps, "warmup_steps": 2, "lr": 3e-4, "min_lr": 3e-5,
+              "precision": {"float32": "fp32", "bfloat16": "bf16"}[dtype],
               "spike": {"enabled": False}, "model": model, "seed": 1234}
     run = work / name
     return {"config": config, "shards": str(work / "shards"), "init_from_dir": str(init_from_dir) if init_from_dir else None,
@@ -331,7 +332,7 @@ def child_deepspeed_sft(work: Path, plan: Plan, name: str) -> dict:
 
     model_dir, source = model_for_post_training(work)
     data = [str(p) for p in SFT_DATA]
-    cfg = SFTConfig(model=str(model_dir), backend="deepspeed", zero_stage=2, num_procs=1, max_steps=plan.sft_steps,
+    cfg = SFTConfig(model=str(model_dir), backend="deepspeed", zero_stage=2, num_procs=1, steps=plan.sft_steps,
                     batch_size=plan.sft_batch, eval_batch_size=plan.sft_batch, max_len=plan.sft_max_len, lr=1e-5, warmup_steps=0,
                     max_examples=plan.sft_batch * plan.sft_steps * 4, max_eval_examples=plan.sft_batch, data=data)
     run = work / "sft"

@@ -35,12 +35,12 @@ HH = str(SHARED / "hh_rlhf_harmless_test" / "harmless-base_test.jsonl.gz")
 HELDOUT = {"max_len": 64, "heldout_fraction": 0.3, "max_eval_examples": 100_000, "eval_batch_size": 16}
 DEFAULTS = {
     "sft": {"data": [str(SHARED / "gsm8k" / "train.jsonl"), str(SHARED / "self_instruct_sft" / "seed_tasks.jsonl")],
-            "max_steps": 8, "batch_size": 2, "max_len": 128, "lr": 3e-5, "warmup_steps": 1,
+            "steps": 8, "batch_size": 2, "max_len": 128, "lr": 3e-5, "warmup_steps": 1,
             "heldout_fraction": 0.02, "max_eval_examples": 4, "eval_batch_size": 2},
     # reward at 128 tokens: 838 train / 346 held-out pairs (64 tokens left 444 / 190 and only 0.579 [0.508, 0.647])
-    "reward": {"data": [HH], **HELDOUT, "max_len": 128, "train_layers": 4, "max_steps": 100, "batch_size": 16,
+    "reward": {"data": [HH], **HELDOUT, "max_len": 128, "train_layers": 4, "steps": 100, "batch_size": 16,
                "lr": 1e-4, "warmup_steps": 5},
-    "dpo": {"data": [HH], **HELDOUT, "train_layers": 4, "max_steps": 110, "batch_size": 8, "lr": 5e-5,
+    "dpo": {"data": [HH], **HELDOUT, "train_layers": 4, "steps": 110, "batch_size": 8, "lr": 5e-5,
             "warmup_steps": 5, "beta": 0.1},
 }
 HEADLINE = {"sft": "eval_loss_after", "reward": "eval_accuracy_after", "dpo": "eval_reward_accuracy_after"}

@@ -26,13 +26,13 @@ def measure(precision: str, model_dir, engine: str = "vllm", device: str = "cpu"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.rl.common import Trainer, chat_prompt_ids, forward_logps, to_batch
+    from training.rl.common import PrecisionOptimizer, chat_prompt_ids, forward_logps, to_batch
     from training.rl.rewards import arithmetic_prompts
     from training.rl.rollout import HFEngine, Sampling, VLLMEngine
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    trainer = Trainer(model.parameters(), precision, lr=1e-6, grad_clip=1.0)  # only for its autocast
+    trainer = PrecisionOptimizer(model.parameters(), precision, lr=1e-6, grad_clip=1.0)  # only for its autocast
     t0 = time.time()
     if engine == "vllm":
         rollout = VLLMEngine(model_dir, precision=precision, seed=0, max_model_len=512)

@@ -74,7 +74,7 @@ def write_byte_shards(out: Path) -> Path:
 def job_config(args) -> dict:
     return {
         "tp": args.tp, "pp": args.pp, "seq_length": args.seq, "micro_batch_size": args.mbs, "global_batch_size": args.gbs,
-        "train_steps": args.steps + args.warmup, "warmup_steps": 2, "clip_grad": 1.0, "spike": {"enabled": False},
+        "steps": args.steps + args.warmup, "warmup_steps": 2, "grad_clip": 1.0, "spike": {"enabled": False},
         "model": {"num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
                   "num_query_groups": args.heads // 2, "ffn_hidden_size": args.ffn},
     }
@@ -129,7 +129,7 @@ def run_torch(args, work: Path) -> dict:
               {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.train_steps, cfg.min_lr / cfg.lr))
+        opt, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps, cfg.min_lr / cfg.lr))
     ds = IndexedDataset(str(work / "shards" / "bytes-00000"))
     flat = torch.cat([torch.from_numpy(ds[i].astype("int64")) for i in range(len(ds))])
     n = args.seq + 1
@@ -143,7 +143,7 @@ def run_torch(args, work: Path) -> dict:
             logits = model(batch[:, :-1]).logits
             loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) / micro
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         if step >= args.warmup:

@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from curation.tokenize import TokenizeConfig, tokenize_to_shards
-    from curation.tokenizer import TokenizerConfig, save_hf, tokenizer_info, train_bpe
+    from curation.tokenizer import TokenizerConfig, save_hf_tokenizer, tokenizer_info, train_bpe
     from infra.config import SparkConfig
     from infra.spark import get_spark
 
@@ -119,7 +119,7 @@ def main() -> None:
     texts = [r["text"] for r in rows]
     mb = sum(len(t.encode()) for t in texts) / 1e6
     tcfg = TokenizerConfig(vocab_size=8192)
-    save_hf(train_bpe(real_documents(args.shared), tcfg.vocab_size, tcfg.special_tokens()), work / "tok", tcfg)
+    save_hf_tokenizer(train_bpe(real_documents(args.shared), tcfg.vocab_size, tcfg.special_tokens()), work / "tok", tcfg)
     info = tokenizer_info(work / "tok")
     cfg = TokenizeConfig(docs_per_shard=args.docs_per_shard)
     t0 = time.time()

@@ -34,8 +34,8 @@ class IngestConfig(StageConfig):
     """Where the archives are and what counts as a document."""
 
     input_paths: list[str] = Field(
-        default_factory=lambda: ["tests/data/warc"],
-        description="WARC/ARC/WET files or folders (searched recursively)",
+        default_factory=list,
+        description="WARC/ARC/WET files or folders (searched recursively); required (configs/tiny.yaml: the bundled sample)",
     )
     max_record_bytes: int = Field(50_000_000, ge=1, description="records with larger payloads are dropped")
     keep_non_html: bool = Field(False, description="keep non-HTML responses instead of dropping them")
@@ -43,6 +43,8 @@ class IngestConfig(StageConfig):
 
 def find_archives(paths: list[str]) -> list[Path]:
     """Archive files under the given files/folders, sorted; a missing path is an error."""
+    if not paths:
+        raise ValueError("ingest.input_paths is empty: list WARC/ARC/WET files or folders, e.g. -o 'ingest.input_paths=[tests/data/warc]'")
     found: list[Path] = []
     for raw in paths:
         p = Path(raw).expanduser()

@@ -35,25 +35,15 @@ class TrainQualityConfig(StageConfig):
     """Training data and fastText hyper-parameters of the quality classifier."""
 
     positives: list[str] = Field(
-        default_factory=lambda: [
-            "../shared/data/wikitext2_valid_test/valid.txt.gz",
-            "../shared/data/self_instruct_sft/seed_tasks.jsonl",
-        ],
+        default_factory=list,
         description="files/folders of high-quality text (.txt[.gz] paragraphs, .jsonl[.gz], .warc[.gz], Parquet)",
     )
     negatives: list[str] = Field(
-        default_factory=lambda: [
-            "../shared/data/warc_samples/resiliparse_cc-main-2020-34_excerpt.warc.gz",
-            "tests/data/quality/negatives.jsonl.gz",
-        ],
+        default_factory=list,
         description="files/folders of low-quality text, used besides the heuristics stage's rejected/ documents",
     )
-    fallback_positives: str = Field(
-        "tests/data/quality/positives.jsonl.gz", description="used when none of `positives` exists"
-    )
-    fallback_negatives: str = Field(
-        "tests/data/quality/negatives.jsonl.gz", description="used when none of `negatives` exists"
-    )
+    fallback_positives: str | None = Field(None, description="used when none of `positives` exists")
+    fallback_negatives: str | None = Field(None, description="used when none of `negatives` exists")
     use_rejected: bool = Field(True, description="add the heuristics stage's rejected/ documents to the negatives")
     chunk_words: int = Field(120, ge=5, description="texts are cut into chunks of at most this many words")
     min_words: int = Field(8, ge=1, description="shorter chunks are ignored")
@@ -221,10 +211,12 @@ def train_model(train_lines: list[str], cfg: TrainQualityConfig, workdir: Path):
 # ---------------------------------------------------------------- stage shells
 
 def training_sources(cfg: TrainQualityConfig) -> dict[str, str]:
-    """Named external paths: the configured ones that exist, else the bundled fixture per class."""
+    """Named external paths: the configured ones that exist, else the class's fallback."""
     out = {}
     for kind, paths, fallback in (("positives", cfg.positives, cfg.fallback_positives), ("negatives", cfg.negatives, cfg.fallback_negatives)):
-        existing = [p for p in paths if Path(p).expanduser().exists()] or [fallback]
+        existing = [p for p in paths if Path(p).expanduser().exists()] or ([fallback] if fallback else [])
+        if not existing:
+            raise ValueError(f"train_quality: none of {kind} {paths} exists and fallback_{kind} is not set")
         out.update({f"{kind}_{i}": p for i, p in enumerate(existing)})
     return out
 

@@ -1,7 +1,7 @@
 """``tokenizer``: a byte-level BPE trained on the curated corpus, or a copy of an existing HF tokenizer.
 
 Core: :func:`train_bpe` (texts → ``tokenizers.Tokenizer``; special tokens first, so they get the
-ids 0..k in config order) and :func:`save_hf` (→ ``tokenizer.json`` + ``tokenizer_config.json`` +
+ids 0..k in config order) and :func:`save_hf_tokenizer` (→ ``tokenizer.json`` + ``tokenizer_config.json`` +
 ChatML ``chat_template.jinja``, loadable with ``AutoTokenizer``). The training text is a
 deterministic sample by ``doc_id`` hash, so the same documents give the same tokenizer whatever
 order the upstream files come in. With ``pretrained: smollm2`` (or an HF dir) the tokenizer of
@@ -78,7 +78,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str], 
     return tokenizer
 
 
-def save_hf(tokenizer, out_dir: Path, cfg: TokenizerConfig) -> None:
+def save_hf_tokenizer(tokenizer, out_dir: Path, cfg: TokenizerConfig) -> None:
     """Write ``tokenizer`` as HF files (``PreTrainedTokenizerFast``) with the ChatML chat template."""
     from transformers import PreTrainedTokenizerFast
 
@@ -180,7 +180,7 @@ def run(ctx: StageContext) -> StageResult:
         if not texts:
             raise ValueError("tokenizer: no non-empty documents to train on")
         ctx.log.info("tokenizer: training byte-level BPE (vocab %d) on %d docs", cfg.vocab_size, len(texts))
-        save_hf(train_bpe(texts, cfg.vocab_size, cfg.special_tokens(), cfg.min_frequency), out, cfg)
+        save_hf_tokenizer(train_bpe(texts, cfg.vocab_size, cfg.special_tokens(), cfg.min_frequency), out, cfg)
     info = tokenizer_info(out)
     fertility = bytes_per_token(Tokenizer.from_file(str(out / "tokenizer.json")), texts[:FERTILITY_DOCS])
     metrics = {

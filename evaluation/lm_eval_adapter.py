@@ -17,6 +17,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from evaluation.model import EvalModel
+from training.models import PRECISION_DTYPES
 
 
 @register_model("refinery")
@@ -30,7 +31,7 @@ class RefineryLM(LM):
         batch_size: int | str = 16,
         max_length: int | None = None,
         max_gen_toks: int = 256,
-        dtype: str = "float32",
+        dtype: str = "float32",  # lm-eval's model_args name
         generation_backend: str = "auto",
         **_ignored,
     ) -> None:
@@ -39,7 +40,8 @@ class RefineryLM(LM):
             if pretrained is None:
                 raise ValueError("RefineryLM needs pretrained=<HF dir or 'smollm2'> or model=EvalModel")
             model = EvalModel(pretrained, batch_size=int(batch_size) if str(batch_size).isdigit() else 16,
-                              max_length=int(max_length) if max_length else None, dtype=dtype,
+                              max_length=int(max_length) if max_length else None,
+                              precision={v: k for k, v in PRECISION_DTYPES.items()}[dtype],
                               generation_backend=generation_backend)
         self.model = model
         self.max_gen_toks = int(max_gen_toks)

@@ -73,14 +73,14 @@ class EvalModel:
         path: str | Path,
         batch_size: int = 16,
         max_length: int | None = None,
-        dtype: str = "float32",
+        precision: str = "fp32",
         device: str = "cpu",
         generation_backend: str = "auto",
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from training.models import ModelSourceError, resolve_model
+        from training.models import PRECISION_DTYPES, ModelSourceError, resolve_model
 
         try:
             self.path = resolve_model(path)
@@ -89,10 +89,10 @@ class EvalModel:
         if generation_backend not in ("auto", "hf", "vllm"):
             raise EvalModelError(f"generation_backend must be auto, hf or vllm (got {generation_backend!r})")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype)).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, PRECISION_DTYPES[precision])).to(device)
         self.model.eval()
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.precision = precision
         self.batch_size = max(1, int(batch_size))
         config_max = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_length = int(max_length or config_max)
@@ -267,11 +267,10 @@ class EvalModel:
         """A vLLM engine over this checkpoint, or None (with a log line) where vLLM is unavailable."""
         if self._vllm is None:
             try:
-                from training.rl.rollout import PRECISION_DTYPES, VLLMEngine
+                from training.rl.rollout import VLLMEngine
 
-                precision = {name: p for p, name in PRECISION_DTYPES.items()}[self.dtype]
                 # the rollout engine's recipe: in-process, KV cache capped (vLLM's CPU default reserves most of RAM)
-                self._vllm = VLLMEngine(self.path, precision, seed=0, max_model_len=self.max_length).llm
+                self._vllm = VLLMEngine(self.path, self.precision, seed=0, max_model_len=self.max_length).llm
             except Exception as exc:  # not installed, no CPU build, unsupported model ...
                 if self.generation_backend == "vllm":
                     raise EvalModelError(f"generation_backend 'vllm' requested but unavailable: {exc}") from exc

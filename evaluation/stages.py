@@ -23,7 +23,6 @@ from pydantic import Field, model_validator
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 TaskName = Literal["hellaswag", "gsm8k", "perplexity", "web_perplexity", "heldout", "reward_accuracy", "arithmetic"]
-FIXTURES = "tests/data/eval"
 
 # eval stage → the training stage whose hf/ checkpoint it evaluates
 EVALUATED = {"eval_pretrain": "pretrain", "eval_sft": "sft", "eval_dpo": "dpo", "eval_grpo": "grpo", "eval_ppo": "ppo"}
@@ -41,13 +40,13 @@ EFFECT_SPECS = {
 
 
 class HellaSwagConfig(StageConfig):
-    path: str = Field(f"{FIXTURES}/hellaswag_val.jsonl", description="HellaSwag JSON lines (.gz ok), e.g. ../shared/data/hellaswag_val/hellaswag_val.jsonl.gz")
+    path: str = Field("", description="HellaSwag JSON lines (.gz ok), required when listed in tasks, e.g. ../shared/data/hellaswag_val/hellaswag_val.jsonl.gz")
     limit: int | None = Field(8, ge=1, description="items to score (null = all)")
 
 
 class GSM8KConfig(StageConfig):
-    path: str = Field(f"{FIXTURES}/gsm8k_test.jsonl", description="GSM8K test JSON lines, e.g. ../shared/data/gsm8k/test.jsonl")
-    train_path: str = Field(f"{FIXTURES}/gsm8k_train.jsonl", description="GSM8K train JSON lines (k-shot examples)")
+    path: str = Field("", description="GSM8K test JSON lines, required when listed in tasks, e.g. ../shared/data/gsm8k/test.jsonl")
+    train_path: str = Field("", description="GSM8K train JSON lines (k-shot examples; required when num_fewshot > 0)")
     limit: int | None = Field(2, ge=1, description="problems to solve (null = all)")
     num_fewshot: int = Field(0, ge=0, description="k-shot examples drawn from train_path per problem")
     fewshot_seed: int = Field(1234, description="seed of the k-shot draw (lm-eval's default)")
@@ -56,7 +55,7 @@ class GSM8KConfig(StageConfig):
 
 
 class PerplexityConfig(StageConfig):
-    path: str = Field(f"{FIXTURES}/wikitext2_test_excerpt.txt", description="text file (.gz ok), e.g. ../shared/data/wikitext2_valid_test/test.txt.gz")
+    path: str = Field("", description="text file (.gz ok; .jsonl[.gz] with `text`), required when listed in tasks, e.g. ../shared/data/wikitext2_valid_test/test.txt.gz")
     limit: int | None = Field(1, ge=1, description="documents (WikiText articles) to score (null = all)")
     window: int = Field(512, ge=2, description="rolling-window length in tokens")
 
@@ -68,7 +67,7 @@ class HeldoutConfig(StageConfig):
 
 
 class RewardAccuracyConfig(StageConfig):
-    path: str = Field(f"{FIXTURES}/hh_rlhf_pairs.jsonl", description="preference pairs {chosen, rejected[, prompt]}, e.g. ../shared/data/hh_rlhf_harmless_test/harmless-base_test.jsonl.gz")
+    path: str = Field("", description="preference pairs {chosen, rejected[, prompt]}, required when listed in tasks, e.g. ../shared/data/hh_rlhf_harmless_test/harmless-base_test.jsonl.gz")
     limit: int | None = Field(None, ge=1, description="pairs to score (null = all)")
     max_length: int = Field(512, ge=8, description="tokens kept per text (from the end)")
 
@@ -81,13 +80,15 @@ class ArithmeticConfig(StageConfig):
 class EvalConfig(StageConfig):
     """Which tasks to run on the checkpoint and how."""
 
+    renamed = {"dtype": "precision"}
+
     tasks: list[TaskName] = Field(
-        default_factory=lambda: ["hellaswag", "gsm8k", "perplexity"],
-        description="tasks to run; heldout needs the tokenize stage, reward_accuracy the reward stage",
+        default_factory=list,
+        description="tasks to run (each file-backed task needs its `path`); heldout needs the tokenize stage, reward_accuracy the reward stage",
     )
     seed: int | None = Field(None, description="draw each task's `limit` items with this seed (null = the first items)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="model dtype")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="model weights' precision")
     max_length: int | None = Field(None, ge=16, description="max tokens per sequence (null = the model's)")
     generation_backend: Literal["auto", "hf", "vllm"] = Field("auto", description="vLLM when installed (auto), else transformers")
     progress: bool = Field(True, description="tqdm progress bars")
@@ -98,37 +99,35 @@ class EvalConfig(StageConfig):
     gsm8k: GSM8KConfig = Field(default_factory=GSM8KConfig, description="GSM8K settings")
     perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig, description="WikiText perplexity settings")
     web_perplexity: PerplexityConfig = Field(
-        default_factory=lambda: PerplexityConfig(path="", limit=None),
+        default_factory=lambda: PerplexityConfig(limit=None),
         description="bits per byte on held-out web text (a .jsonl[.gz] with `text`, e.g. "
-                    "../shared/data/web_text_samples_dolma/cc_en_head-0091.jsonl.gz); needed when listed in tasks",
+                    "../shared/data/web_text_samples_dolma/cc_en_head-0091.jsonl.gz)",
     )
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig, description="held-out shard loss settings")
     reward_accuracy: RewardAccuracyConfig = Field(default_factory=RewardAccuracyConfig, description="reward-model accuracy settings")
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig, description="held-out arithmetic (the RL task) settings")
 
     @model_validator(mode="after")
-    def _web_text_is_set(self) -> "EvalConfig":
-        if "web_perplexity" in self.tasks and not self.web_perplexity.path:
-            raise ValueError("web_perplexity is in tasks but web_perplexity.path is not set")
+    def _task_files_are_set(self) -> "EvalConfig":
+        unset = [setting for _, setting, path in _task_file_settings(self) if not path]
+        if unset:
+            raise ValueError(f"{', '.join(unset)} not set (needed by tasks {self.tasks})")
         return self
 
 
 def task_files(cfg: EvalConfig) -> dict[str, str]:
     """The external files the configured tasks read (hashed into the cache key and lineage)."""
-    files = {}
-    if "hellaswag" in cfg.tasks:
-        files["hellaswag"] = cfg.hellaswag.path
-    if "gsm8k" in cfg.tasks:
-        files["gsm8k"] = cfg.gsm8k.path
-        if cfg.gsm8k.num_fewshot:
-            files["gsm8k_train"] = cfg.gsm8k.train_path
-    if "perplexity" in cfg.tasks:
-        files["perplexity"] = cfg.perplexity.path
-    if "web_perplexity" in cfg.tasks:
-        files["web_perplexity"] = cfg.web_perplexity.path
+    return {key: path for key, _, path in _task_file_settings(cfg)}
+
+
+def _task_file_settings(cfg: EvalConfig) -> list[tuple[str, str, str]]:
+    """(file key, setting, path) for every file the configured tasks read."""
+    out = [(t, f"{t}.path", getattr(cfg, t).path) for t in ("hellaswag", "gsm8k", "perplexity", "web_perplexity") if t in cfg.tasks]
+    if "gsm8k" in cfg.tasks and cfg.gsm8k.num_fewshot:
+        out.append(("gsm8k_train", "gsm8k.train_path", cfg.gsm8k.train_path))
     if "reward_accuracy" in cfg.tasks:
-        files["reward_pairs"] = cfg.reward_accuracy.path
-    return files
+        out.append(("reward_pairs", "reward_accuracy.path", cfg.reward_accuracy.path))
+    return out
 
 
 def start_model(trained: dict, run_root: Path) -> str | None:
@@ -170,7 +169,7 @@ def run_tasks(ctx: StageContext, hf_dir, shards_dir=None, reward_dir=None, tasks
 
     cfg: EvalConfig = ctx.config
     files = ctx.external_inputs
-    model = EvalModel(hf_dir, batch_size=cfg.batch_size, max_length=cfg.max_length, dtype=cfg.dtype,
+    model = EvalModel(hf_dir, batch_size=cfg.batch_size, max_length=cfg.max_length, precision=cfg.precision,
                       generation_backend=cfg.generation_backend)
     results, skipped = [], []
     for task in tasks or cfg.tasks:
@@ -215,7 +214,7 @@ def _run_task(task: str, cfg: EvalConfig, model, files, shards_dir, reward_dir):
     if reward_dir is None:
         raise EvalDataError("no reward stage output (hf/) in this run")
     r = cfg.reward_accuracy
-    rm = reward_accuracy.RewardModel(reward_dir, batch_size=cfg.batch_size, max_length=r.max_length, dtype=cfg.dtype)
+    rm = reward_accuracy.RewardModel(reward_dir, batch_size=cfg.batch_size, max_length=r.max_length, precision=cfg.precision)
     return reward_accuracy.evaluate(rm, files["reward_pairs"], r.limit, cfg.seed, cfg.progress)
 
 

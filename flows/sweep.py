@@ -230,7 +230,7 @@ def arm_metrics(catalog: LineageCatalog, run_id: str) -> dict[str, float]:
         out["tokens/train"] = sum(v["tokens"] for k, v in per_source.items() if k.endswith("/train"))
     if "pretrain" in runs and out.get("tokens/train"):
         cfg = runs["pretrain"]["config"]
-        budget = cfg["train_steps"] * cfg["global_batch_size"] * cfg["seq_length"]
+        budget = cfg["steps"] * cfg["global_batch_size"] * cfg["seq_length"]
         out["pretrain/tokens_budget"] = budget
         out["pretrain/epochs"] = round(budget / out["tokens/train"], 3)
     return out

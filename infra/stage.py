@@ -14,17 +14,28 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from infra.config import SparkConfig
 
 
 class StageConfig(BaseModel):
-    """Base for every stage's config section: unknown keys are errors."""
+    """Base for every stage's config section: unknown keys are errors; a key in ``renamed`` (old name →
+    new name) is an error that names its new key."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = sorted(set(data) & set(cls.renamed))
+            if old:
+                raise ValueError("; ".join(f"{k!r} was renamed to {cls.renamed[k]!r}" for k in old))
+        return data
 
 
 @dataclass(frozen=True)

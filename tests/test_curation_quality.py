@@ -46,10 +46,12 @@ def test_readers_and_tokens(tmp_path, shared_data):
 
 
 def test_training_sources_fall_back_to_fixtures():
-    cfg = TrainQualityConfig(positives=["/nonexistent/pos"], negatives=["/nonexistent/neg"])
-    assert training_sources(cfg) == {
-        "positives_0": "tests/data/quality/positives.jsonl.gz", "negatives_0": "tests/data/quality/negatives.jsonl.gz",
-    }
+    pos, neg = "tests/data/quality/positives.jsonl.gz", "tests/data/quality/negatives.jsonl.gz"
+    cfg = TrainQualityConfig(positives=["/nonexistent/pos"], negatives=["/nonexistent/neg"],
+                             fallback_positives=pos, fallback_negatives=neg)
+    assert training_sources(cfg) == {"positives_0": pos, "negatives_0": neg}
+    with pytest.raises(ValueError, match=r"none of positives \['/nonexistent/pos'\] exists and fallback_positives is not set"):
+        training_sources(TrainQualityConfig(positives=["/nonexistent/pos"], fallback_negatives=neg))
 
 
 def test_classifier_separates_clean_text_from_boilerplate(tmp_path):

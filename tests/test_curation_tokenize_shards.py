@@ -17,7 +17,7 @@ import pytest
 from curation import megatron_shards as ms
 from curation.text_sources import read_documents, valid_text
 from curation.tokenize import ROW_FIELDS, encode_documents, load_worker_tokenizer, split_of, write_shards
-from curation.tokenizer import TokenizerConfig, save_hf, tokenizer_info, train_bpe
+from curation.tokenizer import TokenizerConfig, save_hf_tokenizer, tokenizer_info, train_bpe
 
 REPO = Path(__file__).resolve().parent.parent
 WIKI = REPO / "tests" / "data" / "tokenize" / "wikitext2_valid.txt.gz"
@@ -39,7 +39,7 @@ def wiki_docs() -> list[dict]:
 def tokenizer_dir(tmp_path_factory, wiki_docs) -> Path:
     cfg = TokenizerConfig(vocab_size=1000)
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    save_hf(train_bpe([d["text"] for d in wiki_docs], cfg.vocab_size, cfg.special_tokens()), out, cfg)
+    save_hf_tokenizer(train_bpe([d["text"] for d in wiki_docs], cfg.vocab_size, cfg.special_tokens()), out, cfg)
     return out
 
 

@@ -70,3 +70,39 @@ def test_extends_cycle_is_an_error(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
         load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("old, new", [("pretrain.train_steps", "steps"), ("pretrain.clip_grad", "grad_clip"),
+                                      ("pretrain.dtype", "precision"), ("sft.max_steps", "steps"),
+                                      ("eval_sft.dtype", "precision")])
+def test_a_renamed_setting_names_its_new_key(old, new):
+    """One name per setting across stages (steps, grad_clip, precision, log_every, save_every): a config
+    written with an old name fails with the new one in the message."""
+    with pytest.raises(ConfigError, match=f"'{old.split('.')[1]}' was renamed to '{new}'"):
+        load_config("configs/tiny.yaml", {old: 3})
+
+
+def test_training_stages_share_setting_names():
+    cfg = load_config("configs/tiny.yaml")
+    for stage in ("pretrain", "sft", "reward", "dpo", "grpo", "ppo"):
+        fields = type(getattr(cfg, stage)).model_fields
+        assert {"steps", "grad_clip"} <= set(fields), stage
+        assert not {"max_steps", "train_steps", "clip_grad", "dtype", "log_interval", "save_interval"} & set(fields), stage
+
+
+def test_production_defaults_do_not_point_into_tests_or_shared_data():
+    """Data paths live in configs/*.yaml; a stage config built from code defaults names none of them."""
+    import json
+
+    from flows.registry import all_stages
+
+    for name, stage in all_stages().items():
+        dumped = json.dumps(stage.config_model().model_dump(mode="json"))
+        assert "tests/data" not in dumped and "shared/data" not in dumped, name
+
+
+def test_a_listed_eval_task_needs_its_file():
+    with pytest.raises(ConfigError, match=r"gsm8k.train_path not set"):
+        load_config("configs/tiny.yaml", {"eval_sft.gsm8k.train_path": "", "eval_sft.gsm8k.num_fewshot": 2})
+    with pytest.raises(ConfigError, match=r"web_perplexity.path not set"):
+        load_config("configs/tiny.yaml", {"eval_sft.tasks": ["web_perplexity"]})

@@ -63,7 +63,7 @@ def _assert_clean(runs: Path) -> None:
 # ---- sft: the torch learner ------------------------------------------------------------------------------
 
 
-SFT = {"sft.max_steps": 6, "sft.save_every": 2, "sft.batch_size": 2, "sft.max_len": 128, "sft.lr": 1e-3,
+SFT = {"sft.steps": 6, "sft.save_every": 2, "sft.batch_size": 2, "sft.max_len": 128, "sft.lr": 1e-3,
        "sft.warmup_steps": 1, "sft.max_eval_examples": 4}
 
 
@@ -118,7 +118,7 @@ def test_sft_killed_after_a_checkpoint_resumes_with_identical_losses(make_config
 # ---- pretrain: megatron-core under torchrun ---------------------------------------------------------------
 
 
-PRETRAIN = {"pretrain.train_steps": 10, "pretrain.save_interval": 2, "pretrain.keep_checkpoints": 2,
+PRETRAIN = {"pretrain.steps": 10, "pretrain.save_every": 2, "pretrain.keep_checkpoints": 2,
             "pretrain.warmup_steps": 2, "pretrain.global_batch_size": 8, "pretrain.micro_batch_size": 2,
             "pretrain.seq_length": 64, "pretrain.spike.enabled": False}
 

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from training.rl.common import Trainer
+from training.rl.common import PrecisionOptimizer
 from training.rl.rollout import Completion
 
 ROWS, WIDTH = 20, 6
@@ -75,15 +75,15 @@ def fake_reward(completion, answer, prompt):
 
 
 def spy_gradients(monkeypatch, named) -> list[dict]:
-    """Record every parameter's gradient when the loop calls Trainer.step (before clipping)."""
+    """Record every parameter's gradient when the loop calls PrecisionOptimizer.step (before clipping)."""
     seen: list[dict] = []
-    original = Trainer.step
+    original = PrecisionOptimizer.step
 
     def step(self):
         seen.append({name: p.grad.detach().clone() for name, p in named if p.grad is not None})
         return original(self)
 
-    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(PrecisionOptimizer, "step", step)
     return seen
 
 

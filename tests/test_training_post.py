@@ -275,7 +275,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return path
 
 
-TINY = {"max_steps": 2, "batch_size": 2, "max_len": 128, "lr": 1e-3, "warmup_steps": 0, "max_eval_examples": 8}
+TINY = {"steps": 2, "batch_size": 2, "max_len": 128, "lr": 1e-3, "warmup_steps": 0, "max_eval_examples": 8}
 
 
 def _overrides(stage: str, **extra) -> dict:
@@ -335,7 +335,7 @@ def test_reward_and_dpo_resume_after_a_crash_with_identical_losses(make_config, 
     from flows.registry import execute_stage
     from training import learner
 
-    overrides = _overrides(task, model=str(tiny_dir), max_steps=4, save_every=2, **extra)
+    overrides = _overrides(task, model=str(tiny_dir), steps=4, save_every=2, **extra)
     expected = execute_stage(task, make_config({**overrides, "run_root": str(tmp_path / "clean")}), run_id="r")
     config = make_config({**overrides, "run_root": str(tmp_path / "crash")})
     save = learner.save_state
@@ -373,7 +373,7 @@ def test_reward_and_dpo_resume_after_a_crash_with_identical_losses(make_config, 
 def test_torch_and_deepspeed_give_the_same_losses(tmp_path, tiny_dir, task, data, zero_stage, extra):
     from training.learner import RESULT_FILE, launch_deepspeed, train
 
-    cfg = {**TINY, "max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "max_eval_examples": 4, "zero_stage": zero_stage, **extra}
+    cfg = {**TINY, "steps": 3, "lr": 1e-3, "warmup_steps": 1, "max_eval_examples": 4, "zero_stage": zero_stage, **extra}
     job = {"task": task, "data": [str(POST / data)], "model_dir": str(tiny_dir)}
     ref = train({**job, "config": cfg, "out_dir": str(tmp_path / "torch")}, logging.getLogger("test"))
     work = tmp_path / "ds" / ".learner"

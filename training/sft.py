@@ -20,8 +20,8 @@ class SFTConfig(LearnerConfig):
     """SFT data and packing; optimisation fields come from LearnerConfig."""
 
     data: list[str] = Field(
-        default_factory=lambda: ["tests/data/post/sft_seed_tasks.jsonl", "tests/data/post/sft_gsm8k.jsonl"],
-        description="chat jsonl files (messages | prompt/response | question/answer | instruction/instances)",
+        default_factory=list,
+        description="required: chat jsonl files (messages | prompt/response | question/answer | instruction/instances)",
     )
     lr: float = Field(2e-5, gt=0, description="peak learning rate")
 

@@ -39,18 +39,18 @@ def load(path: str | Path) -> Loaded[Pair]:
 class RewardModel:
     """A scalar reward model on CPU: ``score(texts)`` → one float per text."""
 
-    def __init__(self, path: str | Path, batch_size: int = 8, max_length: int = 1024, dtype: str = "float32"):
+    def __init__(self, path: str | Path, batch_size: int = 8, max_length: int = 1024, precision: str = "fp32"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from training.models import ModelSourceError, resolve_model
+        from training.models import PRECISION_DTYPES, ModelSourceError, resolve_model
 
         try:
             self.path = resolve_model(path)
         except ModelSourceError as exc:
             raise EvalModelError(f"cannot evaluate reward model {str(path)!r}: {exc}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=getattr(torch, dtype))
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=getattr(torch, PRECISION_DTYPES[precision]))
         self.model.eval()
         if self.model.config.num_labels != 1:
             raise EvalModelError(f"{self.path}: a reward model needs num_labels=1 (has {self.model.config.num_labels})")

@@ -181,5 +181,5 @@ def check_optimizer_options(use_distributed_optimizer: bool, dtype: str = "float
     if _ACTIVE and dtype != "float32":
         raise ValueError(
             f"dtype {dtype} needs CUDA (megatron-core's Float16OptimizerWithFloat16Params accepts only CUDA "
-            "parameters); set pretrain.dtype=float32 on CPU"
+            "parameters); set pretrain.precision=fp32 on CPU"
         )

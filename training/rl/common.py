@@ -16,9 +16,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from infra.stage import StageConfig, StageContext
-from training.models import model_input, stage_model_dir
+from training.models import Precision, model_input, stage_model_dir
 
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class RLConfigBase(StageConfig):
@@ -156,7 +155,7 @@ def warn_nucleus_tis(cfg: RLConfigBase, log) -> None:
 # ---- precision contract -----------------------------------------------------------------------------
 
 
-class Trainer:
+class PrecisionOptimizer:
     """The learner's optimiser under the precision contract: fp32 master weights, autocast compute in
     bf16/fp16, and loss scaling for fp16 (``torch.amp.GradScaler``). Plain torch, one process."""
 
@@ -286,7 +285,7 @@ def chat_prompt_ids(tokenizer, question: str) -> list[int]:
 # ---- outputs ----------------------------------------------------------------------------------------
 
 
-def save_hf(model, tokenizer, out_dir: Path) -> None:
+def save_hf_model(model, tokenizer, out_dir: Path) -> None:
     """The trained policy as an fp32 HF checkpoint (safetensors) with its tokenizer."""
     import torch
 
@@ -317,7 +316,7 @@ def finish_stage(ctx: StageContext, run: RLRun, history: list[dict], label: str,
     from infra.stage import StageResult
 
     cfg = ctx.config
-    save_hf(run.policy, run.tokenizer, ctx.output("hf"))
+    save_hf_model(run.policy, run.tokenizer, ctx.output("hf"))
     metrics = {**finish_outputs(ctx, history), **extra, "rollout_backend": cfg.rollout_backend,
                "precision": cfg.precision}
     report = (

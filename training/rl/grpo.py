@@ -59,7 +59,7 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
     from tqdm import tqdm
 
     from training.losses import constant_groups, grpo_loss, group_advantages, loss_normaliser, truncated_is_weights
-    from training.rl.common import Trainer, forward_logps, mismatch_stats, pad_token_id, warn_nucleus_tis
+    from training.rl.common import PrecisionOptimizer, forward_logps, mismatch_stats, pad_token_id, warn_nucleus_tis
     from training.rl.experience import Rollout, RolloutSource, make_experience
     from training.rl.rewards import overlong_penalty
 
@@ -69,7 +69,7 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
     scale = cfg.scale_rewards if cfg.scale_rewards != "auto" else ("none" if cfg.aggregation == "dr_grpo" else "group")
     warn_nucleus_tis(cfg, log)
     source = RolloutSource(engine, tokenizer, examples, cfg, reward_model, reward_functions, log)
-    trainer = Trainer(policy.parameters(), cfg.precision, cfg.lr, cfg.grad_clip)
+    trainer = PrecisionOptimizer(policy.parameters(), cfg.precision, cfg.lr, cfg.grad_clip)
     history: list[dict] = []
 
     for step in tqdm(range(cfg.steps), desc="grpo", mininterval=10):

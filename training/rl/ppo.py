@@ -107,14 +107,14 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
         aggregate_token_loss, clipped_surrogate, clipped_value_loss, gae, loss_normaliser, masked_whiten,
         ppo_token_rewards, truncated_is_weights,
     )
-    from training.rl.common import Trainer, mismatch_stats, pad_token_id, warn_nucleus_tis
+    from training.rl.common import PrecisionOptimizer, mismatch_stats, pad_token_id, warn_nucleus_tis
     from training.rl.experience import RolloutSource, make_experience, policy_forward
 
     log = log or logging.getLogger("refinery.ppo")
     torch.manual_seed(cfg.seed)
     warn_nucleus_tis(cfg, log)
     source = RolloutSource(engine, tokenizer, examples, cfg, reward_model, reward_functions, log)
-    trainer = Trainer(list(policy.parameters()) + list(critic.parameters()), cfg.precision, cfg.lr, cfg.grad_clip)
+    trainer = PrecisionOptimizer(list(policy.parameters()) + list(critic.parameters()), cfg.precision, cfg.lr, cfg.grad_clip)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     history: list[dict] = []
 
