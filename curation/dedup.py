@@ -106,63 +106,94 @@ def _order(has_quality: bool):
     return ([F.col("quality_score").desc_nulls_last()] if has_quality else []) + [F.col("doc_id").asc()]
 
 
-def _drop_duplicates_by(df, key: str, order, reason: str):
-    """Among live rows sharing ``key`` keep the first by ``order``; the rest get ``reason``."""
+def _drop_duplicates_by(keys, key: str, order, reason: str):
+    """Among live rows of the key frame sharing ``key`` keep the first by ``order``; the rest get ``reason``."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     is_live = F.col("drop_reason").isNull() & F.col(key).isNotNull()
     w = Window.partitionBy(key).orderBy(*order)
     live = (
-        df.where(is_live)
+        keys.where(is_live)
         .withColumn("_rep", F.first("doc_id").over(w))
         .withColumn("_dup", F.col("_rep") != F.col("doc_id"))
         .withColumn("drop_reason", F.when(F.col("_dup"), F.lit(reason)).otherwise(F.col("drop_reason")))
         .withColumn("dup_representative", F.when(F.col("_dup"), F.col("_rep")).otherwise(F.col("dup_representative")))
         .drop("_rep", "_dup")
     )
-    return live.unionByName(df.where(~is_live)).drop(key)
+    return live.unionByName(keys.where(~is_live))
 
 
-def _url_level(df):
+def _url_level(keys):
     from pyspark.sql import functions as F
 
     order = [F.expr("try_cast(fetch_date AS timestamp)").desc_nulls_last(), F.col("doc_id").asc()]
-    return _drop_duplicates_by(df.withColumn("_url", F.col("_keys.url")), "_url", order, "dup_url")
+    return _drop_duplicates_by(keys, "_url", order, "dup_url")
 
 
-def _exact_level(df, has_quality: bool):
+def _exact_level(keys, has_quality: bool):
     from pyspark.sql import functions as F
 
-    df = df.withColumn("_key", F.col("_keys.text_key"))
-    df = df.withColumn(
+    keys = keys.withColumn(
         "drop_reason", F.when(F.col("drop_reason").isNull() & F.col("_key").isNull(), F.lit("empty_text")).otherwise(F.col("drop_reason"))
     )
-    return _drop_duplicates_by(df, "_key", _order(has_quality), "dup_exact")
+    return _drop_duplicates_by(keys, "_key", _order(has_quality), "dup_exact")
 
 
-def _line_level(df, max_docs: int):
-    """ccNet-style: remove lines present in more than ``max_docs`` live documents. Returns (df, stats)."""
+def _removed_lines(df, keys, max_docs: int):
+    """ccNet-style: positions of the lines present in more than ``max_docs`` live documents, as
+    ``(_row, _removed array<int>)`` for the documents that lose a line."""
     from pyspark.sql import functions as F
 
-    live = df.where(F.col("drop_reason").isNull())
-    exploded = live.select("doc_id", F.posexplode("_keys.line_hashes").alias("pos", "h")).where(F.col("h").isNotNull())
-    frequent = exploded.select("doc_id", "h").distinct().groupBy("h").count().where(F.col("count") > max_docs).select("h")
-    removed = (
-        exploded.join(frequent, "h", "left_semi").groupBy("doc_id")
-        .agg(F.collect_list("pos").alias("_removed"))
+    live = keys.where(F.col("drop_reason").isNull()).select("_row")
+    exploded = (
+        df.select("_row", F.posexplode("_keys.line_hashes").alias("pos", "h")).where(F.col("h").isNotNull())
+        .join(live, "_row", "left_semi")
     )
+    frequent = exploded.select("_row", "h").distinct().groupBy("h").count().where(F.col("count") > max_docs).select("h")
+    return exploded.join(frequent, "h", "left_semi").groupBy("_row").agg(F.collect_list("pos").alias("_removed"))
+
+
+def _remove_lines(df):
+    """Drop the lines listed in ``_removed`` from ``text``; ``lines_removed`` counts them."""
+    from pyspark.sql import functions as F
+
     kept_text = F.array_join(
         F.filter(F.split("text", "\n", -1), lambda line, i: ~F.array_contains(F.col("_removed"), i)), "\n"
     )
     df = (
-        df.join(removed, "doc_id", "left")
-        .withColumn("lines_removed", F.coalesce(F.size("_removed"), F.lit(0)))
+        df.withColumn("lines_removed", F.coalesce(F.size("_removed"), F.lit(0)))
         .withColumn("text", F.when(F.col("_removed").isNotNull(), kept_text).otherwise(F.col("text")))
         .drop("_removed")
     )
     emptied = F.col("drop_reason").isNull() & (F.col("lines_removed") > 0) & (F.length(F.trim("text")) == 0)
     return df.withColumn("drop_reason", F.when(emptied, F.lit("empty_after_line_dedup")).otherwise(F.col("drop_reason")))
+
+
+def _key_levels(df, cfg: DedupConfig, has_quality: bool):
+    """URL, exact and line levels. Their windows and joins shuffle only a key frame (row id, doc_id,
+    keys, ordering columns, decisions); the decisions reach the full rows in one join on the row id."""
+    from pyspark.sql import functions as F
+
+    keys_udf = F.udf(lambda url, text: doc_keys(url, text), _KEYS_TYPE, useArrow=True)
+    df = df.withColumn("_row", F.monotonically_increasing_id()).withColumn("_keys", keys_udf("url", "text"))
+    df = df.localCheckpoint()  # the one Python pass; fixes the row ids
+    keys = df.select(
+        "_row", "doc_id", "fetch_date", "drop_reason", "dup_representative",
+        *(["quality_score"] if has_quality else []), F.col("_keys.url").alias("_url"), F.col("_keys.text_key").alias("_key"),
+    )
+    if cfg.url:
+        keys = _url_level(keys)
+    if cfg.exact:
+        keys = _exact_level(keys, has_quality)
+    decisions = keys.select("_row", "drop_reason", "dup_representative")
+    if cfg.lines:
+        decisions = decisions.join(_removed_lines(df, decisions, cfg.line_max_docs), "_row", "left")
+    columns = df.drop("_row", "_keys").columns
+    df = df.drop("_keys", "drop_reason", "dup_representative").join(decisions, "_row")
+    if cfg.lines:
+        df = _remove_lines(df)
+    return df.select(*columns)
 
 
 def signature_frame(df, params, backend: str = "native"):
@@ -269,15 +300,7 @@ def deduplicate(df, cfg: DedupConfig, log=None):
     has_quality = "quality_score" in df.columns
     stats: dict = {}
     if cfg.url or cfg.exact or cfg.lines:
-        keys = F.udf(lambda url, text: doc_keys(url, text), _KEYS_TYPE, useArrow=True)
-        df = df.withColumn("_keys", keys("url", "text")).localCheckpoint()  # the one Python pass
-        if cfg.url:
-            df = _url_level(df)
-        if cfg.exact:
-            df = _exact_level(df, has_quality)
-        if cfg.lines:
-            df = _line_level(df, cfg.line_max_docs)
-        df = df.drop("_keys").localCheckpoint()
+        df = _key_levels(df, cfg, has_quality).localCheckpoint()
     if cfg.lines:
         stats["lines_removed"] = df.agg(F.sum("lines_removed")).first()[0] or 0
     if cfg.fuzzy:
