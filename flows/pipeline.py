@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from evaluation.effects import EFFECTS_TABLE, format_effect
 from flows.report import write_report
-from flows.stages import STAGE_FLOWS, explorer_link, label_flow_run, resolve_config
+from flows.stages import PIPELINE_STEPS, STAGE_FLOWS, explorer_link, label_flow_run, resolve_config
 from infra.config import DEFAULT_CONFIG
 from infra.executor import parse_from
 from infra.markdown import dict_table
@@ -38,7 +38,7 @@ def pipeline(
         overrides: Dotted config keys, e.g. {"heuristics.c4.min_sentences": 3, "spark.master": "local[2]"}.
         force: Recompute every selected stage even if its inputs and config are unchanged.
     """
-    config = resolve_config(config_file, overrides)
+    config = resolve_config(config_file, overrides)  # the run's one validation: every stage gets this object
     order = config.pipeline_stages()
     selected = list(stages) or order
     unknown = [s for s in selected if s not in STAGE_FLOWS]
@@ -52,9 +52,8 @@ def pipeline(
     logger.info("run %s: stages %s (run root %s)", run_id, ", ".join(selected), config.run_root)
     results, manifests = {}, {}
     for i, stage in enumerate(selected):
-        manifest = STAGE_FLOWS[stage](
-            run_id=run_id, from_run=(from_run if i == 0 else from_run_id) or "",
-            config_file=config_file, overrides=overrides, force=force,
+        manifest = PIPELINE_STEPS[stage](
+            config=config, run_id=run_id, from_run=(from_run if i == 0 else from_run_id) or "", force=force,
         )
         manifests[stage] = manifest
         results[stage] = {

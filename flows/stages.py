@@ -236,5 +236,19 @@ def _make_stage_flow(name: str, config_model: type, description: str):
     return flow(name=name, description=description, log_prints=True, validate_parameters=True)(stage_flow)
 
 
+def _make_pipeline_step(name: str, description: str):
+    """The flow the ``pipeline`` runs for stage ``name``: the stage flow's name (the UI lists its runs
+    with the stage's own), but it takes the config object the pipeline validated, as is (parameters
+    not validated again), so a stage neither re-reads the config file nor re-merges overrides."""
+
+    def pipeline_step(config: Any, run_id: str, from_run: str = "", force: bool = False) -> dict:
+        return run_stage(name, config, run_id, from_run or None, force)
+
+    pipeline_step.__name__ = f"{name}_pipeline_step"
+    pipeline_step.__qualname__ = pipeline_step.__name__
+    return flow(name=name, description=description, log_prints=True, validate_parameters=False)(pipeline_step)
+
+
 STAGE_FLOWS = {name: _make_stage_flow(name, s.config_model, s.description) for name, s in all_stages().items()}
+PIPELINE_STEPS = {name: _make_pipeline_step(name, s.description) for name, s in all_stages().items()}
 globals().update({f"{name}_flow": f for name, f in STAGE_FLOWS.items()})

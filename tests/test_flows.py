@@ -40,15 +40,20 @@ def harness(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_ingest_then_skips_it_and_publishes_artifacts(harness, tmp_path):
+def test_pipeline_runs_ingest_then_skips_it_and_publishes_artifacts(harness, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
 
+    import flows.stages
+    from flows import registry
     from flows.pipeline import pipeline
     from flows.stages import StageFailed
 
+    loads = []
+    monkeypatch.setattr(flows.stages, "load_config", lambda *a, **k: loads.append(a) or registry.load_config(*a, **k))
     overrides = {"run_root": str(tmp_path / "runs"), "spark.master": "local[2]"}
     first = pipeline(stages=["ingest"], overrides=overrides)
     assert first["stages"]["ingest"]["status"] == "completed"
+    assert len(loads) == 1  # the pipeline validates the config once; its stages get that object
     again = pipeline(stages=["ingest"], overrides=overrides, run_id=first["run_id"])
     assert again["stages"]["ingest"]["status"] == "skipped"
     other = pipeline(stages=["ingest"], overrides=overrides)
