@@ -55,6 +55,13 @@ def _doc_id(seed: int, i: int) -> str:
     return hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=10).hexdigest()
 
 
+def _url_variant(url: str, key: str, i: int) -> str:
+    """``url`` with the query parameter ``key=i`` (before any fragment, which URL dedup drops: the packed
+    pages' ``#copyN`` fragments once made every synthetic copy of a page one URL)."""
+    base = url.split("#", 1)[0]
+    return f"{base}{'&' if '?' in base else '?'}{key}={i}"
+
+
 def _mutate(text: str, rng: random.Random, fraction: float, every_line: bool = False) -> str:
     """Replace ``fraction`` of the words with other words of the same text (``every_line``: that
     fraction of each line's words, at least one per line, so no line survives verbatim)."""
@@ -95,12 +102,12 @@ def expand(base: list[dict], n: int, seed: int = 0, weights: list[float] | None 
             if u < DUP_RATES["url"]:
                 row.update(text=_mutate(src["text"], rng, 0.01), fetch_date=f"2024-{rng.randint(2, 12):02d}-01T00:00:00Z")
             elif u < DUP_RATES["url"] + DUP_RATES["exact"]:
-                row.update(text="  " + src["text"].upper() + "\n", url=f"{src['url']}?copy={i}")
+                row.update(text="  " + src["text"].upper() + "\n", url=_url_variant(src["url"], "copy", i))
             else:
-                row.update(text=_mutate(src["text"], rng, rng.uniform(0.01, 0.05)), url=f"{src['url']}?near={i}")
+                row.update(text=_mutate(src["text"], rng, rng.uniform(0.01, 0.05)), url=_url_variant(src["url"], "near", i))
         if row is None:
             page = rng.choices(base, cum_weights=cum)[0]
-            row = dict(page, doc_id=_doc_id(seed, i), url=f"{page['url']}?syn={i}", text=_mutate(page["text"], rng, 0.35, every_line=True))
+            row = dict(page, doc_id=_doc_id(seed, i), url=_url_variant(page["url"], "syn", i), text=_mutate(page["text"], rng, 0.35, every_line=True))
             row["fetch_date"] = "2024-01-01T00:00:00Z"
             recent.append(row)
             if len(recent) > RECENT:
@@ -158,6 +165,10 @@ def config(work: Path, cores: int, warc_dir: Path | None = None, event_log: Path
     overrides = {
         "run_root": str(work / "runs"), "spark.master": f"local[{cores}]",
         "tokenize.sources": [{"name": "web", "path": None, "weight": 1.0}],
+        # every stage's input grows with the size: the demo profile's quality threshold kept 15% of the
+        # mutated synthetic text, and line dedup at 5 documents emptied most copies of a page (dedup's
+        # output fed tokenize 40 documents at 25,000); the levels cost the same work at any threshold
+        "quality.threshold": 0.0, "dedup.line_max_docs": 1000,
     }
     if event_log is not None:
         overrides["spark.conf"] = {"spark.eventLog.enabled": "true", "spark.eventLog.dir": event_log.as_uri()}
