@@ -8,6 +8,7 @@ read become rows with a ``drop_reason`` (the run goes on). Shell: one Spark task
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import unicodedata
 import zlib
@@ -20,6 +21,9 @@ from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 ARCHIVE_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz", ".wet", ".wet.gz", ".warc.wet.gz")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+# records per pandas frame a Python worker hands to Spark: its memory is bounded by a frame, not by a
+# WARC file (a whole file per frame grew the stage's peak RSS from 1.5 to 4.0 GB between 1,000 and 8,000 records)
+FRAME_RECORDS = 256
 # the first line of an ARC record: URL, IP address, 14-digit date, ... (ARC v1 files start with filedesc://)
 _ARC_HEADER = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*:\S*[ \t]+\S+[ \t]+\d{14}\b")
 
@@ -282,8 +286,8 @@ def ingest_dataframe(spark, files: list[Path], max_record_bytes: int, keep_non_h
     def parse(batches):
         for batch in batches:
             for path in batch["path"]:
-                rows = list(read_archive(path, max_record_bytes, keep_non_html))
-                if rows:
+                records = read_archive(path, max_record_bytes, keep_non_html)
+                while rows := list(itertools.islice(records, FRAME_RECORDS)):
                     frame = pd.DataFrame(rows, columns=list(COLUMNS))
                     for col in ("warc_offset", "content_length", "http_status"):
                         frame[col] = frame[col].astype("Int64")
