@@ -276,7 +276,10 @@ def report(results: list[dict], plot_path: Path) -> None:
             exponents[stage] = slope(pts)
     print("scaling exponents (top two sizes): " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
     print(f"plot: {plot_path}")
-    print(f"worst_scaling_exponent {max(exponents.values()):.3f}")
+    if exponents:
+        print(f"worst_scaling_exponent {max(exponents.values()):.3f}")
+    else:
+        print("one size per stage: no scaling exponent")
 
 
 def main() -> int:

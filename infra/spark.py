@@ -63,6 +63,9 @@ def get_spark(cfg, app_name: str = "refinery"):
         .config("spark.ui.enabled", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.parquet.compression.codec", "zstd")
+        # a partitioned write (kept/rejected) through open writers, not after sorting the task's rows: the
+        # sort held whole rows (raw HTML in ingest: peak RSS 4.9 GB vs 3.4 GB for one 8,000-record WARC)
+        .config("spark.sql.maxConcurrentOutputFileWriters", "4")
     )
     if cfg.driver_host:
         builder = builder.config("spark.driver.host", cfg.driver_host).config("spark.driver.bindAddress", cfg.driver_host)
