@@ -1,7 +1,8 @@
 """Shuffle bytes of the whole ``dedup`` stage (URL, exact, line and fuzzy levels) per document.
 
 Runs ``curation.dedup.deduplicate`` of a code checkout (``--code``, default this one: pass an older
-checkout to compare before/after on the same data) on ``--docs`` synthetic documents (the Dolma
+checkout to compare before/after on the same data; it builds the plan in the driver, while Spark's Python
+workers import the installed checkout's per-document functions) on ``--docs`` synthetic documents (the Dolma
 Common Crawl samples of ``../shared/data`` expanded with ``bench/scaling.py``'s duplicate rates, quality
 scores from a hash of the doc_id), Spark ``local[1]`` with an event log. Prints the levels' stats, the
 seconds, the shuffle bytes every task wrote (from the event log) and a SHA-256 of the sorted output
@@ -48,11 +49,11 @@ def main() -> int:
     ap.add_argument("--code", type=Path, default=BENCH.parent, help="checkout whose curation.dedup runs")
     args = ap.parse_args()
     code = args.code.resolve()
-    sys.path[:0] = [str(code), str(BENCH)]
+    import scaling  # its helpers put this checkout first on sys.path: ``code`` goes before it
+
+    sys.path[:0] = [str(code)]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])  # Spark's Python workers
     from pyspark.sql import SparkSession
-
-    from scaling import shuffle_bytes
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     with tempfile.TemporaryDirectory(prefix="dedup-shuffle-") as tmp:
@@ -72,8 +73,10 @@ def main() -> int:
         rows = sorted(json.dumps(r.asDict(recursive=True), sort_keys=True) for r in got.collect())
         columns = got.columns
         spark.stop()  # flushes the event log
-        shuffled = shuffle_bytes(events)  # writing the input shuffles nothing
-    print(f"code {code}; {args.docs} documents; columns {columns}")
+        shuffled = scaling.shuffle_bytes(events)  # writing the input shuffles nothing
+    import curation.dedup
+
+    print(f"code {code} (curation.dedup from {curation.dedup.__file__}); {args.docs} documents; columns {columns}")
     print(f"stats {stats}")
     print(f"seconds {seconds:.1f}; shuffle written {shuffled / 2**20:.1f} MiB; "
           f"rows sha256 {hashlib.sha256(chr(10).join(rows).encode()).hexdigest()}")
