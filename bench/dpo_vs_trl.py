@@ -79,7 +79,8 @@ def prepare_pairs(model_dir: Path, data: str, n: int, max_len: int) -> list[dict
 
 def run_ours(model_dir: Path, pairs_file: Path, args) -> dict:
     from training.dpo import DPOTask
-    from training.learner import TorchBackend, step_schedule
+    from training.learner import step_schedule
+    from training.learner_backends import TorchBackend
     from transformers import AutoTokenizer
 
     from training.data import prepare_tokenizer

@@ -70,7 +70,7 @@ class Plan:
     """Sizes for one mode: the GPU run or the CPU dry run."""
 
     vocab: int
-    tiny: dict  # numerics model (training.pretrain_stage.ModelConfig fields)
+    tiny: dict  # numerics model (training.pretrain_config.ModelConfig fields)
     tiny_seq: int
     numerics_steps: int
     big: dict  # MFU model
@@ -327,7 +327,8 @@ def child_precision(work: Path, plan: Plan, name: str) -> dict:
 
 
 def child_deepspeed_sft(work: Path, plan: Plan, name: str) -> dict:
-    from training.learner import RESULT_FILE, launch_deepspeed
+    from training.learner import RESULT_FILE
+    from training.learner_stage import launch_deepspeed
     from training.sft import SFTConfig
 
     model_dir, source = model_for_post_training(work)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.learner import Dist
+from training.learner_backends import Dist
 from training.losses import IGNORE_INDEX
 
 MAX_LEN = 320

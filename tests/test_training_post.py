@@ -255,7 +255,7 @@ def test_identical_pair_and_empty_file(tmp_path):
 
 
 def test_checkpoint_dir_missing_tokenizer(tmp_path):
-    from training.learner import external_inputs
+    from training.learner_config import external_inputs
     from training.models import ModelSourceError
     from training.sft import SFTConfig
 
@@ -371,7 +371,8 @@ def test_reward_and_dpo_resume_after_a_crash_with_identical_losses(make_config, 
     ],
 )
 def test_torch_and_deepspeed_give_the_same_losses(tmp_path, tiny_dir, task, data, zero_stage, extra):
-    from training.learner import RESULT_FILE, launch_deepspeed, train
+    from training.learner import RESULT_FILE, train
+    from training.learner_stage import launch_deepspeed
 
     cfg = {**TINY, "steps": 3, "lr": 1e-3, "warmup_steps": 1, "max_eval_examples": 4, "zero_stage": zero_stage, **extra}
     job = {"task": task, "data": [str(POST / data)], "model_dir": str(tiny_dir)}

@@ -18,7 +18,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from infra.stage import Stage, StageContext, StageResult
-from training.learner import LearnerConfig, external_inputs, run_stage
+from training.learner_config import LearnerConfig, external_inputs
+from training.learner_stage import run_stage
 
 AVERAGED = ("ipo", "simpo", "orpo")  # losses on length-averaged log-probs (as TRL computes them)
 REFERENCE_FREE = ("simpo", "orpo")

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from infra.stage import Stage, StageContext, StageResult
-from training.learner import LearnerConfig, external_inputs, run_stage
+from training.learner_config import LearnerConfig, external_inputs
+from training.learner_stage import run_stage
 
 class RewardConfig(LearnerConfig):
     """Preference data and the Bradley–Terry options; optimisation fields come from LearnerConfig."""

@@ -13,7 +13,8 @@ import json
 from pydantic import Field
 
 from infra.stage import Stage, StageContext, StageResult
-from training.learner import LearnerConfig, external_inputs, run_stage
+from training.learner_config import LearnerConfig, external_inputs
+from training.learner_stage import run_stage
 
 
 class SFTConfig(LearnerConfig):
