@@ -115,7 +115,7 @@ def run_torch(args, work: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from training.megatron.model import pad_vocab
-    from training.pretrain_stage import PretrainConfig
+    from training.pretrain_config import PretrainConfig
 
     cfg = PretrainConfig(**job_config(args))
     torch.manual_seed(0)

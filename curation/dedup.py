@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field
 
+from infra.markdown import markdown_table
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 _TRACKING_PARAMS = ("utm_", "fbclid", "gclid", "mc_cid", "mc_eid", "sessionid", "phpsessid", "sid")
@@ -327,9 +328,7 @@ def run(ctx: StageContext) -> StageResult:
         **counts, **stats, "levels": [lv for lv in ("url", "exact", "lines", "fuzzy") if getattr(cfg, lv)],
         "num_perm": cfg.bands * cfg.rows, "s_curve": curve,
     }
-    report = "\n".join(
-        ["| Jaccard | P(candidate) |", "|---|---|"] + [f"| {j} | {p:.3f} |" for j, p in curve.items()]
-    )
+    report = "\n".join(markdown_table(["Jaccard", "P(candidate)"], [(j, f"{p:.3f}") for j, p in curve.items()]))
     return StageResult(
         metrics=metrics,
         tables={"funnel": funnel_rows("dedup", counts), "s_curve": [{"jaccard": j, "p_candidate": p} for j, p in curve.items()]},

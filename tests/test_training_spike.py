@@ -70,7 +70,7 @@ def test_fault_injector_fires_each_fault_once_and_only_on_its_step():
     import torch
 
     from training.faults import FaultInjector
-    from training.pretrain_stage import FaultInjection
+    from training.pretrain_config import FaultInjection
 
     inj = FaultInjector([FaultInjection(step=2, kind="scale_loss", factor=50.0),
                          FaultInjection(step=4, kind="garbage_tokens")], vocab_size=97)

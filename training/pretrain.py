@@ -22,7 +22,7 @@ from pathlib import Path
 
 from training.faults import FaultInjector
 from training.models import PRECISION_DTYPES
-from training.pretrain_stage import PretrainConfig
+from training.pretrain_config import PretrainConfig
 from training.spike import SpikeGuard, in_ranges, ledger_entry
 
 
