@@ -16,18 +16,23 @@ FORBIDDEN = {
 }
 
 
-def imported_packages(path: Path) -> list[tuple[int, str]]:
-    """(line, top-level package) of every import in a file, including importlib.import_module("...")."""
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module name) of every import in a file, including importlib.import_module("...")."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.lineno, node.module.split(".")[0]))
+            found.append((node.lineno, node.module))
         elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
               and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            found.append((node.lineno, node.args[0].value.split(".")[0]))
+            found.append((node.lineno, node.args[0].value))
     return found
+
+
+def imported_packages(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every import in a file."""
+    return [(line, module.split(".")[0]) for line, module in imported_modules(path)]
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
@@ -45,3 +50,21 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("import os\ndef f():\n    from flows.cli import main\n    importlib.import_module('curation.ingest')\n")
     assert imported_packages(sample) == [(1, "os"), (3, "flows"), (4, "curation")]
+
+
+RANK_PROGRAMS = ["training/pretrain.py", "training/learner.py"]  # run once per rank under torchrun / deepspeed
+TRAINING_CONFIGS = ["training/pretrain_config.py", "training/learner_config.py"]
+HEAVY = {"torch", "megatron", "deepspeed", "transformers", "vllm"}
+
+
+@pytest.mark.parametrize("program", RANK_PROGRAMS)
+def test_per_rank_programs_do_not_import_a_stage_shell(program):
+    """The training shape (README, Architecture): a per-rank loop reads its settings from the config module."""
+    shells = [f"{line}: {module}" for line, module in imported_modules(REPO / program) if module.endswith("_stage")]
+    assert not shells, shells
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS)
+def test_training_config_modules_import_no_engine(config):
+    heavy = [f"{line}: {module}" for line, module in imported_modules(REPO / config) if module.split(".")[0] in HEAVY]
+    assert not heavy, heavy
