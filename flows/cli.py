@@ -63,11 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not (Path(config.run_root) / run).is_dir():
             print(f"error: --from {args.from_ref!r}: run {run!r} does not exist under {config.run_root}", file=sys.stderr)
             return 2
-    from flows.pipeline import pipeline
+    from flows.pipeline import validated_pipeline
 
-    result = pipeline(
-        stages=stages or [], run_id=args.run_id or "", from_run=args.from_ref or "", config_file=args.config,
-        overrides=overrides, force=args.force,
+    result = validated_pipeline(
+        config=config, stages=stages or [], run_id=args.run_id or "", from_run=args.from_ref or "", force=args.force,
     )
     print(f"run {result['run_id']} under {result['run_root']}:")
     for stage, info in result["stages"].items():
@@ -79,9 +78,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configure_prefect_env()
     overrides = _overrides_dict(args.override)
     config = load_config(args.config, overrides)
-    from flows.pipeline import eval_rows, pipeline
+    from flows.pipeline import eval_rows, validated_pipeline
 
-    result = pipeline(config_file=args.config, overrides=overrides, run_id=args.run_id or "")
+    result = validated_pipeline(config=config, run_id=args.run_id or "")
     run_root = Path(config.run_root).resolve()
     run_dir = run_root / result["run_id"]
     catalog = LineageCatalog(run_root)

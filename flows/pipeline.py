@@ -39,6 +39,20 @@ def pipeline(
         force: Recompute every selected stage even if its inputs and config are unchanged.
     """
     config = resolve_config(config_file, overrides)  # the run's one validation: every stage gets this object
+    return run_pipeline(config, stages, run_id, from_run, force)
+
+
+@flow(name="pipeline", log_prints=True, validate_parameters=False)
+def validated_pipeline(config: Any, stages: list[str] = [], run_id: str = "", from_run: str = "",  # noqa: B006
+                       force: bool = False) -> dict:
+    """The ``pipeline`` flow on a config its caller already validated (the CLI): same flow name and
+    stage runs, but its parameters are taken as they are, so nothing is read or validated again."""
+    return run_pipeline(config, stages, run_id, from_run, force)
+
+
+def run_pipeline(config, stages: list[str], run_id: str, from_run: str, force: bool) -> dict:
+    """The body of both pipeline flows: the selected stages in input order, each as its stage's flow run,
+    then the HTML report and the run summary artifact."""
     order = config.pipeline_stages()
     selected = list(stages) or order
     unknown = [s for s in selected if s not in STAGE_FLOWS]

@@ -3,6 +3,7 @@ deployments served by `refinery serve` that a UI/API call can launch."""
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,9 +41,10 @@ def harness(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_ingest_then_skips_it_and_publishes_artifacts(harness, tmp_path, monkeypatch):
+def test_pipeline_runs_ingest_then_skips_it_and_publishes_artifacts(harness, tmp_path, monkeypatch, capsys):
     from prefect.client.orchestration import get_client
 
+    import flows.cli
     import flows.stages
     from flows import registry
     from flows.pipeline import pipeline
@@ -54,8 +56,11 @@ def test_pipeline_runs_ingest_then_skips_it_and_publishes_artifacts(harness, tmp
     first = pipeline(stages=["ingest"], overrides=overrides)
     assert first["stages"]["ingest"]["status"] == "completed"
     assert len(loads) == 1  # the pipeline validates the config once; its stages get that object
-    again = pipeline(stages=["ingest"], overrides=overrides, run_id=first["run_id"])
-    assert again["stages"]["ingest"]["status"] == "skipped"
+    monkeypatch.setattr(flows.cli, "load_config", lambda *a, **k: loads.append(a) or registry.load_config(*a, **k))
+    assert flows.cli.main(["run", "--stages", "ingest", "--run-id", first["run_id"],
+                           *(f"-o{k}={v}" for k, v in overrides.items())]) == 0  # the CLI: the same pipeline flow
+    assert re.search(r"ingest\s+skipped", capsys.readouterr().out)
+    assert len(loads) == 2  # the CLI validated once and handed its object to the pipeline
     other = pipeline(stages=["ingest"], overrides=overrides)
     assert other["stages"]["ingest"]["status"] == "reused"
 
