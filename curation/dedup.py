@@ -24,6 +24,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field
 
+from curation.components import connected_components
+from curation.ledger import funnel_rows, write_decisions
 from infra.markdown import markdown_table
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
@@ -233,8 +235,6 @@ def fuzzy_clusters(df, params, threshold: float | None, max_rounds: int, log=Non
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from curation.components import connected_components
-
     sigs = signature_frame(df, params, backend).localCheckpoint()  # the one Python pass, computed once
     bucket = Window.partitionBy("band", "key")
     links = (
@@ -312,7 +312,6 @@ def deduplicate(df, cfg: DedupConfig, log=None):
 
 
 def run(ctx: StageContext) -> StageResult:
-    from curation.ledger import funnel_rows, write_decisions
     from curation.minhash import s_curve
 
     cfg: DedupConfig = ctx.config

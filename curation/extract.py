@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 from pydantic import Field
 
+from curation.ledger import funnel_rows, write_decisions
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 EXTRACT_COLUMNS = ("text", "title", "date", "lang_hint")
@@ -235,8 +236,6 @@ def extract_dataframe(df, cfg: ExtractConfig, seconds: tuple | None = None):
 
 
 def run(ctx: StageContext) -> StageResult:
-    from curation.ledger import funnel_rows, write_decisions
-
     cfg: ExtractConfig = ctx.config
     spark = ctx.spark()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from pydantic import Field, create_model
 
-from curation.filters import RULE_SPECS
+from curation.filters import FILTERS, RULE_SPECS, SIGNALS_VERSION, all_signals, build_rules, first_failure, signal_names
+from curation.ledger import funnel_rows, write_decisions
 from infra.markdown import markdown_table
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
@@ -73,14 +74,10 @@ class HeuristicsConfig(StageConfig):
 
 def rules_for(cfg: HeuristicsConfig):
     """The ordered rule list of a config."""
-    from curation.filters import build_rules
-
     return build_rules(cfg.model_dump(include={"gopher_quality", "gopher_repetition", "c4", "fineweb"}))
 
 
 def signals_cache_key(input_hash: str) -> str:
-    from curation.filters import SIGNALS_VERSION
-
     payload = json.dumps({"input": input_hash, "signals_version": SIGNALS_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -104,8 +101,6 @@ def signals_dataframe(df):
     """Add every heuristic signal to the ``signals`` struct (no decision yet)."""
     from pyspark.sql import types as T
 
-    from curation.filters import signal_names
-
     names = signal_names()
     old = [f for f in df.schema["signals"].dataType.fields] if "signals" in df.columns else []
     signals_type = T.StructType(old + [T.StructField(n, T.DoubleType()) for n in names])
@@ -113,8 +108,6 @@ def signals_dataframe(df):
 
     def score_batches(batches):
         import pyarrow as pa
-
-        from curation.filters import all_signals
 
         for batch in batches:
             found = [all_signals(text or "") for text in batch.column("text").to_pylist()]
@@ -135,8 +128,6 @@ def decide_dataframe(scored, rules):
 
     def decide_batches(batches):
         import pyarrow as pa
-
-        from curation.filters import first_failure
 
         for batch in batches:
             reasons = [first_failure(s or {}, rules) for s in batch.column("signals").to_pylist()]
@@ -178,9 +169,6 @@ def filter_funnel(counts: dict, filters: tuple[str, ...]) -> list[dict]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    from curation.filters import FILTERS
-    from curation.ledger import funnel_rows, write_decisions
-
     cfg: HeuristicsConfig = ctx.config
     spark = ctx.spark()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))

@@ -17,6 +17,7 @@ from typing import Iterator
 
 from pydantic import Field
 
+from curation.ledger import funnel_rows, write_decisions
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 ARCHIVE_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz", ".wet", ".wet.gz", ".warc.wet.gz")
@@ -298,8 +299,6 @@ def ingest_dataframe(spark, files: list[Path], max_record_bytes: int, keep_non_h
 
 
 def run(ctx: StageContext) -> StageResult:
-    from curation.ledger import funnel_rows, write_decisions
-
     cfg: IngestConfig = ctx.config
     files = find_archives(cfg.input_paths)
     ctx.log.info("ingest: %d archive files", len(files))

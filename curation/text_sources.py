@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import re
 from pathlib import Path
 from typing import Iterator
@@ -161,8 +162,6 @@ def read_documents(
 
     Ids and sources use the resolved path, so a file reached through a symlink gets the same ids.
     """
-    import itertools
-
     path = Path(path).resolve()
     fmt = source_format(path)
     if fmt == PARQUET:

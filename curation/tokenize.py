@@ -28,8 +28,13 @@ from typing import Any, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from curation.megatron_shards import SPLITS
-from curation.text_sources import BLANK_LINES
+from curation.megatron_shards import (
+    SPLITS, ShardWriter, clean_partial, list_shards, read_index, token_dtype, write_blend,
+)
+from curation.text_sources import (
+    BLANK_LINES, PARQUET, doc_hash, read_documents, source_files, source_format, valid_text,
+)
+from curation.tokenizer import tokenizer_info
 from infra.markdown import markdown_table
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
@@ -108,8 +113,6 @@ def split_of(doc_id: str, split: str) -> str:
 
 
 def _split_by_hash(doc_id: str, t1: int, t2: int) -> str:
-    from curation.text_sources import doc_hash
-
     bucket = doc_hash(doc_id) % HASH_BUCKETS
     return "train" if bucket < t1 else "valid" if bucket < t2 else "test"
 
@@ -174,9 +177,6 @@ def write_shards(rows: Iterable[tuple], out_dir: str, tokenizer, eos_id: int, dt
     shard. Empty documents are skipped and counted; invalid UTF-8 / lone surrogates are repaired and
     counted. All shards are committed at the end; an error discards every one of them.
     """
-    from curation.megatron_shards import ShardWriter
-    from curation.text_sources import valid_text
-
     shards: dict[str, _OpenShard] = {}
 
     def flush(s: _OpenShard) -> None:
@@ -223,8 +223,6 @@ def source_paths(spec: SourceSpec, upstream_data: Path | None) -> list[Path]:
     """The files of one source, sorted; the upstream data must have ``doc_id`` and ``text`` columns."""
     import pyarrow.parquet as pq
 
-    from curation.text_sources import source_files
-
     if spec.path is not None:
         files = source_files(spec.path)
         if not files:
@@ -243,8 +241,6 @@ def source_paths(spec: SourceSpec, upstream_data: Path | None) -> list[Path]:
 def count_documents(path: Path, separator: str) -> int:
     """Documents in one source file: Parquet from its footer, other formats by reading them."""
     import pyarrow.parquet as pq
-
-    from curation.text_sources import PARQUET, read_documents, source_format
 
     if source_format(path) == PARQUET:
         return pq.ParquetFile(path).metadata.num_rows
@@ -276,8 +272,6 @@ def plan_units(sources: list[SourceSpec], upstream_data: Path | None, docs_per_s
 
 def unit_rows(unit: dict, split: str, batch_size: int) -> Iterator[tuple]:
     """The rows (:data:`ROW_FIELDS`) of one unit, each routed to its split's shard."""
-    from curation.text_sources import read_documents
-
     t1, t2 = split_thresholds(split)
     for path, first_row, rows in unit["pieces"]:
         for d in read_documents(path, unit["separator"], first_row, rows, batch_size):
@@ -295,9 +289,6 @@ def tokenize_to_shards(
     ``out_dir`` must not hold shards already (leftovers of a killed run are removed first).
     Returns (per-shard stats sorted by shard, tokenizer info).
     """
-    from curation.megatron_shards import clean_partial, list_shards, token_dtype
-    from curation.tokenizer import tokenizer_info
-
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_partial(out_dir)
     if list_shards(out_dir):
@@ -381,8 +372,6 @@ def summarize(stats: list[dict], shards_dir: Path) -> list[dict]:
     """
     import numpy as np
 
-    from curation.megatron_shards import read_index
-
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in stats:
         groups.setdefault((r["source_name"], r["split"]), []).append(r)
@@ -403,8 +392,6 @@ def summarize(stats: list[dict], shards_dir: Path) -> list[dict]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    from curation.megatron_shards import write_blend
-
     cfg: TokenizeConfig = ctx.config
     upstream = ctx.input("dedup").path("data")
     tokenizer_dir = ctx.input("tokenizer").path("tokenizer")

@@ -10,12 +10,15 @@ that model is copied instead, for continued pretraining of a real model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from pydantic import Field, model_validator
 
+from curation.text_sources import doc_hash, read_documents, source_files, valid_text
 from infra.stage import Stage, StageConfig, StageContext, StageResult
+from training.models import SMOLLM2, SMOLLM2_GGUF, resolve_model, smollm2_gguf_dir
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -98,8 +101,6 @@ def copy_pretrained(ref: str, out_dir: Path) -> None:
     """Save the tokenizer of ``ref`` ('smollm2' or an HF dir) into ``out_dir``; it must be a fast tokenizer."""
     from transformers import AutoTokenizer
 
-    from training.models import SMOLLM2, resolve_model
-
     src = resolve_model(ref) if ref == SMOLLM2 else Path(ref).expanduser()
     if not (src / "tokenizer.json").is_file():
         raise FileNotFoundError(f"pretrained tokenizer {ref!r}: {src} has no tokenizer.json (need a fast HF tokenizer)")
@@ -112,7 +113,6 @@ def tokenizer_info(tokenizer_dir: str | Path, eod_token: str | None = None) -> d
     ``vocab_size`` is one past the largest id (added tokens included); ``eod_token`` defaults to
     the tokenizer's ``eos_token``.
     """
-    import json
 
     from tokenizers import Tokenizer
 
@@ -145,8 +145,6 @@ def sample_texts(paths: list[Path], max_chars: int) -> Iterator[str]:
     Two passes: the first sums the characters, the second keeps a document when its hash bucket
     falls below ``max_chars / total``; repaired (U+FFFD) text is used for invalid UTF-8.
     """
-    from curation.text_sources import doc_hash, read_documents, source_files, valid_text
-
     files = [f for p in paths for f in source_files(p)]
     total = sum(len(doc["text"] or "") for f in files for doc in read_documents(f))
     keep = min(1.0, max_chars / total) if total else 1.0
@@ -195,8 +193,6 @@ def run(ctx: StageContext) -> StageResult:
 
 def _external(cfg: TokenizerConfig) -> dict[str, str]:
     """Extra training text, and the pretrained tokenizer's files (hashed into the cache key)."""
-    from training.models import SMOLLM2, SMOLLM2_GGUF, smollm2_gguf_dir
-
     paths = {f"extra_{i}": p for i, p in enumerate(cfg.extra_paths)}
     if cfg.pretrained == SMOLLM2:
         paths["pretrained"] = str(smollm2_gguf_dir() / SMOLLM2_GGUF)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from training.models import PRECISION_DTYPES, ModelSourceError, resolve_model
+
 log = logging.getLogger("refinery.eval.model")
 _HEAD_CHUNK = 1024  # scored positions per LM-head call
 
@@ -79,8 +81,6 @@ class EvalModel:
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from training.models import PRECISION_DTYPES, ModelSourceError, resolve_model
 
         try:
             self.path = resolve_model(path)

@@ -8,6 +8,7 @@ from typing import Iterable
 
 from evaluation.tasks import TaskResult
 from infra.markdown import markdown_table as table_lines
+from infra.runstore import RunStoreError, completed_stages, read_manifest
 
 EVAL_TABLE = "eval"
 
@@ -45,8 +46,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def eval_tables(run_root: str | Path, run_id: str) -> dict[str, list[dict]]:
     """``{eval stage: rows}`` of every completed eval stage of a run, in pipeline order."""
-    from infra.runstore import RunStoreError, completed_stages, read_manifest
-
     tables = {}
     for stage in completed_stages(Path(run_root), run_id):
         try:

@@ -20,7 +20,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from evaluation.data import EvalDataError
+from evaluation.effects import EFFECTS_TABLE, effect_metrics, effect_row, format_effect
+from evaluation.model import EvalModel
+from evaluation.report import EVAL_TABLE, eval_tables, flat_metrics, markdown_table, result_rows, stages_side_by_side
+from evaluation.tasks import arithmetic, gsm8k, heldout, hellaswag, perplexity, reward_accuracy
 from infra.stage import Stage, StageConfig, StageContext, StageResult
+from training.models import resolve_model
 
 TaskName = Literal["hellaswag", "gsm8k", "perplexity", "web_perplexity", "heldout", "reward_accuracy", "arithmetic"]
 
@@ -148,8 +154,6 @@ def start_model(trained: dict, run_root: Path) -> str | None:
 
 def task_effects(stage: str, before: list, after: list) -> list[dict]:
     """Before → after rows (95% intervals) for the tasks scored on both models."""
-    from evaluation.effects import effect_row
-
     earlier = {r.task: r for r in before}
     rows = []
     for res in after:
@@ -164,9 +168,6 @@ def task_effects(stage: str, before: list, after: list) -> list[dict]:
 
 def run_tasks(ctx: StageContext, hf_dir, shards_dir=None, reward_dir=None, tasks=None):
     """Run the configured tasks (or ``tasks``); returns (results, notes about tasks that could not run)."""
-    from evaluation.data import EvalDataError
-    from evaluation.model import EvalModel
-
     cfg: EvalConfig = ctx.config
     files = ctx.external_inputs
     model = EvalModel(hf_dir, batch_size=cfg.batch_size, max_length=cfg.max_length, precision=cfg.precision,
@@ -188,9 +189,6 @@ def run_tasks(ctx: StageContext, hf_dir, shards_dir=None, reward_dir=None, tasks
 
 
 def _run_task(task: str, cfg: EvalConfig, model, files, shards_dir, reward_dir):
-    from evaluation.data import EvalDataError
-    from evaluation.tasks import arithmetic, gsm8k, heldout, hellaswag, perplexity, reward_accuracy
-
     if task == "arithmetic":
         return arithmetic.evaluate(model, cfg.arithmetic.limit, cfg.arithmetic.max_new_tokens, cfg.progress)
     if task == "hellaswag":
@@ -219,10 +217,6 @@ def _run_task(task: str, cfg: EvalConfig, model, files, shards_dir, reward_dir):
 
 
 def run(ctx: StageContext) -> StageResult:
-    from evaluation.effects import EFFECTS_TABLE, effect_metrics, format_effect
-    from evaluation.report import EVAL_TABLE, eval_tables, flat_metrics, markdown_table, result_rows, stages_side_by_side
-    from training.models import resolve_model
-
     cfg: EvalConfig = ctx.config
     upstream = ctx.input(EVALUATED[ctx.stage])
     optional = {name: inp for name, inp in ctx.inputs.items() if name in ("tokenize", "reward")}

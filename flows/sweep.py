@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import itertools
 import json
@@ -245,7 +246,6 @@ def _figure_png(fig) -> str:
 def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
     """Self-contained HTML (tables + one chart per metric and axis, seed spread as error bars) and
     plain-language lines saying whether each metric's best-vs-worst arm gap exceeds the seed spread."""
-    import html
 
     import matplotlib
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from importlib.metadata import PackageNotFoundError, version
 import json
 import os
 import re
@@ -163,7 +164,6 @@ def code_version() -> dict[str, Any]:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", False
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         pkg = version("refinery")

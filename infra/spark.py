@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from importlib.metadata import version
 import os
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from infra.config import SparkConfig
 
 C1_JIT = "-XX:TieredStopAtLevel=1"
 # options that change the driver's class path, which a class archive must match
@@ -28,8 +31,6 @@ _CLASS_PATH_CONF = ("spark.driver.extraClassPath", "spark.jars", "spark.jars.pac
 def class_archive_path() -> Path | None:
     """Where the class archive for this Java + pyspark lives (None: no ``java`` found): inside the
     virtual environment (``REFINERY_SPARK_ARCHIVE_DIR`` to move it), so it goes when the venv goes."""
-    from importlib.metadata import version
-
     java = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
     if not java or not Path(java).exists():
         return None
@@ -95,8 +96,6 @@ def _archive_workload(out_dir: Path) -> None:
     import pyarrow.compute as pc
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-
-    from infra.config import SparkConfig
 
     dump = {"spark.driver.extraJavaOptions": f"-XX:ArchiveClassesAtExit={out_dir / 'classes.jsa'} -Xlog:cds*=off"}
     spark = get_spark(SparkConfig(master="local[1]", conf=dump), app_name="refinery-class-archive")

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from infra.stage import Stage, StageContext, StageResult
+from training.frozen import cache_bottom_states, cache_pair_states, pair_sequences, top_hidden
 from training.learner_config import LearnerConfig, external_inputs
 from training.learner_stage import run_stage
 
@@ -100,7 +101,6 @@ class DPOTask:
         import torch
 
         from training.data import collate_padded
-        from training.frozen import top_hidden
         from training.losses import IGNORE_INDEX, label_logps
 
         batch = collate_padded(sequences, self.pad_id)
@@ -123,8 +123,6 @@ class DPOTask:
     def logps(self, model, pairs):
         """Summed and length-averaged log-probs of chosen and rejected answers, and their token counts:
         (sum_c, sum_r, avg_c, avg_r, n_c, n_r)."""
-        from training.frozen import pair_sequences
-
         total, count = self.sequence_logps(model, pair_sequences(pairs))
         avg = total / count.clamp(min=1)
         n = len(pairs)
@@ -142,8 +140,6 @@ class DPOTask:
         (computed first, so the reference log-probs then cost only the top blocks)."""
         import torch
         from tqdm import tqdm
-
-        from training.frozen import cache_bottom_states, cache_pair_states
 
         kto_seqs = [e for p in train_items if id(p) in self.mismatched for e in self.mismatched[id(p)]]
         if self.cfg.train_layers:

@@ -21,6 +21,11 @@ import time
 from pathlib import Path
 
 from training.faults import FaultInjector
+from training.megatron import checkpoint, cpu
+from training.megatron.checkpoint import latest_valid
+from training.megatron.convert import hf_to_megatron, load_into_model, read_hf, shard_for_rank
+from training.megatron.model import LlamaArch, build_model, pad_vocab
+from training.megatron.parallel import initialize, layout
 from training.models import PRECISION_DTYPES
 from training.pretrain_config import PretrainConfig
 from training.spike import SpikeGuard, in_ranges, ledger_entry
@@ -91,11 +96,6 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from training.megatron import cpu
-        from training.megatron.convert import hf_to_megatron, load_into_model, read_hf, shard_for_rank
-        from training.megatron.model import LlamaArch, build_model, pad_vocab
-        from training.megatron.parallel import initialize, layout
 
         self.job = job
         cfg = self.cfg = PretrainConfig(**job["config"])
@@ -173,15 +173,11 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        from training.megatron import checkpoint
-
         return checkpoint.save(self.job["save_dir"], self.step, self.model, self.optimizer, self.train_state(),
                                self.arch.to_dict(), self.cfg.keep_checkpoints)
 
     def restore(self, ckpt: Path, keep_ledger: bool = False) -> None:
         """Load a checkpoint; a rollback keeps the in-memory ledger (it is newer than the checkpoint's)."""
-        from training.megatron import checkpoint
-
         state = checkpoint.load(ckpt, self.model, self.optimizer)
         self.step, self.position = state["step"], state["position"]
         self.scheduler.num_steps = 0  # load_state_dict advances by the saved step count
@@ -194,8 +190,6 @@ class Trainer:
     def newest_valid(self) -> tuple[Path | None, list]:
         """Rank 0 validates the checkpoints, every rank gets its answer."""
         import torch.distributed as dist
-
-        from training.megatron.checkpoint import latest_valid
 
         box = [latest_valid(self.job["save_dir"]) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from infra.stage import Stage, StageContext, StageResult
+from training.frozen import cache_pair_states, pair_top_hidden
 from training.learner_config import LearnerConfig, external_inputs
 from training.learner_stage import run_stage
 
@@ -50,8 +51,6 @@ class RewardTask:
 
     def setup(self, model, train_items, eval_items) -> None:
         """With train_layers: cache the frozen blocks' output of every sequence this rank will score."""
-        from training.frozen import cache_pair_states
-
         if self.cfg.train_layers:
             self.bottom = cache_pair_states(model, [*train_items, *eval_items], self.pad_id, self.cfg.train_layers,
                                             2 * self.cfg.eval_batch_size)
@@ -61,7 +60,6 @@ class RewardTask:
         import torch
 
         from training.data import collate_pairs
-        from training.frozen import pair_top_hidden
 
         batch = collate_pairs(pairs, self.pad_id)
         if self.bottom:

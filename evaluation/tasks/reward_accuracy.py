@@ -14,6 +14,7 @@ from pathlib import Path
 from evaluation.data import Loaded, load_jsonl, select
 from evaluation.model import EvalModelError
 from evaluation.tasks import TaskResult
+from training.models import PRECISION_DTYPES, ModelSourceError, resolve_model
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,6 @@ class RewardModel:
     def __init__(self, path: str | Path, batch_size: int = 8, max_length: int = 1024, precision: str = "fp32"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from training.models import PRECISION_DTYPES, ModelSourceError, resolve_model
 
         try:
             self.path = resolve_model(path)

@@ -21,6 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
+from training.megatron.parallel import layout
+
 META = "refinery.json"
 PREFIX = "iter_"
 
@@ -102,7 +104,7 @@ def latest_valid(save_dir: str | Path) -> tuple[Path | None, list[tuple[str, str
     return None, rejected
 
 
-def _rng_object(layout: dict, state=None):
+def _rng_object(ranks: dict, state=None):
     import torch
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -112,8 +114,8 @@ def _rng_object(layout: dict, state=None):
 
         state["tracker"] = get_cuda_rng_tracker().get_states()
     return ShardedObject(
-        "rng_state", state, (layout["pp"], layout["tp"], layout["dp"]),
-        (layout["pp_rank"], layout["tp_rank"], layout["dp_rank"]), replica_id=0,
+        "rng_state", state, (ranks["pp"], ranks["tp"], ranks["dp"]),
+        (ranks["pp_rank"], ranks["tp_rank"], ranks["dp_rank"]), replica_id=0,
     )
 
 
@@ -131,8 +133,6 @@ def save(save_dir: str | Path, step: int, model, optimizer, train_state: dict, a
     """Save on every rank; returns the final checkpoint dir (renamed into place once complete)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
-
-    from training.megatron.parallel import layout
 
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(step)
@@ -170,8 +170,6 @@ def save(save_dir: str | Path, step: int, model, optimizer, train_state: dict, a
 def load(ckpt_dir: str | Path, model, optimizer=None) -> dict:
     """Load model (+ optimizer, + RNG when the layout matches) on every rank; returns the train state."""
     from megatron.core import dist_checkpointing
-
-    from training.megatron.parallel import layout
 
     ckpt_dir = Path(ckpt_dir)
     meta = validate(ckpt_dir)

@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from training.megatron import checkpoint as ckpt
 from training.megatron.model import LlamaArch
+from training.megatron.parallel import initialize, teardown
 
 COLUMN_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight", "linear_qkv.weight")
 ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
@@ -194,7 +197,6 @@ def hf_config(arch: LlamaArch, bos_id: int | None = None, eos_id: int | None = N
 
 def write_hf(out_dir: str | Path, arch: LlamaArch, hf_state: dict, tokenizer_dir: str | Path | None = None) -> Path:
     """Save an HF Llama directory (config + model.safetensors [+ tokenizer]) atomically."""
-    import shutil
 
     from safetensors.torch import save_file
 
@@ -224,9 +226,6 @@ def write_hf(out_dir: str | Path, arch: LlamaArch, hf_state: dict, tokenizer_dir
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """A dist checkpoint (any TP/PP) → HF Llama directory; call from a single process."""
-    from training.megatron import checkpoint as ckpt
-    from training.megatron.parallel import initialize, teardown
-
     meta = ckpt.read_metadata(checkpoint)
     arch = LlamaArch(**meta["arch"])
     initialize(tp=1, pp=1, seed=0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass
 
+from training.megatron import cpu
+
 
 @dataclass(frozen=True)
 class LlamaArch:
@@ -72,8 +74,6 @@ def transformer_config(arch: LlamaArch, tp: int = 1, pp: int = 1, dtype: str = "
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from training.megatron import cpu
 
     on_cpu = not cpu.cuda_available()
     return TransformerConfig(

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import tempfile
 
+from training.megatron import cpu
+
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     """Init torch.distributed (from torchrun's env, or a 1-process group) and Megatron's TP×PP×DP groups."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
-
-    from training.megatron import cpu
 
     on_cpu = cpu.enable() or not torch.cuda.is_available()
     if not dist.is_initialized():

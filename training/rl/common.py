@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from infra.stage import StageConfig, StageContext
+from infra.stage import StageConfig, StageContext, StageResult
 from training.models import Precision, model_input, stage_model_dir
+from training.rl.rewards import INSTRUCTION, RewardModelScorer, arithmetic_prompts, load_gsm8k_jsonl, require_verifiable
+from training.rl.rollout import make_engine
 
 
 
@@ -195,8 +197,6 @@ class PrecisionOptimizer:
 
 
 def load_prompt_set(cfg: RLConfigBase, external: dict[str, Path]):
-    from training.rl.rewards import arithmetic_prompts, load_gsm8k_jsonl, require_verifiable
-
     if cfg.prompts == "arithmetic":
         examples = arithmetic_prompts(cfg.num_prompts, seed=cfg.seed)
     else:
@@ -249,9 +249,6 @@ def load_run(ctx: StageContext, with_ref: bool, detail: str) -> RLRun:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.rl.rewards import RewardModelScorer
-    from training.rl.rollout import make_engine
-
     cfg: RLConfigBase = ctx.config
     policy_dir, rm_dir = resolve_sources(ctx, cfg)
     examples = load_prompt_set(cfg, ctx.external_inputs)
@@ -273,8 +270,6 @@ def pad_token_id(tokenizer) -> int:
 
 def chat_prompt_ids(tokenizer, question: str) -> list[int]:
     """The question as a user turn with the generation prompt (chat template if the tokenizer has one)."""
-    from training.rl.rewards import INSTRUCTION
-
     text = f"{question}\n{INSTRUCTION}"
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
@@ -313,8 +308,6 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
 
 def finish_stage(ctx: StageContext, run: RLRun, history: list[dict], label: str, extra: dict):
     """End of an RL stage: the policy as ``hf/``, the curve and scalars, summary metrics and a report."""
-    from infra.stage import StageResult
-
     cfg = ctx.config
     save_hf_model(run.policy, run.tokenizer, ctx.output("hf"))
     metrics = {**finish_outputs(ctx, history), **extra, "rollout_backend": cfg.rollout_backend,

@@ -18,7 +18,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from infra.stage import Stage, StageContext, StageResult
-from training.rl.common import RLConfigBase, finish_stage, load_run, rl_external_inputs
+from training.rl.common import (
+    PrecisionOptimizer, RLConfigBase, finish_stage, forward_logps, load_run, mismatch_stats, pad_token_id,
+    rl_external_inputs, warn_nucleus_tis,
+)
+from training.rl.experience import Rollout, RolloutSource, make_experience
+from training.rl.rewards import overlong_penalty
 
 
 class GRPOConfig(RLConfigBase):
@@ -59,9 +64,6 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
     from tqdm import tqdm
 
     from training.losses import constant_groups, grpo_loss, group_advantages, loss_normaliser, truncated_is_weights
-    from training.rl.common import PrecisionOptimizer, forward_logps, mismatch_stats, pad_token_id, warn_nucleus_tis
-    from training.rl.experience import Rollout, RolloutSource, make_experience
-    from training.rl.rewards import overlong_penalty
 
     log = log or logging.getLogger("refinery.grpo")
     g = cfg.group_size

@@ -17,7 +17,11 @@ from typing import Literal
 from pydantic import Field
 
 from infra.stage import Stage, StageContext, StageResult
-from training.rl.common import RLConfigBase, finish_stage, load_run, rl_external_inputs
+from training.rl.common import (
+    PrecisionOptimizer, RLConfigBase, finish_stage, load_run, mismatch_stats, pad_token_id, rl_external_inputs,
+    warn_nucleus_tis,
+)
+from training.rl.experience import RolloutSource, make_experience, policy_forward
 
 
 class PPOConfig(RLConfigBase):
@@ -107,8 +111,6 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
         aggregate_token_loss, clipped_surrogate, clipped_value_loss, gae, loss_normaliser, masked_whiten,
         ppo_token_rewards, truncated_is_weights,
     )
-    from training.rl.common import PrecisionOptimizer, mismatch_stats, pad_token_id, warn_nucleus_tis
-    from training.rl.experience import RolloutSource, make_experience, policy_forward
 
     log = log or logging.getLogger("refinery.ppo")
     torch.manual_seed(cfg.seed)
