@@ -68,3 +68,17 @@ def test_per_rank_programs_do_not_import_a_stage_shell(program):
 def test_training_config_modules_import_no_engine(config):
     heavy = [f"{line}: {module}" for line, module in imported_modules(REPO / config) if module.split(".")[0] in HEAVY]
     assert not heavy, heavy
+
+
+def test_the_cli_and_stage_list_load_no_engine():
+    """Function-body imports are kept only for engines: loading the CLI (and with it every stage module)
+    must not import torch, Spark, Megatron, DeepSpeed, vLLM or transformers, so `refinery --help` stays fast."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, flows.cli, flows.registry; flows.registry.all_stages(); "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True,
+                                           text=True).stdout))
+    assert not loaded & (HEAVY | {"pyspark", "numba"}), sorted(loaded & (HEAVY | {"pyspark", "numba"}))
