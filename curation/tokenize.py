@@ -402,7 +402,7 @@ def run(ctx: StageContext) -> StageResult:
     blend = blend_document(stats, cfg.sources, info, cfg.split)
     if not blend["blend_per_split"]["train"]:
         raise ValueError("tokenize: no training documents (every source empty or all documents empty)")
-    blend["tokenizer"] = str(tokenizer_dir)
+    blend["tokenizer_hash"] = ctx.input("tokenizer").manifest["outputs"]["tokenizer"]["hash"]  # not its path: run-free
     write_blend(out, blend)
     table = summarize(stats, out)
     total = table[-1]

@@ -201,3 +201,9 @@ def test_stage_via_executor_matches_core_byte_for_byte_and_traces_to_records(set
     assert traced["source"] == row["source"] and traced["url"] == row["url"]
     again = execute_stage("tokenize", setup.config, "r1", from_ref="up/dedup")
     assert again.get("skipped") is True
+
+    # another run, both stages recomputed: the same content hashes (no run directory inside blend.json)
+    execute_stage("tokenizer", setup.config, "r2", from_ref="up/dedup", force=True)
+    other = execute_stage("tokenize", setup.config, "r2", from_ref="up/dedup", force=True)
+    assert other["cached_from"] is None and "/r2/" in other["outputs"]["shards"]["path"]
+    assert other["outputs"]["shards"]["hash"] == manifest["outputs"]["shards"]["hash"]
