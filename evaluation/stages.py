@@ -152,6 +152,13 @@ def start_model(trained: dict, run_root: Path) -> str | None:
     return json.loads(producer.read_text())["outputs"][source["output"]]["path"]
 
 
+def run_free(model: str | None, trained: dict) -> str | None:
+    """``model`` as written into the results: an upstream stage's ``hf/`` by its content hash (its path
+    names a run), a configured model as configured, so equal results give an equal file in every run."""
+    upstream = trained["inputs"].get(f"{STARTS_FROM.get(trained['stage'])}/hf")
+    return upstream["hash"] if upstream and model and trained["config"].get("model") == "upstream" else model
+
+
 def task_effects(stage: str, before: list, after: list) -> list[dict]:
     """Before → after rows (95% intervals) for the tasks scored on both models."""
     earlier = {r.task: r for r in before}
@@ -237,7 +244,7 @@ def run(ctx: StageContext) -> StageResult:
     (out / "samples").mkdir(parents=True)
     rows = result_rows(results)
     summary = {
-        "checkpoint": f"{upstream.run_id}/{upstream.stage}/hf", "started_from": start,
+        "checkpoint": upstream.manifest["outputs"]["hf"]["hash"], "started_from": run_free(start, upstream.manifest),
         "rows": rows, "effects": effects, "skipped": skipped,
         "malformed": {r.task: {"count": r.malformed, "examples": r.notes} for r in results},
     }

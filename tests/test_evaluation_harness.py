@@ -441,7 +441,8 @@ def test_eval_stage_scores_the_starting_model_on_the_same_items(tiny_dirs, make_
     shutil.copy(run_root / "r0" / "pretrain" / "manifest.json", run_root / "r" / "pretrain" / "manifest.json")
     start = run_root / "r0" / "pretrain" / "hf"
     _fake_stage(run_root, "r", "sft", {"hf": trained}, config={"model": "upstream"}, inputs={"pretrain/hf": {
-        "uri": (run_root / "r" / "pretrain" / "hf").as_uri(), "run_id": "r", "stage": "pretrain", "output": "hf"}})
+        "uri": (run_root / "r" / "pretrain" / "hf").as_uri(), "run_id": "r", "stage": "pretrain", "output": "hf",
+        "hash": "sha256:pretrain-hf"}})
 
     manifest = execute_stage("eval_sft", config, "r")
     effects = {row["metric"]: row for row in manifest["tables"]["effects"]}
@@ -458,6 +459,9 @@ def test_eval_stage_scores_the_starting_model_on_the_same_items(tiny_dirs, make_
     assert heldout["before_lo"] <= heldout["before"] <= heldout["before_hi"]
     assert manifest["metrics"]["effect/heldout/loss/delta"] == pytest.approx(heldout["after"] - heldout["before"])
     assert "Before → after" in manifest["report_md"]
+    results = json.loads((Path(manifest["outputs"]["results"]["path"]) / "results.json").read_text())
+    assert results["started_from"] == "sha256:pretrain-hf"  # by content: no run directory inside the results
+    assert results["checkpoint"] == manifest["inputs"]["sft/hf"]["hash"]
 
 
 def test_eval_stage_rejects_a_checkpoint_without_tokenizer(tiny_dirs, make_config):

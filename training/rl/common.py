@@ -21,6 +21,8 @@ from training.rl.rewards import INSTRUCTION, RewardModelScorer, arithmetic_promp
 from training.rl.rollout import make_engine
 
 
+WALL_CLOCK_KEYS = ("gen_s", "step_s")  # per-step seconds: manifest metrics, not output data
+
 
 class RLConfigBase(StageConfig):
     """Fields GRPO and PPO share: model and reward sources, rollout engine, precision, optimisation."""
@@ -335,7 +337,8 @@ def finish_outputs(ctx: StageContext, history: list[dict]) -> dict:
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 writer.add_scalar(f"{ctx.stage}/{k}", v, h["step"])
     writer.close()
-    (ctx.out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    timeless = [{k: v for k, v in h.items() if k not in WALL_CLOCK_KEYS} for h in history]
+    (ctx.out_dir / "history.json").write_text(json.dumps(timeless, indent=1))  # timings stay in the manifest
     plot_history(history, ctx.out_dir / "reward_curve.png", f"{ctx.stage}: mean reward")
     first, last = history[0], history[-1]
     k = max(1, len(history) // 4)
