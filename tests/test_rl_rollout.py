@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +143,9 @@ def test_grpo_stage_writes_checkpoint_metrics_and_curve(make_config, tiny_dir):
     assert all(s["zero_adv_groups"] == 2 for s in steps)  # a random model gets every reward 0: A = 0, no NaN
     assert any(w.startswith("no learning signal") for w in manifest["warnings"])  # said loudly, not silent
     assert all(s["loss"] == s["loss"] for s in steps)
+    history = json.loads(Path(manifest["outputs"]["history.json"]["path"]).read_text())
+    assert [h["reward_mean"] for h in history] == [s["reward_mean"] for s in steps]
+    assert all("step_s" in s and "step_s" not in h for s, h in zip(steps, history))  # no wall clock in output data
     assert manifest["images"]["reward_curve"].endswith("reward_curve.png")
     trained = AutoModelForCausalLM.from_pretrained(manifest["outputs"]["hf"]["path"])
     assert trained.config.num_hidden_layers == 2
