@@ -394,7 +394,8 @@ def summarize(stats: list[dict], shards_dir: Path) -> list[dict]:
 def run(ctx: StageContext) -> StageResult:
     cfg: TokenizeConfig = ctx.config
     upstream = ctx.input("dedup").path("data")
-    tokenizer_dir = ctx.input("tokenizer").path("tokenizer")
+    tokenizer_stage = ctx.input("tokenizer")
+    tokenizer_dir = tokenizer_stage.path("tokenizer")
     sources = [s if s.path is None else s.model_copy(update={"path": str(ctx.external_inputs[f"source_{s.name}"])})
                for s in cfg.sources]
     out = ctx.output("shards")
@@ -402,7 +403,7 @@ def run(ctx: StageContext) -> StageResult:
     blend = blend_document(stats, cfg.sources, info, cfg.split)
     if not blend["blend_per_split"]["train"]:
         raise ValueError("tokenize: no training documents (every source empty or all documents empty)")
-    blend["tokenizer_hash"] = ctx.input("tokenizer").manifest["outputs"]["tokenizer"]["hash"]  # not its path: run-free
+    blend["tokenizer_hash"] = tokenizer_stage.manifest["outputs"]["tokenizer"]["hash"]  # not its path, which names a run
     write_blend(out, blend)
     table = summarize(stats, out)
     total = table[-1]

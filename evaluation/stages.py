@@ -136,27 +136,21 @@ def _task_file_settings(cfg: EvalConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def start_model(trained: dict, run_root: Path) -> str | None:
-    """The model a training stage started from, from its manifest: ``pretrain.init_from`` (None for a
-    random init), the upstream stage's ``hf/`` when ``model`` is "upstream" (where its files are: a
-    reused stage's outputs live in the run that computed them), else ``model`` itself."""
+def start_model(trained: dict, run_root: Path) -> tuple[str | None, str | None]:
+    """The model a training stage started from, from its manifest, as (where to load it, how the results
+    name it): ``pretrain.init_from`` (None for a random init); the upstream stage's ``hf/`` when ``model``
+    is "upstream" (loaded where its files are: a reused stage's outputs live in the run that computed
+    them; named by content hash, since that path names a run); else ``model`` itself."""
     cfg, stage = trained["config"], trained["stage"]
     if stage == "pretrain":
-        return cfg.get("init_from")
+        return cfg.get("init_from"), cfg.get("init_from")
     if cfg.get("model") != "upstream":
-        return cfg.get("model")
+        return cfg.get("model"), cfg.get("model")
     source = trained["inputs"].get(f"{STARTS_FROM[stage]}/hf")
     if not source:
-        return None
+        return None, None
     producer = Path(run_root) / source["run_id"] / source["stage"] / "manifest.json"
-    return json.loads(producer.read_text())["outputs"][source["output"]]["path"]
-
-
-def run_free(model: str | None, trained: dict) -> str | None:
-    """``model`` as written into the results: an upstream stage's ``hf/`` by its content hash (its path
-    names a run), a configured model as configured, so equal results give an equal file in every run."""
-    upstream = trained["inputs"].get(f"{STARTS_FROM.get(trained['stage'])}/hf")
-    return upstream["hash"] if upstream and model and trained["config"].get("model") == "upstream" else model
+    return json.loads(producer.read_text())["outputs"][source["output"]]["path"], source["hash"]
 
 
 def task_effects(stage: str, before: list, after: list) -> list[dict]:
@@ -230,7 +224,8 @@ def run(ctx: StageContext) -> StageResult:
     shards_dir = optional["tokenize"].path("shards") if "tokenize" in optional else None
     results, skipped = run_tasks(ctx, upstream.path("hf"), shards_dir=shards_dir,
                                  reward_dir=optional["reward"].path("hf") if "reward" in optional else None)
-    effects, start = [], start_model(upstream.manifest, ctx.run_root) if cfg.compare_to_start else None
+    effects = []
+    start, start_name = start_model(upstream.manifest, ctx.run_root) if cfg.compare_to_start else (None, None)
     comparable = [r.task for r in results if r.task in EFFECT_SPECS]
     if start and comparable:
         ctx.log.info("eval: the same items on the starting model %s (the before of each row)", start)
@@ -244,7 +239,7 @@ def run(ctx: StageContext) -> StageResult:
     (out / "samples").mkdir(parents=True)
     rows = result_rows(results)
     summary = {
-        "checkpoint": upstream.manifest["outputs"]["hf"]["hash"], "started_from": run_free(start, upstream.manifest),
+        "checkpoint": upstream.manifest["outputs"]["hf"]["hash"], "started_from": start_name,
         "rows": rows, "effects": effects, "skipped": skipped,
         "malformed": {r.task: {"count": r.malformed, "examples": r.notes} for r in results},
     }
