@@ -91,6 +91,9 @@ class PipelineConfig(Strict):
         0, ge=0, description="Prefect retries of a failed stage process (not of config, input or disk errors); a "
                              "retry resumes a training stage from its last checkpoint")
     retry_delay_s: float = Field(10.0, ge=0, description="seconds between a stage's failure and its retry")
+    strict_inputs: bool = Field(
+        False, description="fail a stage when a configured input is missing and it would fall back or skip "
+                           "(e.g. train_quality's fallback classes, an eval task without its data) instead of warning")
 
 
 class BaseRefineryConfig(Strict):

@@ -35,7 +35,7 @@ from infra.runstore import (
     stage_dir,
     write_json_atomic,
 )
-from infra.stage import Stage, StageContext, StageInput, StageResult
+from infra.stage import MISSING_INPUT, Stage, StageContext, StageInput, StageResult
 
 RESULT_MARKER = "REFINERY_RESULT "  # + JSON {"manifest": path, "skipped": bool}, the child's last line
 
@@ -269,6 +269,9 @@ def execute(
 
     inputs = resolve_inputs(stage, run_root, run_id, from_ref)
     external = resolve_external(stage, cfg)
+    missing = list(stage.input_warnings(cfg))
+    if missing and config.pipeline.strict_inputs:
+        raise StageInputError(f"stage {name!r}: {missing[0]} (pipeline.strict_inputs is true)")
     records = _input_records(inputs, external)
     key = cache_key(stage, cfg, records)
     final = stage_dir(run_root, run_id, name)
@@ -328,9 +331,12 @@ def execute(
                 "path": str(final_path), "uri": final_path.as_uri(), "hash": content_hash(entry),
                 "files": listing(entry), "run_id": run_id, "stage": name,
             }
-        warnings = [*result.warnings, *_no_op_warnings(outputs, records)]
+        warnings = [*missing, *result.warnings, *_no_op_warnings(outputs, records)]
         for warning in warnings:
             log.warning("stage %s: WARNING: %s", name, warning)
+        gap = next((w for w in result.warnings if w.startswith(MISSING_INPUT)), None)
+        if gap and config.pipeline.strict_inputs:
+            raise StageInputError(f"stage {name!r}: {gap} (pipeline.strict_inputs is true)")
         if config.pipeline.fail_on_noop and any(w.startswith(NO_OP) for w in warnings):
             raise StageNoOp(f"stage {name!r}: {next(w for w in warnings if w.startswith(NO_OP))} "
                             "(pipeline.fail_on_noop is true)")

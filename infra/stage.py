@@ -59,6 +59,9 @@ class StageInput:
         return Path(outputs[output]["path"])
 
 
+MISSING_INPUT = "missing input:"  # prefix of a warning about a configured input the stage went without
+
+
 @dataclass
 class StageResult:
     """What a stage reports besides the files it wrote.
@@ -126,6 +129,10 @@ class Stage:
     external_inputs: maps the stage config to named external paths (files/dirs) it reads.
     version: bump when the stage's output for the same inputs and config changes (cache key).
     resumable: the stage keeps checkpoints in ``ctx.resume_dir`` and resumes from them.
+    input_warnings: maps the stage config to one line per configured input that is missing and what the
+    stage does instead (a fallback, a skipped part), each starting with :data:`MISSING_INPUT`; they go
+    into the manifest's warnings, or fail the stage before it runs under ``pipeline.strict_inputs``.
+    A stage that finds such a gap only while running returns a ``MISSING_INPUT`` warning instead.
     """
 
     name: str
@@ -138,3 +145,4 @@ class Stage:
     version: str = "1"
     uses_spark: bool = False
     resumable: bool = False
+    input_warnings: Callable[[Any], list[str]] = lambda cfg: []

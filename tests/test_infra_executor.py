@@ -204,3 +204,21 @@ def test_resume_dir_survives_failures_is_private_when_busy_and_goes_on_success(f
     manifest = execute(stage, config, "r1")  # the kernel released the lock: the third attempt succeeds
     assert manifest["metrics"] == {"attempt": 3} and list(manifest["outputs"]) == ["data"]
     assert list((root / RESUME_DIR).iterdir()) == []  # work and lock file removed once committed
+
+
+def test_a_missing_input_is_a_warning_or_with_strict_inputs_an_error(fake, monkeypatch):
+    """A stage's ``input_warnings`` (a fallback taken, a part skipped) land in the manifest's warnings;
+    ``pipeline.strict_inputs`` fails the stage before it runs."""
+    from dataclasses import replace
+
+    import fake_stages
+
+    alpha = replace(fake_stages.STAGES[0], input_warnings=lambda c: ["missing input: alpha.extra 'x' does not exist"])
+    monkeypatch.setattr(fake_stages, "STAGES", [alpha, *fake_stages.STAGES[1:]])
+    registry.all_stages.cache_clear()
+    build, src, root = fake
+    m = execute_stage("alpha", build(), "r1")
+    assert m["warnings"] == ["missing input: alpha.extra 'x' does not exist"]
+    with pytest.raises(StageInputError, match="strict_inputs"):
+        execute_stage("alpha", build(pipeline__strict_inputs=True), "r2")
+    assert not (root / "r2" / "alpha").exists()
