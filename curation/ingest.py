@@ -3,6 +3,21 @@
 Core: :func:`read_archive` walks one file with warcio and yields row dicts; records it cannot
 read become rows with a ``drop_reason`` (the run goes on). Shell: one Spark task per input file
 (``mapInPandas``), then the shared decision ledger writes ``data/`` and ``rejected/``.
+
+Identity and provenance do not depend on where the archives sit (a copy, a symlink or another
+checkout gives the same rows, so the same content hashes):
+
+* ``doc_id`` (:func:`make_doc_id`) is the first 128 bits of sha256 over what identifies the record
+  itself: its ``WARC-Record-ID`` (WARC/WET; unique by the WARC spec, a ``urn:uuid``), else (ARC,
+  which has none) its URL, capture date and payload digest. Two ids collide only for the same
+  record (the same archive ingested twice, under any name) or for two ARC captures of the same URL
+  in the same second with the same payload (the same page); exact dedup merges both cases anyway.
+  A random collision of 128-bit ids is negligible (~1e-20 for 1e9 records).
+* ``warc_file`` is the archive's name relative to the configured input it was found under (the
+  file name for a file given directly, ``sub/dir/x.warc.gz`` under a folder), never an absolute
+  path; ``source`` is ``warc_file@offset``. Where the inputs were is recorded only in the
+  manifest's inputs (URI + content hash). Two inputs holding archives of the same relative name
+  are read, and the stage warns that their ``source`` values are ambiguous.
 """
 
 from __future__ import annotations
@@ -46,28 +61,42 @@ class IngestConfig(StageConfig):
     keep_non_html: bool = Field(False, description="keep non-HTML responses instead of dropping them")
 
 
-def find_archives(paths: list[str]) -> list[Path]:
-    """Archive files under the given files/folders, sorted; a missing path is an error."""
+def archive_entries(paths: list[str]) -> list[tuple[Path, str]]:
+    """``(file to read, its name in the data)`` for every archive under the given files/folders,
+    sorted by name; a missing path is an error.
+
+    The name is relative to the configured input (a file's own name, or its path below a folder),
+    so it is the same wherever the corpus sits; a file reached twice (two inputs, a symlink) is
+    read once, under its first name.
+    """
     if not paths:
         raise ValueError("ingest.input_paths is empty: list WARC/ARC/WET files or folders, e.g. -o 'ingest.input_paths=[tests/data/warc]'")
-    found: list[Path] = []
+    found: dict[Path, str] = {}
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"ingest input {raw!r} does not exist")
         if p.is_file():
-            found.append(p.resolve())
+            found.setdefault(p.resolve(), p.name)
         else:
-            found.extend(f.resolve() for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(ARCHIVE_SUFFIXES))
-    return sorted(set(found))
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.name.lower().endswith(ARCHIVE_SUFFIXES):
+                    found.setdefault(f.resolve(), f.relative_to(p).as_posix())
+    return sorted(((f, name) for f, name in found.items()), key=lambda e: (e[1], str(e[0])))
 
 
-def make_doc_id(record_id: str | None, url: str, payload_digest: str) -> str:
-    """Stable id of a source record: its WARC-Record-ID, else (ARC) its URL + payload digest.
+def find_archives(paths: list[str]) -> list[Path]:
+    """Archive files under the given files/folders (resolved), in :func:`archive_entries` order."""
+    return [f for f, _ in archive_entries(paths)]
+
+
+def make_doc_id(record_id: str | None, url: str, payload_digest: str, fetch_date: str | None = None) -> str:
+    """Stable id of a source record from the record alone (never from where its archive is): its
+    WARC-Record-ID, else (ARC) its URL + capture date + payload digest.
 
     Two fetches of the same page are two records with two ids; exact dedup merges them later.
     """
-    key = record_id or f"{url}\n{payload_digest}"
+    key = record_id or f"{url}\n{fetch_date or ''}\n{payload_digest}"
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -169,8 +198,13 @@ def _read_limited(stream, limit: int, chunk: int = 1 << 16) -> bytes:
     return b"".join(parts)
 
 
-def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: bool = False) -> Iterator[dict]:
+def read_archive(
+    path: str, max_record_bytes: int = 50_000_000, keep_non_html: bool = False, name: str | None = None
+) -> Iterator[dict]:
     """Yield one row per response/conversion record of an archive file, and at least one row per file.
+
+    ``name`` is what the rows call the file (``warc_file``, and ``source`` = ``name@offset``); default
+    its file name. Rows never hold the path the file was read from.
 
     Rows for records that are not HTML, too large, or unreadable carry a ``drop_reason``; a file
     that cannot be read past some point yields a ``warc_read_error`` row at that offset and stops.
@@ -183,10 +217,12 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
     """
     from warcio.archiveiterator import ArchiveIterator, WARCIterator
 
+    file_name = name or Path(path).name
+
     def row(**kw) -> dict:
         base = {c: None for c in COLUMNS}
-        base.update(warc_file=path, **kw)
-        base["source"] = f"{path}@{base.get('warc_offset')}"
+        base.update(warc_file=file_name, **kw)
+        base["source"] = f"{file_name}@{base.get('warc_offset')}"
         return base
 
     fmt, problem = archive_format(path)
@@ -226,7 +262,7 @@ def read_archive(path: str, max_record_bytes: int = 50_000_000, keep_non_html: b
                     yield row(**common, drop_reason="bad_content_length")
                     continue
                 digest = headers.get_header("WARC-Payload-Digest") or "sha1:" + hashlib.sha1(content).hexdigest()
-                doc_id = make_doc_id(record_id, url, digest)
+                doc_id = make_doc_id(record_id, url, digest, fetch_date)
                 if record.rec_type == "conversion":  # WET: text already extracted
                     yield row(**common, doc_id=doc_id, content_type="text/plain", content=content,
                               content_length=len(content), declared_charset="utf-8", detected_charset="utf-8")
@@ -280,28 +316,34 @@ def spark_schema():
     ])
 
 
-def ingest_dataframe(spark, files: list[Path], max_record_bytes: int, keep_non_html: bool):
-    """A DataFrame of records from ``files``: one Spark task per file."""
+def ingest_dataframe(spark, files: list[tuple[Path, str]], max_record_bytes: int, keep_non_html: bool):
+    """A DataFrame of records from ``files`` (``(path, name)``, :func:`archive_entries`): one Spark
+    task per file, the i-th file in the i-th partition (no shuffle keyed on paths, so the output's
+    part files hold the same rows wherever the archives are)."""
     import pandas as pd
 
     def parse(batches):
         for batch in batches:
-            for path in batch["path"]:
-                records = read_archive(path, max_record_bytes, keep_non_html)
+            for path, name in zip(batch["path"], batch["name"]):
+                records = read_archive(path, max_record_bytes, keep_non_html, name)
                 while rows := list(itertools.islice(records, FRAME_RECORDS)):
                     frame = pd.DataFrame(rows, columns=list(COLUMNS))
                     for col in ("warc_offset", "content_length", "http_status"):
                         frame[col] = frame[col].astype("Int64")
                     yield frame
 
-    paths = spark.createDataFrame([(str(f),) for f in files], "path string").repartition(max(1, len(files)), "path")
-    return paths.mapInPandas(parse, schema=spark_schema())
+    rows = spark.sparkContext.parallelize([(str(f), name) for f, name in files], max(1, len(files)))
+    return spark.createDataFrame(rows, "path string, name string").mapInPandas(parse, schema=spark_schema())
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg: IngestConfig = ctx.config
-    files = find_archives(cfg.input_paths)
+    files = archive_entries(cfg.input_paths)
     ctx.log.info("ingest: %d archive files", len(files))
+    names = [name for _, name in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    warnings = [f"archives of the same name under different inputs, so their rows' source/warc_file are ambiguous: "
+                f"{', '.join(twice[:5])}{' ...' if len(twice) > 5 else ''} (the manifest's inputs list every input)"] if twice else []
     spark = ctx.spark()
     if files:
         df = ingest_dataframe(spark, files, cfg.max_record_bytes, cfg.keep_non_html)
@@ -309,7 +351,7 @@ def run(ctx: StageContext) -> StageResult:
         df = spark.createDataFrame([], spark_schema())
     counts = write_decisions(df, ctx.output("data"), ctx.output("rejected"), rejected_drop_columns=("content",))
     metrics = {"archive_files": len(files), **counts}
-    return StageResult(metrics=metrics, tables={"funnel": funnel_rows("ingest", counts)})
+    return StageResult(metrics=metrics, tables={"funnel": funnel_rows("ingest", counts)}, warnings=warnings)
 
 
 STAGES = [
@@ -320,5 +362,6 @@ STAGES = [
         run=run,
         external_inputs=lambda cfg: {f"archives_{i}": p for i, p in enumerate(cfg.input_paths)},
         uses_spark=True,
+        version="2",  # 2: warc_file/source name the archive relative to its input, not by absolute path
     )
 ]

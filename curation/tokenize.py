@@ -32,7 +32,7 @@ from curation.megatron_shards import (
     SPLITS, ShardWriter, clean_partial, list_shards, read_index, token_dtype, write_blend,
 )
 from curation.text_sources import (
-    BLANK_LINES, PARQUET, doc_hash, read_documents, source_files, source_format, valid_text,
+    BLANK_LINES, PARQUET, doc_hash, read_documents, source_entries, source_format, valid_text,
 )
 from curation.tokenizer import tokenizer_info
 from infra.markdown import markdown_table
@@ -219,19 +219,20 @@ def write_shards(rows: Iterable[tuple], out_dir: str, tokenizer, eos_id: int, dt
     return [s.stats for s in shards.values()]
 
 
-def source_paths(spec: SourceSpec, upstream_data: Path | None) -> list[Path]:
-    """The files of one source, sorted; the upstream data must have ``doc_id`` and ``text`` columns."""
+def source_paths(spec: SourceSpec, upstream_data: Path | None) -> list[tuple[Path, str]]:
+    """The files of one source as ``(path, name)`` (:func:`source_entries`), sorted; the upstream data
+    must have ``doc_id`` and ``text`` columns."""
     import pyarrow.parquet as pq
 
     if spec.path is not None:
-        files = source_files(spec.path)
+        files = source_entries(spec.path)
         if not files:
             raise ValueError(f"source {spec.name!r}: no .parquet/.jsonl/.json/.txt files under {spec.path}")
         return files
     if upstream_data is None:
         raise ValueError(f"source {spec.name!r} reads the upstream data but there is no upstream")
-    files = [f for f in source_files(upstream_data) if f.name.endswith(".parquet")]
-    for f in files:
+    files = [(f, name) for f, name in source_entries(upstream_data) if f.name.endswith(".parquet")]
+    for f, _ in files:
         missing = {"doc_id", "text"} - set(pq.read_schema(f).names)
         if missing:
             raise ValueError(f"upstream data {upstream_data} lacks column(s) {sorted(missing)} (in {f.name})")
@@ -250,17 +251,18 @@ def count_documents(path: Path, separator: str) -> int:
 def plan_units(sources: list[SourceSpec], upstream_data: Path | None, docs_per_shard: int) -> list[dict]:
     """Work units: each source's documents (files sorted, rows in order) cut every ``docs_per_shard``.
 
-    A unit is ``{source_name, part, separator, pieces: [[path, first_row, rows], ...]}``; it may span
-    files. ``part`` numbers the units of a source from 0 and names its shards.
+    A unit is ``{source_name, part, separator, pieces: [[path, first_row, rows, name], ...]}``; it may
+    span files. ``part`` numbers the units of a source from 0 and names its shards; ``name`` is what
+    the documents' ``source`` calls the file (never its absolute path).
     """
     units: list[dict] = []
     for spec in sources:
         part, pieces, filled = 0, [], 0
-        for path in source_paths(spec, upstream_data):
+        for path, name in source_paths(spec, upstream_data):
             n, start = count_documents(path, spec.doc_separator), 0
             while start < n:
                 take = min(n - start, docs_per_shard - filled)
-                pieces.append([str(path), start, take])
+                pieces.append([str(path), start, take, name])
                 start, filled = start + take, filled + take
                 if filled == docs_per_shard:
                     units.append({"source_name": spec.name, "part": part, "separator": spec.doc_separator, "pieces": pieces})
@@ -273,8 +275,8 @@ def plan_units(sources: list[SourceSpec], upstream_data: Path | None, docs_per_s
 def unit_rows(unit: dict, split: str, batch_size: int) -> Iterator[tuple]:
     """The rows (:data:`ROW_FIELDS`) of one unit, each routed to its split's shard."""
     t1, t2 = split_thresholds(split)
-    for path, first_row, rows in unit["pieces"]:
-        for d in read_documents(path, unit["separator"], first_row, rows, batch_size):
+    for path, first_row, rows, name in unit["pieces"]:
+        for d in read_documents(path, unit["separator"], first_row, rows, batch_size, name):
             sp = _split_by_hash(d["doc_id"], t1, t2)
             yield shard_name(unit["source_name"], sp, unit["part"]), unit["source_name"], sp, d["doc_id"], d["url"], d["source"], d["text"]
 
@@ -430,5 +432,6 @@ STAGES = [
         inputs=("dedup", "tokenizer"),
         external_inputs=lambda cfg: {f"source_{s.name}": s.path for s in cfg.sources if s.path is not None},
         uses_spark=True,
+        version="2",  # 2: documents of a file source get ids from its content and sources named without its location
     )
 ]

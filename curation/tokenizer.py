@@ -209,5 +209,6 @@ STAGES = [
         run=run,
         inputs=("dedup",),
         external_inputs=_external,
+        version="2",  # 2: documents of extra_paths get ids from their content (the sample follows ids)
     )
 ]

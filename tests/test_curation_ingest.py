@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from curation.ingest import find_archives, make_doc_id, read_archive, sniff_charset
+from curation.ingest import archive_entries, find_archives, make_doc_id, read_archive, sniff_charset
 from flows.registry import execute_stage
 from infra.executor import StageInputError
 
@@ -123,6 +123,23 @@ def test_missing_path_and_doc_id():
     assert make_doc_id(None, "http://a", "sha1:x") == make_doc_id(None, "http://a", "sha1:x")
     assert make_doc_id(None, "http://a", "sha1:x") != make_doc_id(None, "http://b", "sha1:x")
     assert make_doc_id("<urn:uuid:1>", "http://a", "sha1:x") != make_doc_id("<urn:uuid:2>", "http://a", "sha1:x")
+    # ARC records (no record id): two captures of the same page at two dates are two documents
+    assert make_doc_id(None, "http://a", "sha1:x", "20240101000000") != make_doc_id(None, "http://a", "sha1:x", "20240102000000")
+
+
+def test_archive_names_do_not_depend_on_where_the_corpus_is(tmp_path):
+    copy, link = tmp_path / "a" / "corpus", tmp_path / "b" / "corpus"
+    shutil.copytree(WARC_DIR, copy / "sub")
+    link.parent.mkdir()
+    link.symlink_to(copy)
+    names = [n for _, n in archive_entries([str(copy)])]
+    assert names == [n for _, n in archive_entries([str(link)])] and "sub/whirlwind.warc.gz" in names
+    assert [n for _, n in archive_entries([str(link / "sub" / "whirlwind.warc.gz")])] == ["whirlwind.warc.gz"]
+    [(path, name)] = archive_entries([str(link / "sub" / "whirlwind.warc.gz"), str(copy / "sub" / "whirlwind.warc.gz")])
+    assert path == (copy / "sub" / "whirlwind.warc.gz").resolve()  # one file reached twice is read once
+    rows = [list(read_archive(str(p), name=n)) for p, n in archive_entries([str(copy / "sub" / "whirlwind.warc.gz")])]
+    again = list(read_archive(str(link / "sub" / "whirlwind.warc.gz")))
+    assert rows[0] == again and all(r["source"] == f"whirlwind.warc.gz@{r['warc_offset']}" for r in again)
 
 
 def test_ingest_stage_on_spark_records_every_drop(spark, make_config, tmp_path, shared_data):
@@ -144,6 +161,6 @@ def test_ingest_stage_on_spark_records_every_drop(spark, make_config, tmp_path, 
     assert data["doc_id"].is_unique and data["content"].map(len).min() > 0
     rejected = pq.read_table(m["outputs"]["rejected"]["path"]).to_pandas()
     assert len(rejected) == 8 and rejected["content"].isna().all()  # the ledger keeps no raw bytes
-    assert set(data["warc_file"]) | set(rejected["warc_file"]) == {str(f) for f in find_archives([str(inputs)])}
+    assert set(data["warc_file"]) | set(rejected["warc_file"]) == {name for _, name in archive_entries([str(inputs)])}
     with pytest.raises(StageInputError, match="does not exist"):
         execute_stage("ingest", make_config({"ingest.input_paths": ["/no/such/warcs"]}), "r2")
