@@ -23,7 +23,7 @@ from pydantic import Field
 
 from curation.ledger import funnel_rows, write_decisions
 from infra.jsonl import open_text, read_jsonl
-from infra.stage import Stage, StageConfig, StageContext, StageResult
+from infra.stage import MISSING_INPUT, Stage, StageConfig, StageContext, StageResult
 
 HQ, LQ = "__label__hq", "__label__lq"
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -221,6 +221,22 @@ def training_sources(cfg: TrainQualityConfig) -> dict[str, str]:
     return out
 
 
+def missing_sources(cfg: TrainQualityConfig) -> list[str]:
+    """One ``missing input:`` warning per configured positives/negatives path that does not exist,
+    saying what the stage uses instead (the class's other paths, or its fallback)."""
+    out = []
+    for kind, paths, fallback in (("positives", cfg.positives, cfg.fallback_positives), ("negatives", cfg.negatives, cfg.fallback_negatives)):
+        absent = [p for p in paths if not Path(p).expanduser().exists()]
+        if not absent:
+            continue
+        if len(absent) < len(paths):
+            instead = "trained without them"
+        else:
+            instead = f"trained on fallback_{kind} {fallback!r} instead" if fallback else "no fallback"
+        out.append(f"{MISSING_INPUT} train_quality.{kind} {absent} do(es) not exist; {instead}")
+    return out
+
+
 def run_train(ctx: StageContext) -> StageResult:
     cfg: TrainQualityConfig = ctx.config
     sources = {"positives": [], "negatives": []}
@@ -243,7 +259,8 @@ def run_train(ctx: StageContext) -> StageResult:
     metrics = {
         "positive_docs": len(positives), "negative_docs": len(negatives), "rejected_negatives": rejected,
         "train_lines": len(train), **precision_recall(model, holdout),
-        "sources": {k: [str(p) for p in v] for k, v in sources.items()},
+        # by file name, no location (equal data, equal hash): where they were is in the manifest's inputs
+        "sources": {k: [Path(p).name for p in v] for k, v in sources.items()},
     }
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ctx.log.info("train_quality: held-out precision %.3f recall %.3f", metrics["holdout_precision"], metrics["holdout_recall"])
@@ -302,7 +319,8 @@ STAGES = [
         run=run_train,
         optional_inputs=("heuristics",),
         external_inputs=training_sources,
-        version="1",
+        input_warnings=missing_sources,
+        version="2",  # 2: model/metrics.json names its sources by file name, not by absolute path
     ),
     Stage(
         name="quality",

@@ -25,7 +25,7 @@ from evaluation.effects import EFFECTS_TABLE, effect_metrics, effect_row, format
 from evaluation.model import EvalModel
 from evaluation.report import EVAL_TABLE, eval_tables, flat_metrics, markdown_table, result_rows, stages_side_by_side
 from evaluation.tasks import arithmetic, gsm8k, heldout, hellaswag, perplexity, reward_accuracy
-from infra.stage import Stage, StageConfig, StageContext, StageResult
+from infra.stage import MISSING_INPUT, Stage, StageConfig, StageContext, StageResult
 from training.models import resolve_model
 
 TaskName = Literal["hellaswag", "gsm8k", "perplexity", "web_perplexity", "heldout", "reward_accuracy", "arithmetic"]
@@ -262,6 +262,8 @@ def run(ctx: StageContext) -> StageResult:
         md += ["", "### Along the pipeline", "", stages_side_by_side({**earlier, ctx.stage: rows})]
     metrics = {**flat_metrics(rows), **effect_metrics(effects), "tasks_skipped": len(skipped)}
     warnings = [f"evaluated checkpoint {upstream.run_id}/{upstream.stage}: {w}" for w in upstream.manifest.get("warnings", [])]
+    # a configured task that could not run is a gap in the results, not a footnote (fails under pipeline.strict_inputs)
+    warnings += [f"{MISSING_INPUT} task {s} (skipped)" for s in skipped]
     if warnings:
         md += ["", "**Warnings**", "", *(f"- {w}" for w in warnings)]
     return StageResult(metrics=metrics, tables={EVAL_TABLE: rows, EFFECTS_TABLE: effects}, report_md="\n".join(md),

@@ -14,6 +14,7 @@ from curation.quality import (
     TrainQualityConfig,
     build_examples,
     fasttext_line,
+    missing_sources,
     precision_recall,
     read_texts,
     score_texts,
@@ -52,6 +53,14 @@ def test_training_sources_fall_back_to_fixtures():
     assert training_sources(cfg) == {"positives_0": pos, "negatives_0": neg}
     with pytest.raises(ValueError, match=r"none of positives \['/nonexistent/pos'\] exists and fallback_positives is not set"):
         training_sources(TrainQualityConfig(positives=["/nonexistent/pos"], fallback_negatives=neg))
+    # the fallback is said aloud, and so is a class trained without one of its paths
+    assert missing_sources(cfg) == [
+        f"missing input: train_quality.positives ['/nonexistent/pos'] do(es) not exist; trained on fallback_positives {pos!r} instead",
+        f"missing input: train_quality.negatives ['/nonexistent/neg'] do(es) not exist; trained on fallback_negatives {neg!r} instead",
+    ]
+    partial = TrainQualityConfig(positives=[pos, "/nonexistent/pos"], negatives=[neg])
+    assert missing_sources(partial) == ["missing input: train_quality.positives ['/nonexistent/pos'] do(es) not exist; trained without them"]
+    assert missing_sources(TrainQualityConfig(positives=[pos], negatives=[neg])) == []
 
 
 def test_classifier_separates_clean_text_from_boilerplate(tmp_path):
@@ -101,7 +110,11 @@ def test_train_and_score_stages(spark, shared_data, make_config, tmp_path):
     })
     trained = execute_stage("train_quality", cfg, "r1")
     m = trained["metrics"]
-    assert m["rejected_negatives"] == 60 and m["sources"]["positives"][0].endswith("positives.jsonl.gz")
+    assert m["rejected_negatives"] == 60 and m["sources"]["positives"] == ["positives.jsonl.gz"]
+    assert [w.split(" [")[0] for w in trained["warnings"]] == [
+        "missing input: train_quality.positives", "missing input: train_quality.negatives"]
+    # model/metrics.json (part of the output's hash) names sources without their location
+    assert json.loads(Path(trained["outputs"]["model"]["path"], "metrics.json").read_text())["sources"]["negatives"] == ["negatives.jsonl.gz"]
     assert m["holdout_precision"] > 0.8 and m["holdout_recall"] > 0.8
     assert Path(trained["outputs"]["model"]["path"], "model.bin").is_file()
     scored = execute_stage("quality", cfg, "r1")

@@ -398,6 +398,8 @@ def test_eval_stages_via_executor_and_compare(tiny_dirs, make_config, tmp_path, 
     dpo = execute_stage("eval_dpo", config, "run-a")
     assert dpo["metrics"]["reward_accuracy/n"] == 8 and dpo["metrics"]["gsm8k/n"] == 2
     assert dpo["metrics"]["tasks_skipped"] == 1  # heldout: eval_dpo has no tokenize input
+    assert [w for w in dpo["warnings"] if w.startswith("missing input:")] == [
+        "missing input: task heldout: no tokenize stage output (shards/) in this run (skipped)"]  # said aloud
     assert "### Along the pipeline" in dpo["report_md"] and "eval_pretrain" in dpo["report_md"]
 
     execute_stage("eval_pretrain", config, "run-b")
