@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import Field, model_validator
 
@@ -58,8 +58,10 @@ class GRPOConfig(RLConfigBase):
 
 
 def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=None, reward_model=None,
-               reward_functions=None, log: logging.Logger | None = None) -> list[dict]:
-    """Run ``cfg.steps`` GRPO steps; returns one metrics dict per step. The policy is trained in place."""
+               reward_functions=None, log: logging.Logger | None = None,
+               on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run ``cfg.steps`` GRPO steps; returns one metrics dict per step. The policy is trained in place;
+    ``on_step`` (e.g. a held-out evaluation) sees each step's record after its update and weight sync."""
     import torch
     from tqdm import tqdm
 
@@ -102,6 +104,8 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
             log.warning("grpo step %d: every sampled group had equal rewards after %d rounds; no update", step,
                         1 + cfg.resample_rounds)
             history.append({**record, "gen_s": round(t_gen, 3), "step_s": round(time.time() - t0, 3)})
+            if on_step:
+                on_step(history[-1])
             continue
 
         policy.train()
@@ -144,6 +148,8 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
             "gen_s": round(t_gen, 3), "step_s": round(time.time() - t0, 3), **gap,
         })
         history.append(record)
+        if on_step:
+            on_step(record)
         log.info(
             "grpo step %d: reward %.3f len %.1f loss %.4f |dlogp| mean %.2e max %.2e (%.1fs, gen %.1fs)", step,
             record["reward_mean"], record["response_len_mean"], record["loss"], gap.get("logp_gap_mean", 0.0),
