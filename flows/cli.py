@@ -26,7 +26,7 @@ from curation.megatron_shards import trace_tokens
 from evaluation.effects import EFFECTS_TABLE, format_effect
 from evaluation.report import compare_runs
 from flows.explorer import start_explorer
-from flows.registry import all_stages, load_config
+from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.executor import StageInputError, parse_from
 from infra.lineage import LineageCatalog, artifact_path, diff_runs, label
@@ -269,7 +269,7 @@ def cmd_train_quality(args: argparse.Namespace) -> int:
 def cmd_lineage_diff(args: argparse.Namespace) -> int:
     catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
     try:
-        lines = diff_runs(catalog, args.run_a, args.run_b)
+        lines = diff_runs(catalog, args.run_a, args.run_b, execution_metrics())
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2

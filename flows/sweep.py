@@ -38,9 +38,9 @@ from prefect.futures import as_completed
 
 from flows.pipeline import StageName, pipeline
 from flows.stages import label_flow_run
-from flows.registry import load_config
+from flows.registry import execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
-from infra.lineage import LineageCatalog, flatten, run_differences
+from infra.lineage import LineageCatalog, compare_runs, flatten
 from infra.markdown import markdown_table
 from infra.runstore import write_json_atomic
 
@@ -303,11 +303,12 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
     if len(arms) > 1:
         base = arms[0]["run_id"]
         for a in arms[1:]:
-            changed = [r for r in run_differences(catalog, base, a["run_id"]) if r["kind"] in ("config", "output")]
-            diffs.append({"arm": a["run_id"], "vs": base,
-                          "config keys": ", ".join(sorted({f"{r['stage']}.{r['key']}" for r in changed
+            c = compare_runs(catalog, base, a["run_id"], execution_metrics())
+            rows_ = [(e["stage"], r) for e in c["stages"] for r in e["rows"]]
+            diffs.append({"arm": a["run_id"], "vs": base, "lineage": c["summary"],
+                          "config keys": ", ".join(sorted({f"{s}.{r['key']}" for s, r in rows_
                                                            if r["kind"] == "config"})) or "-",
-                          "outputs that differ": ", ".join(sorted({f"{r['stage']}/{r['key']}" for r in changed
+                          "outputs that differ": ", ".join(sorted({f"{s}/{r['key']}" for s, r in rows_
                                                                    if r["kind"] == "output"})) or "-"})
 
     def table(items: list[dict]) -> str:

@@ -101,6 +101,12 @@ def test_report_compares_arms_with_seed_spread(fake_sweep):
     kept = {r["arm"]: r["alpha/kept"] for r in report["rows"]}
     assert kept == {"alpha.min_len=0": "3", "alpha.min_len=4": "1"}  # "one", "two", "three": only "three" >= 4
     assert "alpha.min_len" in report["html"] and "what differs from the first arm" in report["html"]
+    assert "2 stage(s) differ (alpha, beta)" in report["html"]
+    # arms that change only beta: alpha reused from the first arm is the same content, not a difference
+    summary = run_sweep(plan_sweep(str(cfg_file), {}, [parse_axis("beta.suffix=[x, y]")]), run_pipeline, root,
+                        log=lambda _: None)
+    html_doc = sweep_report(summary, LineageCatalog(root))["html"]
+    assert "1 stage(s) differ (beta); 1 with the same content" in html_doc and "cache:" not in html_doc
 
 
 def test_a_failed_arm_is_recorded_and_the_others_finish(fake_sweep):

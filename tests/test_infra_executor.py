@@ -142,7 +142,8 @@ def test_lineage_upstream_downstream_and_diff(fake):
     down = [a for _, a in catalog.tree(src.as_uri(), "down")]
     assert {(a["run_id"], a["stage"]) for a in down} == {("r1", "alpha"), ("r1", "beta"), ("r2", "beta")}
     lines = diff_runs(catalog, "r1", "r2")
-    assert "alpha: only in r1" in lines
+    assert lines[0] == "r1 vs r2: 1 stage(s) differ (beta); not run in r2: alpha"
+    assert "not run in r2: alpha" in lines and not any(line.startswith("alpha:") for line in lines)
     assert "  config beta.suffix: '' -> '?'" in lines
     with pytest.raises(KeyError):
         diff_runs(catalog, "r1", "nope")
