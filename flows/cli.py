@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a config key and its values (YAML list), repeatable (default: the config's sweep.axes)")
     p.add_argument("--mode", choices=["grid", "zip"], help="grid: every combination (default); zip: i-th values together")
     p.add_argument("--seeds", type=int, help="pretraining seeds per arm (default: sweep.seeds, 1)")
-    p.add_argument("--stages", help="comma-separated stages each arm runs (default: sweep.stages or the pipeline)")
+    p.add_argument("--stages", help="comma-separated stages each arm runs (default: sweep.stages, else curation + "
+                   "pretrain + eval_pretrain, never SFT/RL)")
     p.add_argument("--parallel", type=int, help="arms running at the same time (default: sweep.parallel, 1)")
     p.add_argument("--name", help="sweep id (default: derived from config, overrides, axis keys and stages)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the arms, run nothing")

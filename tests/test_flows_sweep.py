@@ -141,3 +141,13 @@ def test_refinery_sweep_runs_arms_through_prefect_and_reuses_the_cache(tmp_path)
     # the same command again: everything already done
     again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "0 computed" in again.stdout, again.stdout[-2000:]
+
+
+def test_the_default_stage_set_is_curation_the_proxy_model_and_its_eval_never_post_training():
+    from flows.registry import all_stages
+    from flows.sweep import default_sweep_stages
+
+    order = list(all_stages())
+    assert default_sweep_stages(order) == ["ingest", "extract", "langid", "heuristics", "train_quality", "quality",
+                                           "dedup", "tokenizer", "tokenize", "pretrain", "eval_pretrain"]
+    assert default_sweep_stages(["ingest", "extract", "sft", "grpo"]) == ["ingest", "extract"]
