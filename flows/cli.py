@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q)
     q.add_argument("ref")
     q.set_defaults(func=cmd_lineage_show)
-    q = lsub.add_parser("diff", help="what changed between two runs: config keys, input and output hashes, metrics")
+    q = lsub.add_parser("diff", help="what differs between two runs, by content: stages with equal output hashes are "
+                                            "the same (reuse shown, not counted); config keys, input and output "
+                                            "hashes, metrics of the stages that differ")
     _add_config_args(q)
     q.add_argument("run_a")
     q.add_argument("run_b")

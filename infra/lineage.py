@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from infra.markdown import markdown_table
+
 DB_NAME = "lineage.db"
 
 _SCHEMA = """
@@ -426,6 +428,22 @@ def _summary(c: dict[str, Any]) -> str:
     return head
 
 
+def _row_table(a: Any, b: Any, run_a: str, run_b: str) -> list[str] | None:
+    """Two lists of row dicts (a funnel: ``[{"step", "documents"}, ...]``) side by side as a table, keyed by
+    their first column; None when neither side is such a list."""
+    if not any(isinstance(v, list) and v and all(isinstance(r, dict) for r in v) for v in (a, b)):
+        return None
+    rows_a, rows_b = (v if isinstance(v, list) else [] for v in (a, b))
+    columns = list(dict.fromkeys(k for r in [*rows_a, *rows_b] if isinstance(r, dict) for k in r))
+    key, values = columns[0], columns[1:]
+    by_a = {r.get(key): r for r in rows_a if isinstance(r, dict)}
+    by_b = {r.get(key): r for r in rows_b if isinstance(r, dict)}
+    header = [key, *(f"{c} ({run})" for c in values for run in (run_a, run_b))]
+    body = [[k, *(side.get(k, {}).get(c, "") for c in values for side in (by_a, by_b))]
+            for k in dict.fromkeys([*by_a, *by_b])]
+    return markdown_table(header, body)
+
+
 def _show(value: Any) -> str:
     if isinstance(value, str) and value.startswith("sha256:"):
         return value[:19]
@@ -445,6 +463,10 @@ def diff_runs(catalog: LineageCatalog, run_a: str, run_b: str,
         for row in e["rows"]:
             key = f"{e['stage']}.{row['key']}" if row["kind"] == "config" else row["key"]
             note = " (outputs unchanged)" if e["result"] == "same" else ""
+            table = _row_table(row["a"], row["b"], run_a, run_b)
+            if table:
+                lines += [f"  {row['kind']} {key}:{note}", *(f"    {line}" for line in table)]
+                continue
             lines.append(f"  {row['kind']} {key}: {_show(row['a'])} -> {_show(row['b'])}{note}")
     for key, run in (("not_run_in_b", run_b), ("not_run_in_a", run_a)):
         if c[key]:

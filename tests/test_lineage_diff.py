@@ -112,3 +112,19 @@ def test_explorer_diff_page_uses_the_same_answer(catalog):
     edited = explorer.diff("A", "C")
     assert "1 stage(s) differ (heuristics)" in edited and "What differs" in edited and "kept" in edited
     assert "signals_cache" not in edited  # the registry's heuristics stage declares it an execution metric
+
+
+def test_a_funnel_that_differs_prints_as_a_table_not_a_python_list(tmp_path):
+    cat = LineageCatalog(tmp_path)
+    funnel = [{"step": "records", "documents": 100}, {"step": "after gopher", "documents": 80}]
+    _record(cat, "A", "heuristics", metrics={"funnel": funnel})
+    _record(cat, "C", "heuristics", out="edited", metrics={"funnel": [funnel[0], {"step": "after gopher", "documents": 60}]})
+    lines = diff_runs(cat, "A", "C")
+    assert lines[lines.index("  metric funnel:"):] == [
+        "  metric funnel:",
+        "    | step | documents (A) | documents (C) |",
+        "    |---|---|---|",
+        "    | records | 100 | 100 |",
+        "    | after gopher | 80 | 60 |",
+    ]
+    assert not any("[{" in line for line in lines)
