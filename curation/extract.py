@@ -268,5 +268,6 @@ STAGES = [
         run=run,
         inputs=("ingest",),
         uses_spark=True,
+        execution_metrics=("extract_seconds_total", "extract_seconds_max"),
     )
 ]

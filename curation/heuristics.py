@@ -196,5 +196,6 @@ STAGES = [
         run=run,
         inputs=("langid",),
         uses_spark=True,
+        execution_metrics=("signals_cache", "signals_cache_dir"),
     )
 ]

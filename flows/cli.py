@@ -26,7 +26,7 @@ from curation.megatron_shards import trace_tokens
 from evaluation.effects import EFFECTS_TABLE, format_effect
 from evaluation.report import compare_runs
 from flows.explorer import start_explorer
-from flows.registry import all_stages, load_config
+from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.executor import StageInputError, parse_from
 from infra.lineage import LineageCatalog, artifact_path, diff_runs, label
@@ -269,7 +269,7 @@ def cmd_train_quality(args: argparse.Namespace) -> int:
 def cmd_lineage_diff(args: argparse.Namespace) -> int:
     catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
     try:
-        lines = diff_runs(catalog, args.run_a, args.run_b)
+        lines = diff_runs(catalog, args.run_a, args.run_b, execution_metrics())
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q)
     q.add_argument("ref")
     q.set_defaults(func=cmd_lineage_show)
-    q = lsub.add_parser("diff", help="what changed between two runs: config keys, input and output hashes, metrics")
+    q = lsub.add_parser("diff", help="what differs between two runs, by content: stages with equal output hashes are "
+                                            "the same (reuse shown, not counted); config keys, input and output "
+                                            "hashes, metrics of the stages that differ")
     _add_config_args(q)
     q.add_argument("run_a")
     q.add_argument("run_b")
@@ -395,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a config key and its values (YAML list), repeatable (default: the config's sweep.axes)")
     p.add_argument("--mode", choices=["grid", "zip"], help="grid: every combination (default); zip: i-th values together")
     p.add_argument("--seeds", type=int, help="pretraining seeds per arm (default: sweep.seeds, 1)")
-    p.add_argument("--stages", help="comma-separated stages each arm runs (default: sweep.stages or the pipeline)")
+    p.add_argument("--stages", help="comma-separated stages each arm runs (default: sweep.stages, else curation + "
+                   "pretrain + eval_pretrain, never SFT/RL)")
     p.add_argument("--parallel", type=int, help="arms running at the same time (default: sweep.parallel, 1)")
     p.add_argument("--name", help="sweep id (default: derived from config, overrides, axis keys and stages)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the arms, run nothing")

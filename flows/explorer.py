@@ -7,7 +7,8 @@ Pages (server-rendered HTML with the lineage graph as inline SVG, no JavaScript 
   /stage/RUN/STAGE           one stage run: graph, inputs/outputs with content hashes, same-content
                              artifacts, config and metrics
   /artifact?ref=REF          an artifact (RUN/STAGE[/OUTPUT], path, hash prefix) → its stage run's page
-  /diff?a=RUN_A&b=RUN_B      config keys, input/output hashes and metrics that differ
+  /diff?a=RUN_A&b=RUN_B      stages compared by content (same / differs / not run), reuse as provenance;
+                             the config keys, input/output hashes and metrics of stages that differ
   /trace?shards=RUN/tokenize/shards&shard=NAME&seq=N
                              a token sequence → its document → its WARC record
   /api/graph?run=RUN | ?stage=RUN/STAGE   the graph as JSON
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from curation.megatron_shards import trace_tokens
-from infra.lineage import LineageCatalog, artifact_path, flatten, label, lineage_graph, run_differences
+from flows.registry import execution_metrics
+from infra.lineage import LineageCatalog, artifact_path, compare_runs, flatten, label, lineage_graph
 
 NODE_W, LINE_H, GAP_X, GAP_Y = 300, 16, 40, 70
 STYLE = """
@@ -237,19 +239,28 @@ class Explorer:
 
     def diff(self, run_a: str, run_b: str) -> str:
         try:
-            rows = run_differences(self.catalog, run_a, run_b)
+            c = compare_runs(self.catalog, run_a, run_b, execution_metrics())
         except KeyError as exc:
             return page("diff", f"<p class='err'>{_e(exc.args[0])}</p>")
 
         def cell(value: Any) -> str:
             return f"<code>{_e(value)}</code>" if value is not None else ""
 
-        cells = [[_e(r["stage"]), _e(r["kind"]), _e(r["key"]),
-                  cell(r["a"]) if r["kind"] != "only_in" else ("yes" if r["a"] else "no"),
-                  cell(r["b"]) if r["kind"] != "only_in" else ("yes" if r["b"] else "no")] for r in rows]
-        changed = len({r["stage"] for r in rows if r["kind"] != "identical"})
-        body = (f"<h2>{_e(run_a)} vs {_e(run_b)}</h2><p>{changed} stage(s) differ</p>"
-                + table(["stage", "what", "key", run_a, run_b], cells))
+        def stage_link(run_id: str, stage: str, provenance: str | None) -> str:
+            return (f"<a href='/stage/{_e(run_id)}/{_e(stage)}'>{_e(provenance)}</a>" if provenance
+                    else "<span class='muted'>not run</span>")
+
+        results = {"same": "same content", "differs": "differs", "not_run_in_a": f"not run in {run_a}",
+                   "not_run_in_b": f"not run in {run_b}"}
+        stage_rows = [[_e(e["stage"]), _e(results[e["result"]]), stage_link(run_a, e["stage"], e["a"]),
+                       stage_link(run_b, e["stage"], e["b"])] for e in c["stages"]]
+        rows = [[_e(e["stage"]), _e(r["kind"] + (" (outputs unchanged)" if e["result"] == "same" else "")),
+                 _e(r["key"]), cell(r["a"]), cell(r["b"])] for e in c["stages"] for r in e["rows"]]
+        body = (f"<h2>{_e(run_a)} vs {_e(run_b)}</h2><p class='diff-summary'>{_e(c['summary'])}</p>"
+                "<p class='muted'>Compared by content: equal output hashes are the same, however produced "
+                "(computed or reused); how each side got its outputs is shown, not counted.</p>"
+                + table(["stage", "result", f"{run_a}", f"{run_b}"], stage_rows)
+                + ("<h2>What differs</h2>" + table(["stage", "what", "key", run_a, run_b], rows) if rows else ""))
         return page(f"diff {run_a} {run_b}", body)
 
     def trace(self, shards: str, shard: str, seq: str) -> str:

@@ -66,6 +66,11 @@ def get_stage(name: str) -> Stage:
     return stages[name]
 
 
+def execution_metrics() -> dict[str, tuple[str, ...]]:
+    """Stage → metric names that describe how a run computed (see :attr:`Stage.execution_metrics`)."""
+    return {name: st.execution_metrics for name, st in all_stages().items() if st.execution_metrics}
+
+
 def load_config(path: str | Path | None = None, overrides: Any = None) -> BaseRefineryConfig:
     """:func:`infra.config.load_config` with this stage list: the file + overrides, validated once."""
     return config_lib.load_config(path, overrides, all_stages())

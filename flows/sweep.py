@@ -38,9 +38,9 @@ from prefect.futures import as_completed
 
 from flows.pipeline import StageName, pipeline
 from flows.stages import label_flow_run
-from flows.registry import load_config
+from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
-from infra.lineage import LineageCatalog, flatten, run_differences
+from infra.lineage import LineageCatalog, compare_runs, flatten
 from infra.markdown import markdown_table
 from infra.runstore import write_json_atomic
 
@@ -124,13 +124,32 @@ class SweepPlan:
     fixed_tokenizer: bool
 
 
+PROXY_EVAL = "eval_pretrain"
+
+
+def default_sweep_stages(order: list[str]) -> list[str]:
+    """What an arm runs unless told: curation, the proxy model and its evaluation — the proxy model's eval
+    stage and every stage it reads, transitively, among ``order`` — never SFT, reward models or RL.
+    (A stage list without that eval stage, such as tests' fake stages, runs whole.)"""
+    stages = all_stages()
+    if PROXY_EVAL not in stages:
+        return list(order)
+    needed, todo = set(), [PROXY_EVAL]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += [*stages[name].inputs, *stages[name].optional_inputs]
+    return [s for s in order if s in needed]
+
+
 def plan_sweep(config_file: str, overrides: dict | None, axes: list[Axis], mode: str = "grid", seeds: int = 1,
                stages: list[str] | None = None, name: str | None = None) -> SweepPlan:
     """Validate every arm's config (one clear error before anything runs) and name the runs."""
     overrides = dict(overrides or {})
     base = load_config(config_file, overrides)
     order = base.pipeline_stages()
-    stages = [s for s in order if s in (stages or order)]
+    stages = [s for s in order if s in (stages or default_sweep_stages(order))]
     if seeds > 1 and "pretrain" not in stages:
         raise ConfigError("config error: --seeds > 1 varies pretrain.seed, but pretrain is not among the stages")
     known = flatten(base.model_dump(mode="json"))
@@ -303,11 +322,12 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
     if len(arms) > 1:
         base = arms[0]["run_id"]
         for a in arms[1:]:
-            changed = [r for r in run_differences(catalog, base, a["run_id"]) if r["kind"] in ("config", "output")]
-            diffs.append({"arm": a["run_id"], "vs": base,
-                          "config keys": ", ".join(sorted({f"{r['stage']}.{r['key']}" for r in changed
+            c = compare_runs(catalog, base, a["run_id"], execution_metrics())
+            rows_ = [(e["stage"], r) for e in c["stages"] for r in e["rows"]]
+            diffs.append({"arm": a["run_id"], "vs": base, "lineage": c["summary"],
+                          "config keys": ", ".join(sorted({f"{s}.{r['key']}" for s, r in rows_
                                                            if r["kind"] == "config"})) or "-",
-                          "outputs that differ": ", ".join(sorted({f"{r['stage']}/{r['key']}" for r in changed
+                          "outputs that differ": ", ".join(sorted({f"{s}/{r['key']}" for s, r in rows_
                                                                    if r["kind"] == "output"})) or "-"})
 
     def table(items: list[dict]) -> str:
@@ -375,7 +395,8 @@ def sweep(
         axes: Config key → values, e.g. {"heuristics.gopher_quality.min_doc_words": [50, 100, 200]}.
         mode: grid = every combination of the axes' values; zip = the i-th values of every axis together.
         seeds: Pretraining seeds per arm (pretrain.seed = 1..seeds); the report shows their spread.
-        stages: Stages every arm runs (empty = the config's pipeline), e.g. curation + pretrain + eval_pretrain.
+        stages: Stages every arm runs (empty = curation + pretrain + eval_pretrain: the proxy model's eval and
+            every stage it reads, among the config's pipeline; never SFT/RL).
         parallel: Arms running at the same time.
         config_file: Base config YAML on the machine that runs the flow.
         overrides: Dotted keys applied to every arm (the base config).

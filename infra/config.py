@@ -78,7 +78,8 @@ class SweepConfig(Strict):
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="config key -> values, one arm per value")
     mode: Literal["grid", "zip"] = Field("grid", description="grid = every combination; zip = i-th values together")
     seeds: int = Field(1, ge=1, description="pretraining seeds per arm")
-    stages: list[str] = Field(default_factory=list, description="stages every arm runs (empty = pipeline.stages)")
+    stages: list[str] = Field(default_factory=list, description="stages every arm runs (empty = curation, the proxy model "
+                                     "and its eval: eval_pretrain and every stage it reads; never SFT/RL)")
     parallel: int = Field(1, ge=1, description="arms running at the same time")
 
 

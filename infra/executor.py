@@ -295,7 +295,8 @@ def execute(
                 continue
             events = StageRunEvents(config.openlineage, run_root, name, run_id, log)
             events.start(records, key)
-            manifest = _reuse_cached(cached, records, run_root, run_id, name, catalog, log, events.ol_run_id)
+            manifest = _reuse_cached(cached, records, run_root, run_id, name, catalog, log, events.ol_run_id,
+                                     stage.execution_metrics)
             events.complete(manifest)
             return manifest
 
@@ -377,12 +378,14 @@ def execute(
 
 def _reuse_cached(
     cached: dict, records: dict[str, dict], run_root: Path, run_id: str, name: str, catalog: LineageCatalog, log,
-    openlineage_run_id: str,
+    openlineage_run_id: str, execution_metrics: tuple[str, ...] = (),
 ) -> dict:
     """Point this run's stage at an identical earlier result instead of recomputing it.
 
     The stage gets artifacts of its own (this run's URIs, the computed run's files) and records
-    this run's inputs, so lineage never borrows the earlier run's upstream.
+    this run's inputs, so lineage never borrows the earlier run's upstream. Metrics that describe
+    the earlier execution (the stage's ``execution_metrics``: a cache miss, a wall time) are not
+    copied: this run did not compute; the earlier run's manifest keeps them.
     """
     source = f"{cached['run_id']}/{cached['stage']}"
     final = stage_dir(run_root, run_id, name)
@@ -393,6 +396,7 @@ def _reuse_cached(
     manifest = {
         **cached, "run_id": run_id, "cached_from": source, "manifest_path": str(final / MANIFEST),
         "inputs": {k: records[k] for k in cached["inputs"] if k in records}, "outputs": outputs,
+        "metrics": {k: v for k, v in cached["metrics"].items() if k not in execution_metrics},
         "timings": {"started_at": _now(), "finished_at": _now(), "seconds": 0.0},
         "openlineage_run_id": openlineage_run_id,
     }

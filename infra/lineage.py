@@ -16,7 +16,9 @@ import json
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Mapping
+
+from infra.markdown import markdown_table
 
 DB_NAME = "lineage.db"
 
@@ -337,11 +339,37 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
-def run_differences(catalog: LineageCatalog, run_a: str, run_b: str) -> list[dict[str, Any]]:
-    """What differs between two runs, one row per difference.
+def _provenance(run: dict) -> str:
+    return f"reused from {run['cached_from']}" if run["cached_from"] else "computed"
 
-    Each row: ``stage``, ``kind`` (only_in | config | input | output | metric | cache | identical),
-    ``key``, ``a``, ``b``. Stages equal in every respect get one ``identical`` row.
+
+def _same_content(ra: dict, rb: dict) -> bool:
+    """Equal outputs (names and content hashes); a stage without outputs: equal config and inputs."""
+    oa = {k: v["hash"] for k, v in ra["outputs"].items()}
+    ob = {k: v["hash"] for k, v in rb["outputs"].items()}
+    if oa or ob:
+        return oa == ob
+    ia = {k: v["hash"] for k, v in ra["inputs"].items()}
+    ib = {k: v["hash"] for k, v in rb["inputs"].items()}
+    return ia == ib and ra["config"] == rb["config"]
+
+
+def compare_runs(
+    catalog: LineageCatalog, run_a: str, run_b: str, execution_metrics: Mapping[str, Iterable[str]] | None = None,
+) -> dict[str, Any]:
+    """What differs between two runs, by content: the one answer the CLI, the explorer and a sweep use.
+
+    Two stage runs whose outputs have equal content hashes are the *same*, however produced (computed,
+    or reused from this or that run): how each side got its outputs is provenance, never a difference.
+    A stage that ran on one side only is listed as not run on the other, never counted as a difference.
+
+    Returns ``{"run_a", "run_b", "stages", "differ", "same", "not_run_in_a", "not_run_in_b", "summary"}``.
+    Each entry of ``stages``: ``stage``, ``result`` (``same`` | ``differs`` | ``not_run_in_a`` |
+    ``not_run_in_b``), ``a``/``b`` (provenance: ``computed``, ``reused from RUN/STAGE``, or None where it
+    did not run), and ``rows``: ``{"kind": config | input | output | metric, "key", "a", "b"}``, each with
+    unequal sides. A differing stage's rows say what differs; a same stage's rows hold only config keys
+    that differ without changing the outputs. ``execution_metrics`` (stage → metric names that describe
+    how a run computed, e.g. a cache hit or a wall time) are never compared, nor are ``seconds*`` metrics.
     """
     a = {r["stage"]: r for r in catalog.stage_runs(run_a)}
     b = {r["stage"]: r for r in catalog.stage_runs(run_b)}
@@ -349,51 +377,98 @@ def run_differences(catalog: LineageCatalog, run_a: str, run_b: str) -> list[dic
         raise KeyError(f"run {run_a!r} is not in the lineage catalog")
     if not b:
         raise KeyError(f"run {run_b!r} is not in the lineage catalog")
-    rows: list[dict[str, Any]] = []
+    ignore = {stage: set(names) for stage, names in (execution_metrics or {}).items()}
+    stages: list[dict[str, Any]] = []
     for stage in list(dict.fromkeys([*a, *b])):
-        if stage not in a or stage not in b:
-            rows.append({"stage": stage, "kind": "only_in", "key": "", "a": stage in a, "b": stage in b})
+        ra, rb = a.get(stage), b.get(stage)
+        entry: dict[str, Any] = {"stage": stage, "a": _provenance(ra) if ra else None,
+                                 "b": _provenance(rb) if rb else None, "rows": []}
+        stages.append(entry)
+        if ra is None or rb is None:
+            entry["result"] = "not_run_in_a" if ra is None else "not_run_in_b"
             continue
-        ra, rb = a[stage], b[stage]
-        changes = []
+        same = _same_content(ra, rb)
+        entry["result"] = "same" if same else "differs"
+        rows = entry["rows"]
         ca, cb = flatten(ra["config"]), flatten(rb["config"])
-        changes += [("config", k, ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+        rows += [{"kind": "config", "key": k, "a": ca.get(k), "b": cb.get(k)}
+                 for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+        if same:
+            continue
         for kind in ("inputs", "outputs"):
             for k in sorted(set(ra[kind]) | set(rb[kind])):
                 ha, hb = ra[kind].get(k, {}).get("hash"), rb[kind].get(k, {}).get("hash")
                 if ha != hb:
-                    changes.append((kind[:-1], k, ha, hb))
+                    rows.append({"kind": kind[:-1], "key": k, "a": ha, "b": hb})
+        skip = ignore.get(stage, set())
         ma, mb = flatten(ra["metrics"]), flatten(rb["metrics"])
-        changes += [("metric", k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))
-                    if ma.get(k) != mb.get(k) and not k.startswith("seconds")]
-        if ra["cached_from"] or rb["cached_from"]:
-            changes.append(("cache", "", ra["cached_from"] or "computed", rb["cached_from"] or "computed"))
-        if not changes:
-            rows.append({"stage": stage, "kind": "identical", "key": "", "a": None, "b": None})
-        rows += [{"stage": stage, "kind": kind, "key": key, "a": va, "b": vb} for kind, key, va, vb in changes]
-    return rows
+        rows += [{"kind": "metric", "key": k, "a": ma.get(k), "b": mb.get(k)} for k in sorted(set(ma) | set(mb))
+                 if ma.get(k) != mb.get(k) and not k.startswith("seconds") and k not in skip]
+    by = {r: [e["stage"] for e in stages if e["result"] == r] for r in ("differs", "same", "not_run_in_a", "not_run_in_b")}
+    result = {"run_a": run_a, "run_b": run_b, "stages": stages, "differ": by["differs"], "same": by["same"],
+              "not_run_in_a": by["not_run_in_a"], "not_run_in_b": by["not_run_in_b"]}
+    result["summary"] = _summary(result)
+    return result
 
 
-def diff_runs(catalog: LineageCatalog, run_a: str, run_b: str) -> list[str]:
-    """Lines describing what differs between two runs: stages, config keys, input and output hashes."""
-    lines: list[str] = []
-    for row in run_differences(catalog, run_a, run_b):
-        stage, kind, key, va, vb = row["stage"], row["kind"], row["key"], row["a"], row["b"]
-        if kind == "only_in":
-            lines.append(f"{stage}: only in {run_a if va else run_b}")
+def _summary(c: dict[str, Any]) -> str:
+    same = [e for e in c["stages"] if e["result"] == "same"]
+    reused = any(e["a"] != "computed" or e["b"] != "computed" for e in same)
+    if c["differ"]:
+        head = f"{len(c['differ'])} stage(s) differ ({', '.join(c['differ'])})"
+        if same:
+            head += f"; {len(same)} with the same content"
+    elif same:
+        head = f"no differences{' (reused)' if reused else ''}: {len(same)} stage(s) run in both have the same content"
+    else:
+        head = "no stage ran in both runs"
+    for key, run in (("not_run_in_b", c["run_b"]), ("not_run_in_a", c["run_a"])):
+        if c[key]:
+            head += f"; not run in {run}: {', '.join(c[key])}"
+    return head
+
+
+def _row_table(a: Any, b: Any, run_a: str, run_b: str) -> list[str] | None:
+    """Two lists of row dicts (a funnel: ``[{"step", "documents"}, ...]``) side by side as a table, keyed by
+    their first column; None when neither side is such a list."""
+    if not any(isinstance(v, list) and v and all(isinstance(r, dict) for r in v) for v in (a, b)):
+        return None
+    rows_a, rows_b = (v if isinstance(v, list) else [] for v in (a, b))
+    columns = list(dict.fromkeys(k for r in [*rows_a, *rows_b] if isinstance(r, dict) for k in r))
+    key, values = columns[0], columns[1:]
+    by_a = {r.get(key): r for r in rows_a if isinstance(r, dict)}
+    by_b = {r.get(key): r for r in rows_b if isinstance(r, dict)}
+    header = [key, *(f"{c} ({run})" for c in values for run in (run_a, run_b))]
+    body = [[k, *(side.get(k, {}).get(c, "") for c in values for side in (by_a, by_b))]
+            for k in dict.fromkeys([*by_a, *by_b])]
+    return markdown_table(header, body)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return value[:19]
+    return repr(value)
+
+
+def diff_runs(catalog: LineageCatalog, run_a: str, run_b: str,
+              execution_metrics: Mapping[str, Iterable[str]] | None = None) -> list[str]:
+    """Lines for ``refinery lineage diff``: a summary, then each stage by content, provenance beside it."""
+    c = compare_runs(catalog, run_a, run_b, execution_metrics)
+    lines = [f"{run_a} vs {run_b}: {c['summary']}"]
+    for e in c["stages"]:
+        if e["result"] not in ("same", "differs"):
             continue
-        if kind == "identical":
-            lines.append(f"{stage}: identical")
-            continue
-        header = f"{stage}: changed"
-        if header not in lines:
-            lines.append(header)
-        if kind == "config":
-            lines.append(f"  config {stage}.{key}: {va!r} -> {vb!r}")
-        elif kind in ("input", "output"):
-            lines.append(f"  {kind} {key}: {str(va)[:19]} -> {str(vb)[:19]}")
-        elif kind == "metric":
-            lines.append(f"  metric {key}: {va!r} -> {vb!r}")
-        else:
-            lines.append(f"  cache: {va} | {vb}")
+        prov = f"both {e['a']}" if e["a"] == e["b"] else f"{run_a}: {e['a']}, {run_b}: {e['b']}"
+        lines.append(f"{e['stage']}: {'same content' if e['result'] == 'same' else 'differs'} ({prov})")
+        for row in e["rows"]:
+            key = f"{e['stage']}.{row['key']}" if row["kind"] == "config" else row["key"]
+            note = " (outputs unchanged)" if e["result"] == "same" else ""
+            table = _row_table(row["a"], row["b"], run_a, run_b)
+            if table:
+                lines += [f"  {row['kind']} {key}:{note}", *(f"    {line}" for line in table)]
+                continue
+            lines.append(f"  {row['kind']} {key}: {_show(row['a'])} -> {_show(row['b'])}{note}")
+    for key, run in (("not_run_in_b", run_b), ("not_run_in_a", run_a)):
+        if c[key]:
+            lines.append(f"not run in {run}: {', '.join(c[key])}")
     return lines

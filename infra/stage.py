@@ -133,6 +133,8 @@ class Stage:
     stage does instead (a fallback, a skipped part), each starting with :data:`MISSING_INPUT`; they go
     into the manifest's warnings, or fail the stage before it runs under ``pipeline.strict_inputs``.
     A stage that finds such a gap only while running returns a ``MISSING_INPUT`` warning instead.
+    execution_metrics: metric names that describe this execution (a cache hit, a wall time, a throughput),
+    not the outputs' content: a run that reuses the outputs does not copy them, and diffs do not compare them.
     """
 
     name: str
@@ -146,3 +148,4 @@ class Stage:
     uses_spark: bool = False
     resumable: bool = False
     input_warnings: Callable[[Any], list[str]] = lambda cfg: []
+    execution_metrics: tuple[str, ...] = ()

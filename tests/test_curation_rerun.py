@@ -47,3 +47,12 @@ def test_forced_recomputation_gives_equal_hashes_and_downstream_hits_the_cache(m
     downstream = _run(config_json, "heuristics", "r2")
     assert downstream["cached_from"] == "r1/heuristics"
     assert _hashes(downstream) == _hashes(first["heuristics"])
+    # the reused stage does not claim the computing run's signal-cache miss, and the diff says "same"
+    assert first["heuristics"]["metrics"]["signals_cache"] == "miss" and "signals_cache" not in downstream["metrics"]
+    from flows.registry import execution_metrics
+    from infra.lineage import LineageCatalog, diff_runs
+
+    root = Path(json.loads(config_json.read_text())["run_root"])
+    lines = diff_runs(LineageCatalog(root), "r1", "r2", execution_metrics())
+    assert lines[0] == "r1 vs r2: no differences (reused): 4 stage(s) run in both have the same content", lines
+    assert "heuristics: same content (r1: computed, r2: reused from r1/heuristics)" in lines

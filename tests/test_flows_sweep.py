@@ -101,6 +101,12 @@ def test_report_compares_arms_with_seed_spread(fake_sweep):
     kept = {r["arm"]: r["alpha/kept"] for r in report["rows"]}
     assert kept == {"alpha.min_len=0": "3", "alpha.min_len=4": "1"}  # "one", "two", "three": only "three" >= 4
     assert "alpha.min_len" in report["html"] and "what differs from the first arm" in report["html"]
+    assert "2 stage(s) differ (alpha, beta)" in report["html"]
+    # arms that change only beta: alpha reused from the first arm is the same content, not a difference
+    summary = run_sweep(plan_sweep(str(cfg_file), {}, [parse_axis("beta.suffix=[x, y]")]), run_pipeline, root,
+                        log=lambda _: None)
+    html_doc = sweep_report(summary, LineageCatalog(root))["html"]
+    assert "1 stage(s) differ (beta); 1 with the same content" in html_doc and "cache:" not in html_doc
 
 
 def test_a_failed_arm_is_recorded_and_the_others_finish(fake_sweep):
@@ -135,3 +141,13 @@ def test_refinery_sweep_runs_arms_through_prefect_and_reuses_the_cache(tmp_path)
     # the same command again: everything already done
     again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "0 computed" in again.stdout, again.stdout[-2000:]
+
+
+def test_the_default_stage_set_is_curation_the_proxy_model_and_its_eval_never_post_training():
+    from flows.registry import all_stages
+    from flows.sweep import default_sweep_stages
+
+    order = list(all_stages())
+    assert default_sweep_stages(order) == ["ingest", "extract", "langid", "heuristics", "train_quality", "quality",
+                                           "dedup", "tokenizer", "tokenize", "pretrain", "eval_pretrain"]
+    assert default_sweep_stages(["ingest", "extract", "sft", "grpo"]) == ["ingest", "extract"]

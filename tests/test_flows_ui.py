@@ -138,7 +138,10 @@ def test_explorer_pages_show_the_cross_run_graph_diff_and_same_content(three_run
     stage_page = explorer.stage("r3", "alpha")
     assert "r1/alpha/data" in stage_page and "r2/alpha/data" in stage_page  # same content as
     diff = explorer.diff("r1", "r2")
-    assert "suffix" in diff and "x!" in diff and "cache" in diff
+    assert "suffix" in diff and "x!" in diff and "1 stage(s) differ (beta); 1 with the same content" in diff
+    assert "reused from r1/alpha" in diff  # provenance, beside the result, not a difference
+    forced = explorer.diff("r1", "r3")  # alpha recomputed with equal hashes, beta not run in r3
+    assert "no differences: 1 stage(s) run in both have the same content; not run in r3: beta" in forced
     target, _ = explorer.artifact("r2/beta/data")
     assert target == "/stage/r2/beta"
     assert "not in the lineage catalog" in explorer.diff("r1", "nope")

@@ -75,6 +75,24 @@ def test_other_run_with_same_inputs_reuses_outputs(fake):
     assert forced["cached_from"] is None and "r3" in forced["outputs"]["data"]["path"]
 
 
+def test_a_reused_stage_does_not_copy_metrics_that_describe_the_computation(fake_registry, tmp_path):
+    """A cache miss or a wall time is about the run that computed; the run that reused it did not."""
+    import dataclasses
+
+    from infra.executor import execute
+
+    src = tmp_path / "input.txt"
+    src.write_text("a\nbb\n")
+    config = registry.validate_config({"run_root": str(tmp_path / "runs"), "alpha": {"source": str(src)}})
+    alpha = dataclasses.replace(registry.get_stage("alpha"), execution_metrics=("rows_in",))
+    first = execute(alpha, config, "r1")
+    again = execute(alpha, config, "r2")
+    assert first["metrics"] == {"rows_in": 2, "kept": 2}
+    assert again["cached_from"] == "r1/alpha" and again["metrics"] == {"kept": 2}
+    catalog = LineageCatalog(tmp_path / "runs")
+    assert catalog.stage_run("r2", "alpha")["metrics"] == {"kept": 2}
+
+
 def test_killed_stage_leaves_nothing_a_later_stage_accepts(fake):
     build, _, root = fake
     execute_stage("alpha", build(), "r1")
@@ -124,7 +142,8 @@ def test_lineage_upstream_downstream_and_diff(fake):
     down = [a for _, a in catalog.tree(src.as_uri(), "down")]
     assert {(a["run_id"], a["stage"]) for a in down} == {("r1", "alpha"), ("r1", "beta"), ("r2", "beta")}
     lines = diff_runs(catalog, "r1", "r2")
-    assert "alpha: only in r1" in lines
+    assert lines[0] == "r1 vs r2: 1 stage(s) differ (beta); not run in r2: alpha"
+    assert "not run in r2: alpha" in lines and not any(line.startswith("alpha:") for line in lines)
     assert "  config beta.suffix: '' -> '?'" in lines
     with pytest.raises(KeyError):
         diff_runs(catalog, "r1", "nope")

@@ -164,5 +164,6 @@ STAGES = [
         external_inputs=pretrain_external,
         version="1",
         resumable=True,
+        execution_metrics=("tokens_per_s", "resumed_from_steps"),
     )
 ]
