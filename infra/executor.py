@@ -26,6 +26,7 @@ from infra.openlineage_events import StageRunEvents
 from infra.runstore import (
     MANIFEST,
     RunStoreError,
+    check_name,
     code_version,
     commit_stage_dir,
     content_hash,
@@ -163,7 +164,7 @@ def parse_from(ref: str | None) -> tuple[str | None, str | None]:
     parts = ref.strip("/").split("/")
     if len(parts) > 2 or not parts[0]:
         raise StageInputError(f"--from {ref!r}: expected RUN_ID or RUN_ID/STAGE")
-    return parts[0], (parts[1] if len(parts) == 2 else None)
+    return check_name(parts[0]), (check_name(parts[1], "stage name") if len(parts) == 2 else None)
 
 
 def resolve_inputs(stage: Stage, run_root: Path, run_id: str, from_ref: str | None) -> dict[str, StageInput]:

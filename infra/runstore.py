@@ -24,7 +24,7 @@ from infra.config import REPO_ROOT
 
 MANIFEST = "manifest.json"
 _IGNORED = re.compile(r"(^_SUCCESS$|\.crc$|^\.)")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RunStoreError(RuntimeError):
@@ -35,10 +35,14 @@ def new_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id):
-        raise RunStoreError(f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-'")
-    return run_id
+def check_name(value: str, what: str = "run id") -> str:
+    """The one validator for names that become paths, URLs or headers (run ids, sweep names, stage, output
+    and shard names): a letter or digit, then up to 127 letters, digits, '.', '_' or '-' (no '/', no '..'
+    prefix, no control characters)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise RunStoreError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' and '-', "
+                            "starting with a letter or digit")
+    return value
 
 
 def _files(path: Path) -> list[Path]:
@@ -173,12 +177,13 @@ def code_version() -> dict[str, Any]:
 
 
 def stage_dir(run_root: Path, run_id: str, stage: str) -> Path:
-    return Path(run_root) / check_run_id(run_id) / stage
+    return Path(run_root) / check_name(run_id) / check_name(stage, "stage name")
 
 
 def make_temp_dir(run_root: Path, run_id: str, stage: str) -> Path:
     """A fresh temp dir for a stage's outputs; temp dirs left by a killed earlier attempt are removed."""
-    run_dir = Path(run_root) / check_run_id(run_id)
+    run_dir = Path(run_root) / check_name(run_id)
+    check_name(stage, "stage name")
     for stale in run_dir.glob(f".tmp-{stage}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = run_dir / f".tmp-{stage}-{secrets.token_hex(4)}"
@@ -221,10 +226,10 @@ def commit_stage_dir(tmp: Path, final: Path) -> None:
 
 def read_manifest(run_root: Path, run_id: str, stage: str, verify: bool = True) -> dict:
     """The manifest of a complete stage; raises RunStoreError naming what is missing or broken."""
-    run_dir = Path(run_root) / check_run_id(run_id)
+    run_dir = Path(run_root) / check_name(run_id)
     if not run_dir.is_dir():
         raise RunStoreError(f"run {run_id!r} does not exist under {run_root}")
-    path = run_dir / stage / MANIFEST
+    path = run_dir / check_name(stage, "stage name") / MANIFEST
     if not path.is_file():
         done = sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}"))
         raise RunStoreError(
@@ -253,9 +258,9 @@ def list_runs(run_root: Path) -> list[str]:
     root = Path(run_root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and _RUN_ID.match(p.name))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
 
 
 def completed_stages(run_root: Path, run_id: str) -> list[str]:
-    run_dir = Path(run_root) / run_id
+    run_dir = Path(run_root) / check_name(run_id)
     return sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}"))
