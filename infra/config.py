@@ -153,6 +153,9 @@ class PipelineConfig(Strict):
         0, ge=0, description="Prefect retries of a failed stage process (not of config, input or disk errors); a "
                              "retry resumes a training stage from its last checkpoint")
     retry_delay_s: float = Field(10.0, ge=0, description="seconds between a stage's failure and its retry")
+    stage_timeout_s: float = Field(
+        86400.0, ge=0, description="wall-clock limit of one stage process in seconds (0 = none): past it the stage's "
+                                   "process tree (Spark's JVM, torchrun) is stopped and the stage fails, not retried")
 
 
 class BaseRefineryConfig(Strict):
