@@ -123,3 +123,11 @@ def test_a_sweep_name_cannot_leave_the_run_root(fake_registry, tmp_path, name, c
 def test_from_refuses_names_that_are_not_plain(ref, tmp_path, capsys):
     assert main(["run", "--stages", "ingest", "--from", ref, "-o", f"run_root={tmp_path / 'runs'}"]) == 1
     assert capsys.readouterr().err.startswith("error: invalid ")
+
+
+def test_report_refuses_a_run_id_that_is_not_plain(traced_runs, capsys):
+    runs, cfg = traced_runs
+    for run_id in ("../../elsewhere", "r\n"):
+        assert main(["report", run_id, "-c", str(cfg)]) == 1
+        assert capsys.readouterr().err.startswith("error: invalid run id")
+    assert not (runs.parent.parent / "elsewhere").exists()
