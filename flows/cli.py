@@ -22,14 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from curation.megatron_shards import trace_tokens
 from evaluation.effects import EFFECTS_TABLE, format_effect
 from evaluation.report import compare_runs
-from flows.explorer import start_explorer
+from flows.explorer import TraceError, start_explorer, trace
 from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.executor import StageInputError, parse_from
-from infra.lineage import LineageCatalog, artifact_path, diff_runs, label
+from infra.lineage import LineageCatalog, diff_runs, label
 from infra.prefect_server import configure_prefect_env, prefect_server
 from infra.runstore import RunStoreError
 
@@ -243,20 +242,20 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
 
 def cmd_lineage_trace(args: argparse.Namespace) -> int:
     """A token sequence of a shard → its document → the WARC record it was extracted from."""
-    catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
-    matches = catalog.resolve(args.shards)
-    if len(matches) != 1:
-        print(f"error: {args.shards!r} matches {len(matches)} artifacts; give RUN/tokenize/shards", file=sys.stderr)
+    run_root = Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve()
+    catalog = LineageCatalog(run_root)
+    try:
+        shards, doc = trace(catalog, run_root, args.shards, args.shard, args.seq_index)
+    except TraceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    shards_dir = artifact_path(matches[0])
-    doc = trace_tokens(shards_dir, args.shard, args.seq_index)
     print(f"{args.shard}[{args.seq_index}]: {doc['tokens']} tokens")
     print(f"  doc_id  {doc['doc_id']}\n  url     {doc['url']}\n  source  {doc['source']}")
     warc_file, _, offset = (doc["source"] or "").rpartition("@")
     if warc_file and offset.isdigit():
         print(f"  WARC record at byte {offset} of {warc_file}")
     print("  built from:")
-    for level, a in catalog.tree(matches[0]["uri"], "up"):
+    for level, a in catalog.tree(shards["uri"], "up"):
         print("    " + "  " * level + f"<- {label(a)}")
     return 0
 

@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from curation.megatron_shards import trace_tokens
+from curation.megatron_shards import ShardError, list_shards, trace_tokens
 from flows.registry import execution_metrics
 from infra.lineage import LineageCatalog, artifact_path, compare_runs, flatten, label, lineage_graph
 
@@ -51,6 +51,33 @@ def _short(h: str | None) -> str:
 
 def _q(**params: Any) -> str:
     return urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+
+
+class TraceError(ValueError):
+    """A token trace that does not name one ``tokenize/shards`` artifact of the run root and one of its shards."""
+
+
+def shards_artifact(catalog: LineageCatalog, run_root: Path, ref: str) -> tuple[dict, Path, list[str]]:
+    """The one ``tokenize/shards`` artifact ``ref`` names, its directory (inside ``run_root``) and its shards."""
+    matches = [a for a in (catalog.resolve(ref) if ref else [])
+               if a["kind"] == "stage_output" and (a["stage"], a["name"]) == ("tokenize", "shards")]
+    if len(matches) != 1:
+        raise TraceError(f"{ref!r} matches {len(matches)} tokenize/shards artifacts; give RUN/tokenize/shards")
+    path = artifact_path(matches[0]).resolve()
+    if not path.is_relative_to(run_root.resolve()):
+        raise TraceError(f"{ref!r}: its files are recorded outside the run root")
+    return matches[0], path, list_shards(path)
+
+
+def trace(catalog: LineageCatalog, run_root: Path, ref: str, shard: str, seq: int) -> tuple[dict, dict]:
+    """(shards artifact, document) of sequence ``seq`` of ``shard``, one of the shards the artifact lists."""
+    artifact, path, names = shards_artifact(catalog, run_root, ref)
+    if shard not in names:
+        raise TraceError(f"{ref!r} has no shard {shard!r} (it has {len(names)}, e.g. {', '.join(names[:3])})")
+    try:
+        return artifact, trace_tokens(path, shard, seq)
+    except (ShardError, IndexError, OSError) as exc:
+        raise TraceError(str(exc)) from None
 
 
 def page(title: str, body: str) -> str:
@@ -223,7 +250,7 @@ class Explorer:
         """(redirect target, page) for an artifact reference."""
         matches = self.catalog.resolve(ref)
         if len(matches) == 1 and matches[0]["kind"] == "stage_output":
-            return f"/stage/{matches[0]['run_id']}/{matches[0]['stage']}", ""
+            return "/stage/" + "/".join(urllib.parse.quote(matches[0][k], safe="") for k in ("run_id", "stage")), ""
         if len(matches) == 1:  # an external input: every stage run that read it
             focus = sorted(set(self.catalog.consumers(matches[0]["uri"])))
             graph = lineage_graph(self.catalog, focus)
@@ -264,18 +291,15 @@ class Explorer:
         return page(f"diff {run_a} {run_b}", body)
 
     def trace(self, shards: str, shard: str, seq: str) -> str:
-        matches = self.catalog.resolve(shards) if shards else []
-        if len(matches) != 1:
-            return page("trace", f"<p class='err'>{_e(shards)!s} matches {len(matches)} artifacts; "
-                                 "give RUN/tokenize/shards</p>")
-        shards_dir = artifact_path(matches[0])
-        names = sorted(p.name[:-4] for p in shards_dir.glob("*.bin"))
-        if not shard or not seq:
-            rows = [[f"<a href='/trace?{_q(shards=shards, shard=n, seq=0)}'>{_e(n)}</a>"] for n in names]
-            return page("trace", f"<h2>Shards of {_e(shards)}</h2>" + table(["shard (click: sequence 0)"], rows))
         try:
-            doc = trace_tokens(shards_dir, shard, int(seq))
-        except (OSError, ValueError, IndexError) as exc:
+            if not shard or not seq:
+                _, _, names = shards_artifact(self.catalog, self.run_root, shards)
+                rows = [[f"<a href='/trace?{_q(shards=shards, shard=n, seq=0)}'>{_e(n)}</a>"] for n in names]
+                return page("trace", f"<h2>Shards of {_e(shards)}</h2>" + table(["shard (click: sequence 0)"], rows))
+            if not seq.isdigit():
+                raise TraceError(f"sequence {seq!r} is not a number")
+            producer, doc = trace(self.catalog, self.run_root, shards, shard, int(seq))
+        except TraceError as exc:
             return page("trace", f"<p class='err'>{_e(exc)}</p>")
         warc_file, _, offset = (doc["source"] or "").rpartition("@")
         rows = [["shard", _e(shard)], ["sequence", _e(seq)], ["tokens", _e(doc["tokens"])],
@@ -283,7 +307,6 @@ class Explorer:
                 ["source", _e(doc["source"])]]
         if warc_file and offset.isdigit():
             rows.append(["WARC record", f"byte {_e(offset)} of {_e(warc_file)}"])
-        producer = matches[0]
         body = ("<h2>Token sequence → document → WARC record</h2>" + table(["", ""], rows)
                 + f"<p>Shards built by <a href='/stage/{_e(producer['run_id'])}/{_e(producer['stage'])}'>"
                 f"{_e(producer['run_id'])}/{_e(producer['stage'])}</a></p>")

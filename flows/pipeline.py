@@ -13,7 +13,7 @@ from flows.stages import PIPELINE_STEPS, STAGE_FLOWS, explorer_link, label_flow_
 from infra.config import DEFAULT_CONFIG
 from infra.executor import parse_from
 from infra.markdown import dict_table
-from infra.runstore import check_run_id, new_run_id
+from infra.runstore import check_name, new_run_id
 
 StageName = Literal[tuple(STAGE_FLOWS)]  # the UI offers a picker of the known stages
 
@@ -59,7 +59,7 @@ def run_pipeline(config, stages: list[str], run_id: str, from_run: str, force: b
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGE_FLOWS)}")
     selected = sorted(selected, key=lambda s: order.index(s) if s in order else len(order))
-    run_id = check_run_id(run_id or new_run_id())
+    run_id = check_name(run_id or new_run_id())
     from_run_id, _ = parse_from(from_run or None)
     label_flow_run(run_id, ["refinery", f"run:{run_id}", "pipeline"])
     logger = get_run_logger()

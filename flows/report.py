@@ -25,6 +25,7 @@ import matplotlib
 from evaluation.effects import EFFECTS_TABLE, format_effect, wilson_interval
 from flows.explorer import render_svg
 from infra.lineage import LineageCatalog, lineage_graph
+from infra.runstore import check_name
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after selecting the non-interactive backend)
@@ -171,7 +172,7 @@ def write_report(run_root: str | Path, run_a: str, run_b: str | None = None) -> 
     """Write the report of one run (or two side by side) and return its path."""
     run_root = Path(run_root).resolve()
     catalog = LineageCatalog(run_root)
-    runs = [run_data(catalog, r) for r in (run_a, run_b) if r]
+    runs = [run_data(catalog, check_name(r)) for r in (run_a, run_b) if r]
     title = " vs ".join(d["run_id"] for d in runs)
     body = (f"<div class='cols'>{''.join(f'<div>{_section(d)}</div>' for d in runs)}</div>" if len(runs) > 1
             else _section(runs[0]))

@@ -11,6 +11,7 @@ Prefect artifacts and asset materializations.
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections import deque
@@ -117,8 +118,12 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
         logger.info(line)
         tail.append(line)
 
+    limit = config.pipeline.stage_timeout_s
     try:
-        rc = run_streaming(cmd, on_line, env=env)
+        rc = run_streaming(cmd, on_line, env=env, timeout_s=limit)
+    except subprocess.TimeoutExpired:
+        tail.append(f"error: ran longer than pipeline.stage_timeout_s = {limit:g} s; its process tree was stopped")
+        raise stage_failure(stage, run_id, 2, list(tail), how="time limit") from None
     finally:
         os.unlink(config_json)
     if rc != 0 or not result:
@@ -126,13 +131,13 @@ def run_stage_process(stage: str, run_id: str, config: BaseRefineryConfig, from_
     return {**json.loads(Path(result["manifest"]).read_text()), "skipped": result["skipped"]}
 
 
-def stage_failure(stage: str, run_id: str, rc: int, tail: list[str]) -> StageFailed:
+def stage_failure(stage: str, run_id: str, rc: int, tail: list[str], how: str = "") -> StageFailed:
     """The error a failed stage process raises: the reason (its last ``error:`` line, else its last line)
     and its last log lines, in the exception (the flow run's state message in the UI) and in a
-    ``STAGE-failure`` markdown artifact."""
+    ``STAGE-failure`` markdown artifact. Exit code 2 is not retried."""
     errors = [t for t in tail if t.startswith("error:")]
     reason = (errors or tail or ["no output"])[-1]
-    how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
+    how = how or (f"killed by signal {-rc}" if rc < 0 else f"exit {rc}")
     create_markdown_artifact(
         markdown="\n".join([f"# {run_id}/{stage} failed ({how})", "", f"**Reason:** {reason}", "",
                              f"## Last {len(tail)} log lines", "", "```", *tail, "```"]),

@@ -42,7 +42,7 @@ from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.lineage import LineageCatalog, compare_runs, flatten
 from infra.markdown import markdown_table
-from infra.runstore import write_json_atomic
+from infra.runstore import check_name, write_json_atomic
 
 SEED_KEY = "pretrain.seed"
 CURATION_METRICS = ("rows_in", "kept")
@@ -162,9 +162,10 @@ def plan_sweep(config_file: str, overrides: dict | None, axes: list[Axis], mode:
     arms = expand_arms(axes, mode, seeds)  # type: ignore[arg-type]
     for arm in arms:
         load_config(config_file, {**overrides, **arm.overrides})  # bad value → ConfigError naming the key
-    sweep_id = name or sweep_id_for(config_file, overrides, [a.key for a in axes], stages)
+    sweep_id = sweep_id_for(config_file, overrides, [a.key for a in axes], stages) if not name \
+        else check_name(name, "sweep name")
     for arm in arms:
-        arm.run_id = f"{sweep_id}-{_digest(arm.overrides, 6)}"
+        arm.run_id = check_name(f"{sweep_id}-{_digest(arm.overrides, 6)}", "arm run id (sweep name too long?)")
     varying = {k.split(".", 1)[0] for arm in arms for k in arm.overrides}
     first = next((s for s in stages if s in varying), None)
     fixed_tokenizer = ("tokenizer" in stages and not base.tokenizer.pretrained

@@ -7,6 +7,7 @@ Errors are one line naming the offending key, e.g.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
@@ -19,10 +20,71 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+MAX_CONFIG_BYTES = 1 << 20  # a config file or an override value
+MAX_YAML_DEPTH = 64  # nesting levels, aliases expanded
+MAX_YAML_NODES = 100_000  # values, aliases expanded (a "billion laughs" document counts in full)
 
 
 class ConfigError(ValueError):
     """A config file, override or parameter that does not validate."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``SafeLoader`` that stops composing past :data:`MAX_YAML_DEPTH` levels (before Python's recursion limit)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _expanded(node, seen: dict, open_: set) -> tuple[int, int]:
+    """(values, depth) of a composed YAML node with its aliases expanded, counted without expanding them."""
+    if id(node) not in seen:
+        if id(node) in open_:
+            raise yaml.YAMLError("an alias refers to a value that contains it")
+        open_.add(id(node))
+        children = ([] if isinstance(node, yaml.ScalarNode) else node.value if isinstance(node, yaml.SequenceNode)
+                    else [n for pair in node.value for n in pair])
+        counts = [_expanded(child, seen, open_) for child in children]
+        seen[id(node)] = (1 + sum(n for n, _ in counts), 1 + max((d for _, d in counts), default=0))
+        if seen[id(node)][0] > MAX_YAML_NODES or seen[id(node)][1] > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"with its aliases expanded it has more than {MAX_YAML_NODES} values or "
+                                 f"{MAX_YAML_DEPTH} levels")
+    return seen[id(node)]
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """YAML with plain types only, bounded in size, depth and alias expansion. Errors name ``where`` and the
+    line and column, never the text: a config file named by a UI parameter may be any file."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config error: {where} is larger than {MAX_CONFIG_BYTES} bytes")
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # checks for control characters
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded(node, {}, set())
+        return None if node is None else loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        problem = f"control character at position {exc.position}"
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        problem = re.sub(r"'[^']*'|\"[^\"]*\"", "…", exc.problem or "syntax error")  # no quoted content
+        problem += f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer of more than 4300 digits
+        problem = str(exc) if isinstance(exc, yaml.YAMLError) else "a value cannot be converted"
+    finally:
+        if loader is not None:
+            loader.dispose()
+    raise ConfigError(f"config error: {where} is not valid YAML: {problem}")
 
 
 class Strict(BaseModel):
@@ -95,6 +157,9 @@ class PipelineConfig(Strict):
     strict_inputs: bool = Field(
         False, description="fail a stage when a configured input is missing and it would fall back or skip "
                            "(e.g. train_quality's fallback classes, an eval task without its data) instead of warning")
+    stage_timeout_s: float = Field(
+        86400.0, ge=0, description="wall-clock limit of one stage process in seconds (0 = none): past it the stage's "
+                                   "process tree (Spark's JVM, torchrun) is stopped and the stage fails, not retried")
 
 
 class BaseRefineryConfig(Strict):
@@ -141,7 +206,8 @@ def _format_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         else:
-            parts.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            parts.append(f"{key}: {e['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})")
     return "config error: " + "; ".join(parts)
 
 
@@ -153,11 +219,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"config error: override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: override {text!r}: value is not valid YAML ({exc})") from None
-    return path, value
+    return path, safe_yaml(raw, f"override {key.strip()!r}") if raw.strip() else ""
 
 
 def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) -> dict:
@@ -192,14 +254,20 @@ def load_config(
 
 def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file as a dict; ``extends: base.yaml`` (relative to the file) is deep-merged underneath."""
-    if not path.exists():
-        raise ConfigError(f"config error: config file {str(path)!r} does not exist")
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"config error: config file {str(path)!r} {what}")
     if path.resolve() in seen:
         raise ConfigError(f"config error: {path} extends itself (via {' -> '.join(map(str, seen))})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config error: {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config error: {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"config error: config file {str(path)!r} cannot be read: {exc.strerror}") from None
+    data = safe_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config error: {path} must hold a mapping at the top level")
     base = data.pop("extends", None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ from infra.openlineage_events import StageRunEvents
 from infra.runstore import (
     MANIFEST,
     RunStoreError,
+    check_name,
     code_version,
     commit_stage_dir,
     content_hash,
@@ -33,6 +33,8 @@ from infra.runstore import (
     make_temp_dir,
     read_manifest,
     stage_dir,
+    stage_writer,
+    try_lock,
     write_json_atomic,
 )
 from infra.stage import MISSING_INPUT, Stage, StageContext, StageInput, StageResult
@@ -110,28 +112,13 @@ class ResumeDir:
         base.mkdir(exist_ok=True)
         self.path = base / f"{stage}-{key.removeprefix('sha256:')[:16]}"
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.fd = self._lock()
+        self.fd = try_lock(self.lock_path)
         if self.fd is None:
             log.warning("stage %s: %s is in use by another run; this attempt cannot resume", stage, self.path)
             self.path = tmp / RESUME_DIR
         elif self.path.is_dir() and any(self.path.iterdir()):
             log.info("stage %s: resuming the work of an earlier attempt in %s", stage, self.path)
         self.path.mkdir(exist_ok=True)
-
-    def _lock(self) -> int | None:
-        while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            try:
-                if os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
-                    return fd  # not a lock file that its owner removed meanwhile
-            except FileNotFoundError:
-                pass
-            os.close(fd)
 
     def done(self) -> None:
         """The output is committed: the work is no longer needed."""
@@ -163,7 +150,7 @@ def parse_from(ref: str | None) -> tuple[str | None, str | None]:
     parts = ref.strip("/").split("/")
     if len(parts) > 2 or not parts[0]:
         raise StageInputError(f"--from {ref!r}: expected RUN_ID or RUN_ID/STAGE")
-    return parts[0], (parts[1] if len(parts) == 2 else None)
+    return check_name(parts[0]), (check_name(parts[1], "stage name") if len(parts) == 2 else None)
 
 
 def resolve_inputs(stage: Stage, run_root: Path, run_id: str, from_ref: str | None) -> dict[str, StageInput]:
@@ -259,12 +246,18 @@ def execute(
     force: bool = False,
     log: logging.Logger | None = None,
 ) -> dict:
-    """Run (or skip, or reuse) one stage and return its manifest."""
+    """Run (or skip, or reuse) one stage and return its manifest; a second process writing the same run and
+    stage meanwhile is refused (:class:`StageBusyError`)."""
+    run_root = Path(config.run_root).resolve()
+    check_writable(run_root)
+    with stage_writer(run_root, run_id, stage.name):
+        return _execute(stage, config, run_root, run_id, from_ref, force, log or logging.getLogger(f"refinery.{stage.name}"))
+
+
+def _execute(stage: Stage, config: BaseRefineryConfig, run_root: Path, run_id: str, from_ref: str | None, force: bool,
+             log: logging.Logger) -> dict:
     name = stage.name
     cfg = config.stage_config(name)
-    run_root = Path(config.run_root).resolve()
-    log = log or logging.getLogger(f"refinery.{name}")
-    check_writable(run_root)
     catalog = LineageCatalog(run_root)
 
     inputs = resolve_inputs(stage, run_root, run_id, from_ref)

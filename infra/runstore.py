@@ -8,6 +8,7 @@ is not accepted as an input.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 from importlib.metadata import PackageNotFoundError, version
 import json
@@ -16,29 +17,38 @@ import re
 import secrets
 import shutil
 import subprocess
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from infra.config import REPO_ROOT
 
 MANIFEST = "manifest.json"
 _IGNORED = re.compile(r"(^_SUCCESS$|\.crc$|^\.)")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RunStoreError(RuntimeError):
     """A run or stage that does not exist or is incomplete."""
 
 
+class StageBusyError(RunStoreError):
+    """Another live process is writing the same run and stage."""
+
+
 def new_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id):
-        raise RunStoreError(f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-'")
-    return run_id
+def check_name(value: str, what: str = "run id") -> str:
+    """The one validator for names that become paths, URLs or headers (run ids, sweep names, stage, output
+    and shard names): a letter or digit, then up to 127 letters, digits, '.', '_' or '-' (no '/', no '..'
+    prefix, no control characters)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise RunStoreError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' and '-', "
+                            "starting with a letter or digit")
+    return value
 
 
 def _files(path: Path) -> list[Path]:
@@ -173,15 +183,54 @@ def code_version() -> dict[str, Any]:
 
 
 def stage_dir(run_root: Path, run_id: str, stage: str) -> Path:
-    return Path(run_root) / check_run_id(run_id) / stage
+    return Path(run_root) / check_name(run_id) / check_name(stage, "stage name")
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if missing): its fd, or None while another process holds it.
+    The kernel releases it when the holder dies, so a crash leaves no stale lock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd  # not a lock file that its owner removed meanwhile
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextmanager
+def stage_writer(run_root: Path, run_id: str, stage: str) -> Iterator[None]:
+    """Hold ``RUN_ID/.lock-STAGE`` while writing a stage: one writer per run and stage, a second one is refused
+    at once. Temp dirs of the stage found while holding it are stale (see :func:`make_temp_dir`)."""
+    run_dir = Path(run_root) / check_name(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / f".lock-{check_name(stage, 'stage name')}"
+    fd = try_lock(lock)
+    if fd is None:
+        raise StageBusyError(f"{run_id}/{stage} is being written by another process right now; wait for it to "
+                             "finish or use another run id")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # removed while held: try_lock's inode check covers a racing opener
+        os.close(fd)
 
 
 def make_temp_dir(run_root: Path, run_id: str, stage: str) -> Path:
-    """A fresh temp dir for a stage's outputs; temp dirs left by a killed earlier attempt are removed."""
-    run_dir = Path(run_root) / check_run_id(run_id)
-    for stale in run_dir.glob(f".tmp-{stage}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = run_dir / f".tmp-{stage}-{secrets.token_hex(4)}"
+    """A fresh temp dir for a stage's outputs; called under :func:`stage_writer`, so the stage's other temp
+    dirs are a killed earlier attempt's and are removed."""
+    run_dir = Path(run_root) / check_name(run_id)
+    prefix = f".tmp-{check_name(stage, 'stage name')}"
+    for stale in run_dir.glob(prefix + "-*"):
+        if stale.name.rsplit("-", 1)[0] == prefix:  # not another stage's whose name starts the same
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir / f"{prefix}-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
     return tmp
 
@@ -221,10 +270,10 @@ def commit_stage_dir(tmp: Path, final: Path) -> None:
 
 def read_manifest(run_root: Path, run_id: str, stage: str, verify: bool = True) -> dict:
     """The manifest of a complete stage; raises RunStoreError naming what is missing or broken."""
-    run_dir = Path(run_root) / check_run_id(run_id)
+    run_dir = Path(run_root) / check_name(run_id)
     if not run_dir.is_dir():
         raise RunStoreError(f"run {run_id!r} does not exist under {run_root}")
-    path = run_dir / stage / MANIFEST
+    path = run_dir / check_name(stage, "stage name") / MANIFEST
     if not path.is_file():
         done = sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}"))
         raise RunStoreError(
@@ -253,9 +302,9 @@ def list_runs(run_root: Path) -> list[str]:
     root = Path(run_root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and _RUN_ID.match(p.name))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
 
 
 def completed_stages(run_root: Path, run_id: str) -> list[str]:
-    run_dir = Path(run_root) / run_id
+    run_dir = Path(run_root) / check_name(run_id)
     return sorted(p.parent.name for p in run_dir.glob(f"*/{MANIFEST}"))

@@ -146,3 +146,42 @@ def test_sigkill_at_a_random_point_then_the_same_command_gives_the_uninterrupted
     assert {k: v["hash"] for k, v in manifest["outputs"].items()} == expected, where
     assert not list(runs.glob("*/.tmp-*")), where
     assert_catalog_consistent(runs, {"k": manifest, "clean": read_manifest(runs, "clean", stage)})
+
+
+def test_a_process_tree_past_its_time_limit_is_stopped():
+    """run_streaming's wall-clock limit: a child and its grandchild that would run for a minute (a hung JVM)
+    are both gone within seconds of the limit, and the caller gets TimeoutExpired."""
+    from infra.process import run_streaming
+
+    lines: list[str] = []
+    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(60)']); print(c.pid, flush=True); time.sleep(60)")
+    t0 = time.time()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_streaming([sys.executable, "-c", script], lines.append, timeout_s=2)
+    assert time.time() - t0 < 30
+    grandchild = int(lines[0])
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    assert run_streaming([sys.executable, "-c", "print('ok')"], lines.append, timeout_s=30) == 0 and lines[-1] == "ok"
+
+
+@pytest.mark.slow
+def test_a_stage_past_pipeline_stage_timeout_s_fails_with_that_reason_and_leaves_nothing(tmp_path):
+    """``pipeline.stage_timeout_s``: an ingest stage (Spark's JVM starting) limited to 3 s ends with one line
+    naming the limit, no process of it is left, no temp dir and no output."""
+    mark = uuid.uuid4().hex
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), MARK: mark}
+    env.pop("PREFECT_API_URL", None)
+    runs = tmp_path / "runs"
+    cli = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", str(TINY_CONFIG), "--stages", "ingest",
+                          "--run-id", "slow", "-o", f"run_root={runs}", "-o", "pipeline.stage_timeout_s=3",
+                          "-o", "pipeline.retries=2", "-o", "pipeline.retry_delay_s=0"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 1, cli.stdout[-3000:] + cli.stderr[-3000:]
+    errors = [line for line in cli.stderr.splitlines() if line.startswith("error:")]
+    assert errors[-1] == ("error: stage 'ingest' failed (time limit): error: ran longer than "
+                          "pipeline.stage_timeout_s = 3 s; its process tree was stopped"), cli.stderr[-3000:]
+    assert "Retry" not in cli.stdout + cli.stderr  # not retried
+    left = [(p.pid, " ".join(p.cmdline()[:4])) for p in _marked(mark)]
+    assert not left, left
+    assert not list((runs / "slow").glob(".tmp-*")) and not (runs / "slow" / "ingest").exists()

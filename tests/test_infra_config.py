@@ -1,5 +1,7 @@
 """Config: one YAML for all stages, dotted overrides, one clear error naming the bad key."""
 
+from pathlib import Path
+
 import pytest
 
 from flows.registry import load_config
@@ -106,3 +108,49 @@ def test_a_listed_eval_task_needs_its_file():
         load_config("configs/tiny.yaml", {"eval_sft.gsm8k.train_path": "", "eval_sft.gsm8k.num_fewshot": 2})
     with pytest.raises(ConfigError, match=r"web_perplexity.path not set"):
         load_config("configs/tiny.yaml", {"eval_sft.tasks": ["web_perplexity"]})
+
+
+# ---- hostile config input (issue 31): bounded parsing, one line, no file content in the message -----------------
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))  # 9^9 values
+
+
+@pytest.mark.parametrize("content, message", [
+    (BOMB, "with its aliases expanded it has more than 100000 values"),
+    ("a: " + "[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels at line 1, column 67"),
+    (bytes(range(256)) * 4, "is not UTF-8 text"),
+    ("run_root: x\x00", "control character at position 11"),
+    ("n: " + "9" * 5000, "a value cannot be converted"),
+    ("x: !!python/object/apply:os.system [touch pwned]", "could not determine a constructor"),
+    ("database_password: hunter2: 'hunter3'\n", "mapping values are not allowed here at line 1, column 27"),
+    ("database_password: hunter2\n", "unknown key 'database_password'"),
+])
+def test_a_hostile_config_file_is_one_line_without_its_content(content, message, tmp_path, capsys):
+    from flows.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["run", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config error: ") and message in err and err.count("\n") == 1, err
+    assert "hunter" not in err and "lol" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_directory_or_device_as_config_file_is_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    for path, message in [(tmp_path, "is not a file"), (Path("/dev/zero"), "is not a file"),
+                          (tmp_path / "nope.yaml", "does not exist")]:
+        assert main(["run", "-c", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: config error: config file {str(path)!r} {message}\n"
+
+
+def test_override_values_are_bounded_like_files():
+    with pytest.raises(ConfigError, match="override 'spark.conf' is not valid YAML: with its aliases expanded"):
+        parse_override("spark.conf={" + ", ".join(f"k{i}: &v{i} [{', '.join([f'*v{i - 1}'] * 9)}]" if i else
+                                                  "k0: &v0 [1, 1, 1, 1, 1, 1, 1, 1, 1]" for i in range(9)) + "}")
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        parse_override("spark.conf=" + "[" * 10_000)
+    assert parse_override("x=[&a 1, *a]") == (["x"], [1, 1])  # a few aliases stay fine (configs/tiny.yaml uses them)

@@ -241,3 +241,77 @@ def test_a_missing_input_is_a_warning_or_with_strict_inputs_an_error(fake, monke
     with pytest.raises(StageInputError, match="strict_inputs"):
         execute_stage("alpha", build(pipeline__strict_inputs=True), "r2")
     assert not (root / "r2" / "alpha").exists()
+
+
+HELD_WRITER = """
+import sys, time
+from pathlib import Path
+from fake_stages import CountConfig, count_lines
+from infra.config import config_model
+from infra.executor import execute
+from infra.runstore import RunStoreError
+from infra.stage import Stage
+
+root, src, min_len, gate = sys.argv[1:]
+
+def held(ctx):  # writes its output, then waits until the test opens the gate
+    result = count_lines(ctx)
+    Path(root, "started").write_text(ctx.out_dir.name)
+    while not Path(gate).exists():
+        time.sleep(0.05)
+    return result
+
+stage = Stage("alpha", "held", CountConfig, held, external_inputs=lambda c: {"source": c.source})
+config = config_model({"alpha": stage}).model_validate(
+    {"run_root": root, "alpha": {"source": src, "min_len": int(min_len)}})
+try:
+    print(execute(stage, config, "r")["metrics"]["kept"])
+except RunStoreError as exc:
+    print(f"error: {exc}")
+    sys.exit(2)
+"""
+
+
+def test_one_writer_per_run_and_stage_a_second_is_refused_at_once(tmp_path):
+    """Two processes write run r, stage alpha, with different configs: the second is refused with one line while
+    the first runs, the first's temp dir survives and its result is the one committed; stale temp dirs of the
+    stage (a killed attempt's) are removed, another stage's whose name starts the same are not."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{repo / 'tests'}"}
+    root, src, gate = tmp_path / "runs", tmp_path / "input.txt", tmp_path / "gate"
+    src.write_text("a\nbb\nccc\n")
+    (root / "r" / ".tmp-alpha-0badc0de").mkdir(parents=True)  # left by a killed attempt
+    (root / "r" / ".tmp-alpha-x-12345678").mkdir()  # stage "alpha-x" at work
+
+    def writer(min_len: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", HELD_WRITER, str(root), str(src), str(min_len), str(gate)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = writer(2)
+    try:
+        deadline = time.time() + 120
+        while not (root / "started").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()[0]
+            time.sleep(0.05)
+        tmp_name = (root / "started").read_text()
+        assert sorted(p.name for p in (root / "r").glob(".tmp-*")) == sorted([".tmp-alpha-x-12345678", tmp_name])
+
+        second = writer(0)
+        out, _ = second.communicate(timeout=120)
+        assert second.returncode == 2 and out == "error: r/alpha is being written by another process right now; " \
+                                                 "wait for it to finish or use another run id\n"
+        assert (root / "r" / tmp_name).is_dir() and first.poll() is None  # the second touched nothing
+
+        gate.touch()
+        out, _ = first.communicate(timeout=120)
+        assert first.returncode == 0 and out.strip() == "2", out
+        assert read_manifest(root, "r", "alpha")["config"]["min_len"] == 2
+    finally:
+        first.kill()  # a no-op once it has finished
+    assert sorted(p.name for p in (root / "r").iterdir()) == [".tmp-alpha-x-12345678", "alpha"]

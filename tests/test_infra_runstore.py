@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from infra.runstore import (
     RunStoreError,
-    check_run_id,
+    check_name,
     commit_stage_dir,
     content_hash,
     file_sha256,
@@ -135,8 +135,14 @@ def test_stage_without_manifest_is_not_accepted(tmp_path):
         read_manifest(tmp_path, "nope", "s")
 
 
-def test_run_ids_are_checked():
-    assert check_run_id("20261121-120000-ab12") == "20261121-120000-ab12"
-    for bad in ("../x", "a/b", "", ".hidden"):
-        with pytest.raises(RunStoreError):
-            check_run_id(bad)
+def test_names_are_checked_whole(tmp_path):
+    """Run ids, stage and sweep names: the whole string must match ("nl\\n" passed a ``$`` pattern)."""
+    assert check_name("20261121-120000-ab12") == "20261121-120000-ab12"
+    for bad in ("../x", "a/b", "", ".hidden", "..", "nl\n", "a\r\nLocation: x", "/abs", "x" * 129, None):
+        with pytest.raises(RunStoreError, match="invalid run id"):
+            check_name(bad)
+    with pytest.raises(RunStoreError, match="invalid stage name"):
+        make_temp_dir(tmp_path, "r", "../../escape")
+    with pytest.raises(RunStoreError, match="invalid run id"):
+        read_manifest(tmp_path, "nl\n", "s")
+    assert not list(tmp_path.iterdir())

@@ -216,3 +216,62 @@ def test_a_prefect_retry_of_a_crashed_sft_resumes_from_its_checkpoint(tiny_sft_m
     assert manifest["metrics"]["resumed_from_step"] == 2
     assert [r["step"] for r in manifest["tables"]["train_log"]] == [1, 2, 3, 4, 5, 6]
     _assert_clean(tmp_path / "runs")
+
+
+# ---- the resume state is data, never code -------------------------------------------------------------------
+
+
+def _tiny_learner():
+    import torch
+
+    from training.learner_backends import TorchBackend
+    from training.learner_config import LearnerConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    return model, TorchBackend(model, LearnerConfig(steps=4, lr=1e-2))
+
+
+def _train_step(model, backend) -> float:
+    import torch
+
+    return backend.step(model(torch.randn(8, 4)).pow(2).mean())
+
+
+def test_resume_state_round_trips_and_a_planted_pickle_is_refused(tmp_path):
+    """A ``learner_state.pt`` planted under RUN_ROOT/.resume/ that would run ``os.system`` on unpickling is
+    refused with a clear error and runs nothing; a state the learner saved resumes exactly."""
+    import pickle
+    import random
+
+    import torch
+
+    from training.learner_backends import ResumeStateError, load_state, save_state
+
+    model, backend = _tiny_learner()
+    _train_step(model, backend)
+    path = tmp_path / "learner_state.pt"
+    save_state(path, 1, model, backend, [{"step": 1, "loss": 0.5}], {"loss": ([1.0, 2.0], [1.0, 1.0])})
+    expected = [_train_step(model, backend) for _ in range(2)], random.random()
+
+    clone, clone_backend = _tiny_learner()
+    state = load_state(path, clone, clone_backend)
+    assert (state["step"], state["rows"], state["before"]) == (1, [{"step": 1, "loss": 0.5}],
+                                                               {"loss": [[1.0, 2.0], [1.0, 1.0]]})
+    assert ([_train_step(clone, clone_backend) for _ in range(2)], random.random()) == expected
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), clone.parameters()))
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    with open(path, "wb") as f:
+        pickle.dump({"step": 1, "payload": Exploit()}, f)
+    with pytest.raises(ResumeStateError, match=r"refusing resume state .*learner_state.pt: not plain tensors"):
+        load_state(path, clone, clone_backend)
+    torch.save({"step": 1, "payload": Exploit()}, path)  # the same inside torch's zip format
+    with pytest.raises(ResumeStateError, match="delete it to start the stage from step 0"):
+        load_state(path, clone, clone_backend)
+    assert not marker.exists()

@@ -291,3 +291,33 @@ def test_continued_pretraining_of_smollm2_starts_at_its_loss_and_learns(shared_d
     assert steps[0]["loss"] == pytest.approx(hf_loss, rel=1e-3)
     trained = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
     assert batch_loss(trained) < hf_loss - 0.1
+
+
+def test_a_planted_checkpoint_metadata_is_refused_not_unpickled(baseline, tmp_path):
+    """torch.distributed.checkpoint unpickles ``.metadata``: a checkpoint under RUN_ROOT/.resume/ whose
+    ``.metadata`` would run ``os.system`` (its size and sha256 recorded, as an attacker can) is refused."""
+    import json
+    import os
+    import pickle
+
+    from training.megatron.checkpoint import META, CheckpointError, file_records, latest_valid, validate
+
+    ckpts = tmp_path / "checkpoints"
+    for name in ("iter_0000003", "iter_0000006"):
+        shutil.copytree(baseline["out"] / "checkpoints" / name, ckpts / name)
+    validate(ckpts / "iter_0000006")  # the genuine one passes
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    victim = ckpts / "iter_0000006"
+    (victim / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    meta = json.loads((victim / META).read_text())
+    (victim / META).write_text(json.dumps({**meta, "files": file_records(victim)}))
+    with pytest.raises(CheckpointError, match=r"refused, its pickled parts are not data only \(posix.system"):
+        validate(victim)
+    good, rejected = latest_valid(ckpts)
+    assert good == ckpts / "iter_0000003" and "not data only" in rejected[0][1]
+    assert not marker.exists()

@@ -3,6 +3,7 @@ ZeRO-2/3 across ranks; plus the torch backend's resumable state. The loop is :mo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -10,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.runstore import RunStoreError
 from training.learner_config import LearnerConfig
 
 
@@ -172,25 +174,41 @@ class DeepSpeedBackend:
 
 
 def save_state(path: Path, step: int, model, backend: TorchBackend, rows: list[dict], before: dict) -> None:
-    """Everything the loop needs to continue after ``step`` exactly as if uninterrupted; written atomically."""
+    """Everything the loop needs to continue after ``step`` exactly as if uninterrupted; written atomically.
+
+    Only tensors and JSON values (the Python RNG state as a list), so :func:`load_state` never unpickles."""
     import torch
 
+    version, internal, gauss = random.getstate()
     state = {
-        "step": step, "rows": rows, "before": before,
+        **json.loads(json.dumps({"step": step, "rows": rows, "before": before})),
         "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": backend.opt.state_dict(), "scheduler": backend.sched.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "rng": {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]},
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
+class ResumeStateError(RunStoreError):
+    """A resume state file that is not plain tensors and JSON values (e.g. a planted pickle): the stage
+    process stops with this one line and is not retried."""
+
+
 def load_state(path: Path, model, backend: TorchBackend) -> dict:
-    """Restore what :func:`save_state` wrote; returns it (step, rows, before)."""
+    """Restore what :func:`save_state` wrote (tensors and JSON values only: ``weights_only=True``); returns
+    it (step, rows, before)."""
+    import pickle
+
     import torch
 
-    state = torch.load(path, weights_only=False)
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        why = next((line.strip() for line in str(exc).splitlines() if "nsupported" in line), type(exc).__name__)
+        raise ResumeStateError(f"refusing resume state {path}: not plain tensors and JSON values ({why}); "
+                               "delete it to start the stage from step 0") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["params"].items():
@@ -198,5 +216,6 @@ def load_state(path: Path, model, backend: TorchBackend) -> dict:
     backend.opt.load_state_dict(state["optimizer"])
     backend.sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
+    version, internal, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
     return state

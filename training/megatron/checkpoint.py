@@ -4,7 +4,8 @@ Layout: ``SAVE_DIR/iter_0000010/`` holds the torch_dist files plus ``refinery.js
 parallel layout, and size + sha256 of every file), written last by rank 0 after all ranks
 finished; the directory is renamed into place only then. A checkpoint without ``refinery.json``
 or with a file whose size or hash differs is rejected with a :class:`CheckpointError` naming the
-file, and :func:`latest_valid` falls back to the previous good one.
+file, and :func:`latest_valid` falls back to the previous good one; so is one whose pickled parts
+(torch_dist's ``.metadata``, byte items, ``common.pt``) hold anything but data (a planted file).
 
 The saved state: model and optimizer as sharded tensors (so a checkpoint loads at another
 TP/PP), per-rank RNG states as a sharded object (restored when the layout matches), and the
@@ -16,8 +17,10 @@ Calls that save or load must be made from every rank; scripts need an ``if __nam
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -80,7 +83,47 @@ def validate(ckpt_dir: str | Path) -> dict:
             )
         if _sha256(path) != rec["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt_dir}: file {name} fails its sha256 check (corrupt)")
+    _check_data_only(ckpt_dir)
     return meta
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint's ``.metadata``: its data classes, torch sizes and dtypes; nothing else."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        dcp = module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+        named = (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                                   ("torch.serialization", "_get_layout"), ("torch", "Size")}
+        found = super().find_class(module, name) if dcp or named or module == "torch" else None
+        if not (named or dcp and isinstance(found, type) or isinstance(found, torch.dtype)):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+        return found
+
+
+def _check_data_only(ckpt_dir: Path) -> None:
+    """Refuse a checkpoint whose pickled parts hold more than data: torch.distributed.checkpoint unpickles its
+    ``.metadata`` and loads byte items with ``weights_only=False``, so both are read here first, as data only."""
+    import megatron.core  # noqa: F401 (registers the classes its common state may hold as safe globals)
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    try:
+        if (ckpt_dir / "common.pt").is_file():
+            torch.load(ckpt_dir / "common.pt", map_location="cpu", weights_only=True)
+        with open(ckpt_dir / ".metadata", "rb") as fh:
+            metadata = _MetadataUnpickler(fh).load()
+        for index, info in metadata.storage_data.items():
+            if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+                if getattr(info, "transform_descriptors", None):
+                    raise pickle.UnpicklingError(f"item {index.fqn} is transformed")
+                with open(ckpt_dir / info.relative_path, "rb") as fh:
+                    fh.seek(info.offset)
+                    torch.load(io.BytesIO(fh.read(info.length)), weights_only=True)
+    except (pickle.UnpicklingError, AttributeError, EOFError, OSError, RuntimeError, TypeError) as exc:
+        why = next((line.strip() for line in str(exc).splitlines() if "nsupported" in line), str(exc).split("\n")[0])
+        raise CheckpointError(f"checkpoint {ckpt_dir}: refused, its pickled parts are not data only ({why})") from None
 
 
 def list_checkpoints(save_dir: str | Path) -> list[Path]:

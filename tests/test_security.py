@@ -1,0 +1,133 @@
+"""Hostile input (issue 31): names that would leave the run root or split a header, token traces outside the
+run root, and the lineage explorer's redirects. Each test tries the attack and checks it fails safely."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from flows.explorer import Explorer, start_explorer
+from infra.lineage import LineageCatalog
+from infra.runstore import RunStoreError
+
+
+def _manifest(runs: Path, run_id: str, stage: str, output: str) -> dict:
+    path = runs / run_id / stage / output
+    return {"run_id": run_id, "stage": stage, "cache_key": f"k-{run_id}-{stage}", "cached_from": None, "config": {},
+            "inputs": {}, "metrics": {}, "code_version": {}, "timings": {"started_at": "t0", "finished_at": "t1"},
+            "outputs": {output: {"uri": path.as_uri(), "path": str(path), "hash": f"sha256:{run_id}{stage}0000",
+                                 "files": {}, "run_id": run_id, "stage": stage}}}
+
+
+def _shard(prefix: Path, url: str) -> None:
+    from curation.megatron_shards import ShardWriter
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(prefix, np.uint16) as writer:
+        writer.add_document(np.array([5, 6, 0], np.uint16), f"doc-{prefix.name}", url, "w.warc.gz@7")
+
+
+@pytest.fixture
+def traced_runs(tmp_path):
+    """A run root whose catalog holds r/ingest/data and r/tokenize/shards (one shard), a shard-shaped secret
+    outside it, and a config file pointing at it."""
+    runs = tmp_path / "runs"
+    _shard(runs / "r" / "tokenize" / "shards" / "web-train-00000", "https://example.org/page")
+    _shard(tmp_path / "outside" / "secret", "https://secret.example/token=hunter2")
+    (runs / "r" / "ingest" / "data").mkdir(parents=True)
+    catalog = LineageCatalog(runs)
+    for stage, output in (("ingest", "data"), ("tokenize", "shards")):
+        catalog.record_stage_run(_manifest(runs, "r", stage, output))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"run_root: {runs}\n")
+    return runs, cfg
+
+
+def test_token_trace_reads_only_listed_shards_of_a_tokenize_artifact(traced_runs, capsys):
+    runs, cfg = traced_runs
+    for argv, message in [
+        (["r/ingest/data", "../../../../outside/secret", "0"], "matches 0 tokenize/shards artifacts"),
+        (["r/tokenize/shards", "../../../../outside/secret", "0"], "has no shard '../../../../outside/secret'"),
+        (["r/tokenize/shards", str(runs.parent / "outside" / "secret"), "0"], "has no shard"),
+        (["r/tokenize/shards", "web-train-00000", "9"], "sequence 9 out of range"),
+    ]:
+        assert main(["lineage", "trace", *argv, "-c", str(cfg)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("error: ") and message in captured.err, captured.err
+        assert captured.err.count("\n") == 1 and "secret.example" not in captured.out + captured.err
+    assert main(["lineage", "trace", "r/tokenize/shards", "web-train-00000", "0", "-c", str(cfg)]) == 0
+    assert "https://example.org/page" in capsys.readouterr().out
+
+    explorer = Explorer(runs)
+    page = explorer.trace("r/tokenize/shards", "../../../../outside/secret", "0")
+    assert "has no shard" in page and "secret.example" not in page
+    assert "secret.example" not in explorer.trace("r/ingest/data", "../../../../outside/secret", "0")
+    assert "https://example.org/page" in explorer.trace("r/tokenize/shards", "web-train-00000", "0")
+
+
+def test_a_catalog_entry_pointing_outside_the_run_root_is_not_traced(traced_runs, capsys):
+    runs, cfg = traced_runs
+    manifest = _manifest(runs, "evil", "tokenize", "shards")
+    manifest["outputs"]["shards"]["path"] = str(runs.parent / "outside")  # a planted catalog row
+    LineageCatalog(runs).record_stage_run(manifest)
+    assert main(["lineage", "trace", "evil/tokenize/shards", "secret", "0", "-c", str(cfg)]) == 2
+    assert "outside the run root" in capsys.readouterr().err
+
+
+def test_explorer_redirects_and_trace_urls_over_http(traced_runs):
+    """``/trace?shard=..%2F..`` reads nothing outside the run root; a run id with a line feed (from a shared
+    catalog) is URL-quoted in the Location header, so no header can be injected."""
+    runs, _ = traced_runs
+    LineageCatalog(runs).record_stage_run(_manifest(runs, "x\r\nSet-Cookie: a=b", "alpha", "data"))
+    server = start_explorer(runs, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        page = urllib.request.urlopen(f"{base}/trace?shards=r/tokenize/shards&shard=..%2F..%2F..%2F..%2Foutside%2Fsecret"
+                                      "&seq=0", timeout=30).read().decode()
+        assert "has no shard" in page and "secret.example" not in page
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.build_opener(NoRedirect).open(f"{base}/artifact?ref=x%0D%0ASet-Cookie%3A%20a%3Db/alpha",
+                                                         timeout=30)
+        assert info.value.code == 302 and info.value.headers.get("Set-Cookie") is None
+        assert info.value.headers["Location"] == "/stage/x%0D%0ASet-Cookie%3A%20a%3Db/alpha"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("name", ["../../../../X", "/tmp/refinery-sweep-escape", "nl\n", "a/b"])
+def test_a_sweep_name_cannot_leave_the_run_root(fake_registry, tmp_path, name, capsys):
+    from flows.sweep import parse_axis, plan_sweep
+
+    src = tmp_path / "input.txt"
+    src.write_text("one\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"run_root: {tmp_path / 'runs'}\nalpha:\n  source: {src}\n")
+    with pytest.raises(RunStoreError, match="invalid sweep name"):
+        plan_sweep(str(cfg), {}, [parse_axis("beta.suffix=[x]")], name=name)  # the flow's (UI's) path too
+    assert main(["sweep", "-c", str(cfg), "-a", "beta.suffix=[x]", "--name", name]) == 1
+    assert capsys.readouterr().err.startswith("error: invalid sweep name")
+    assert not (tmp_path / "runs").exists() and not Path("/tmp/refinery-sweep-escape").exists()
+
+
+@pytest.mark.parametrize("ref", ["..", "../x", "r/..", "nl\n"])
+def test_from_refuses_names_that_are_not_plain(ref, tmp_path, capsys):
+    assert main(["run", "--stages", "ingest", "--from", ref, "-o", f"run_root={tmp_path / 'runs'}"]) == 1
+    assert capsys.readouterr().err.startswith("error: invalid ")
+
+
+def test_report_refuses_a_run_id_that_is_not_plain(traced_runs, capsys):
+    runs, cfg = traced_runs
+    for run_id in ("../../elsewhere", "r\n"):
+        assert main(["report", run_id, "-c", str(cfg)]) == 1
+        assert capsys.readouterr().err.startswith("error: invalid run id")
+    assert not (runs.parent.parent / "elsewhere").exists()
