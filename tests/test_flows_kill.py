@@ -158,8 +158,8 @@ def test_a_process_tree_past_its_time_limit_is_stopped():
               "time.sleep(60)']); print(c.pid, flush=True); time.sleep(60)")
     t0 = time.time()
     with pytest.raises(subprocess.TimeoutExpired):
-        run_streaming([sys.executable, "-c", script], lines.append, timeout_s=2)
-    assert time.time() - t0 < 30
+        run_streaming([sys.executable, "-c", script], lines.append, timeout_s=10)  # room to start on a loaded box
+    assert time.time() - t0 < 45 and lines, lines
     grandchild = int(lines[0])
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
     assert run_streaming([sys.executable, "-c", "print('ok')"], lines.append, timeout_s=30) == 0 and lines[-1] == "ok"
