@@ -224,6 +224,25 @@ def test_spike_is_rolled_back_skipped_and_recorded(corpus, tmp_path):
     assert [e["skipped_samples"] for e in ledger] == [spike["skipped_samples"]]
 
 
+def test_a_spike_before_the_first_checkpoint_rolls_back_to_step_0_and_replays_the_same_losses(corpus, tmp_path):
+    """The step-0 rollback target holds no Adam moments (saved before the first update): the rollback
+    starts the optimizer afresh, so with no LR cut the replayed steps repeat the original losses."""
+    bad_step = 7
+    steps, events = train(
+        corpus, tmp_path, steps=9, save_every=100, warmup_steps=2,
+        spike={"enabled": True, "window": 16, "sigma": 6.0, "min_history": 5, "lr_cut": 1.0, "lr_cut_steps": 0},
+        fault_injection=[{"step": bad_step, "kind": "scale_loss", "factor": 200.0}],
+    )
+    spikes = [e for e in events if e["event"] == "spike"]
+    assert [(e["step"], e["rolled_back_to"]) for e in spikes] == [(bad_step, 0)]
+    first, replay = {}, {}
+    for s in steps:
+        (replay if s["step"] in first and s["step"] < bad_step else first).setdefault(s["step"], s["loss"])
+    assert sorted(replay) == list(range(1, bad_step))
+    assert_close(replay, {k: first[k] for k in replay}, rel=1e-6)
+    assert max(s["step"] for s in steps) == 9
+
+
 def smollm2_shards(shared_data: Path, out: Path, n_docs: int = 80) -> tuple[Path, Path]:
     """(shards, tokenizer dir): wikitext-2 paragraphs tokenized with SmolLM2's tokenizer by the tokenize core."""
     from curation.megatron_shards import token_dtype, write_blend

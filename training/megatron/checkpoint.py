@@ -219,21 +219,32 @@ def load(ckpt_dir: str | Path, model, optimizer=None) -> dict:
     here = layout()
     model_sd = model.sharded_state_dict(prefix="")
     request = {"model": model_sd}
-    if optimizer is not None:
+    # a step-0 checkpoint (the first rollback target) is saved before the first update: Adam has no moments yet
+    optimizer_saved = optimizer is not None and meta["step"] > 0
+    if optimizer_saved:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     same_layout = meta["layout"] == {k: here[k] for k in ("tp", "pp", "dp")}
     if same_layout:
         request["rng"] = _rng_object(here, state={})
     loaded = dist_checkpointing.load(request, str(ckpt_dir))
     model.load_state_dict(loaded["model"])
-    if optimizer is not None:
+    if optimizer_saved:
         optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        reset_optimizer(optimizer)
     if same_layout:
         _set_rng(loaded["rng"])
     state = loaded.get("train_state")
     if state is None:
         state = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["train_state"]
     return state
+
+
+def reset_optimizer(optimizer) -> None:
+    """The optimizer as before its first update: no moments, main (fp32) params copied from the model."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        part.optimizer.state.clear()
+        part.reload_model_params()
 
 
 def load_model_only(ckpt_dir: str | Path, model) -> dict:
