@@ -26,6 +26,7 @@ import html
 import io
 import itertools
 import json
+import math
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ class SweepPlan:
     arms: list[Arm]
     first_varying_stage: str | None
     fixed_tokenizer: bool
+    reference_effects: dict[str, float] = field(default_factory=dict)
 
 
 PROXY_EVAL = "eval_pretrain"
@@ -170,7 +172,8 @@ def plan_sweep(config_file: str, overrides: dict | None, axes: list[Axis], mode:
     first = next((s for s in stages if s in varying), None)
     fixed_tokenizer = ("tokenizer" in stages and not base.tokenizer.pretrained
                        and (first is None or stages.index(first) <= stages.index("tokenizer")))
-    return SweepPlan(sweep_id, str(config_file), overrides, stages, arms, first, fixed_tokenizer)
+    return SweepPlan(sweep_id, str(config_file), overrides, stages, arms, first, fixed_tokenizer,
+                     dict(base.sweep.reference_effects))
 
 
 RunPipeline = Callable[..., dict]  # (stages, run_id, config_file, overrides) -> pipeline result
@@ -222,6 +225,7 @@ def run_sweep(plan: SweepPlan, run_pipeline: RunPipeline, run_root: Path, parall
                   "error": a.error} for a in plan.arms],
         "stage_executions": {"computed": statuses.count("completed"), "reused": statuses.count("reused"),
                              "skipped": statuses.count("skipped")},
+        "reference_effects": plan.reference_effects,
     }
     out = Path(run_root) / "sweeps" / plan.sweep_id
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +234,7 @@ def run_sweep(plan: SweepPlan, run_pipeline: RunPipeline, run_root: Path, parall
     (out / "report.html").write_text(report["html"])
     summary["report"] = str(out / "report.html")
     summary["lines"] = report["lines"]
+    summary["resolution"] = report["resolution"]
     write_json_atomic(out / "sweep.json", summary)
     return summary
 
@@ -264,8 +269,9 @@ def _figure_png(fig) -> str:
 
 
 def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
-    """Self-contained HTML (tables + one chart per metric and axis, seed spread as error bars) and
-    plain-language lines saying whether each metric's best-vs-worst arm gap exceeds the seed spread."""
+    """Self-contained HTML (tables + one chart per metric and axis, seed spread as error bars), per eval
+    metric the seed spread and the minimum detectable effect of the sweep's seeds, and plain-language
+    verdict lines (:func:`compare_arms`)."""
 
     import matplotlib
 
@@ -283,6 +289,7 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
     metrics = sorted(found, key=lambda k: (":" in k, stage_pos.get(k.split("/")[0].split(":")[0], len(stage_pos)), k))
     rows, lines, charts = [], [], []
     stats: dict[str, dict[str, tuple[float, float, int]]] = {}
+    values: dict[str, dict[str, list[float]]] = {}
     for key, members in groups.items():
         row = {"arm": ", ".join(f"{k}={v}" for k, v in json.loads(key).items()), "seeds": len(members)}
         for metric in metrics:
@@ -290,22 +297,21 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
             if vals:
                 mean, sd = statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
                 stats.setdefault(metric, {})[key] = (mean, sd, len(vals))
+                values.setdefault(metric, {})[_arm_label(key)] = vals
                 row[metric] = f"{mean:.4g}" + (f" ± {sd:.2g}" if len(vals) > 1 else "")
         rows.append(row)
+    references = summary.get("reference_effects", {})
+    resolution_rows = []
     for metric in (m for m in metrics if ":" in m):  # eval metrics get a verdict and a chart
         by_arm = stats.get(metric, {})
         if len(by_arm) < 2:
             continue
-        best, worst = max(by_arm.items(), key=lambda kv: kv[1][0]), min(by_arm.items(), key=lambda kv: kv[1][0])
-        gap, spread = best[1][0] - worst[1][0], max(v[1] for v in by_arm.values())
-        n_seeds = min(v[2] for v in by_arm.values())
-        if n_seeds < 2:
-            verdict = "no seed spread measured (use --seeds 2 or more)"
-        else:
-            verdict = ("larger than" if gap > 2 * spread else "within") + f" twice the seed spread (sd {spread:.3g}"
-            verdict += f", from only {n_seeds} seeds)" if n_seeds < 5 else ")"
-        lines.append(f"{metric}: highest {_arm_label(best[0])} {best[1][0]:.4g}, lowest {_arm_label(worst[0])} "
-                     f"{worst[1][0]:.4g}; the gap {gap:.3g} is {verdict}")
+        found_gap = compare_arms(values[metric], references.get(metric))
+        lines.append(f"{metric}: {found_gap['line']}")
+        resolution_rows.append({"metric": metric, "seeds per arm": found_gap["seeds"],
+                                "seed sd (pooled)": _fmt(found_gap["pooled_sd"]),
+                                "minimum detectable effect (2 sd)": _fmt(found_gap["resolution"]),
+                                "largest gap": f"{found_gap['gap']:.3g}", "verdict": found_gap["verdict"]})
         for axis in axis_keys:
             fig, ax = plt.subplots(figsize=(4.2, 2.8))
             points: dict[Any, list[float]] = {}
@@ -352,14 +358,71 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
         f"{ex['reused']} reused from the cache, {ex['skipped']} already done. First changed stage: "
         f"{html.escape(str(summary['first_varying_stage']))}. Shared: {html.escape(json.dumps(summary['shared_overrides']))}</p>"
         "<h2>Verdicts</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
-        "<h2>Per arm (mean ± seed sd)</h2>" + table(rows)
+        + "<h2>What this sweep can resolve</h2><p>A gap between arms counts as detected when it exceeds twice the "
+        "pooled seed standard deviation (the minimum detectable effect of this sweep's seeds); a gap below it is "
+        "noise. " + html.escape(RESOLUTION_NOTE) + "</p>" + (table(resolution_rows) if resolution_rows else "<p>-</p>")
+        + "<h2>Per arm (mean ± seed sd)</h2>" + table(rows)
         + "<h2>Metrics against each axis</h2><div class='charts'>"
         + "".join(f"<img alt='{html.escape(m)} vs {html.escape(a)}' src='data:image/png;base64,{png}'>"
                   for m, a, png in charts) + "</div>"
         + "<h2>Lineage: what differs from the first arm</h2>" + (table(diffs) if diffs else "<p>-</p>")
         + "<h2>Runs</h2>" + table(arm_rows) + "</body></html>"
     )
-    return {"html": html_doc, "lines": lines, "rows": rows}
+    return {"html": html_doc, "lines": lines, "rows": rows, "resolution": resolution_rows}
+
+
+RESOLUTION_NOTE = ("A gap that is not detected is 'above resolution' when the sweep resolves gaps smaller than the "
+                   "smallest known data effect measured with the default protocol (sweep.reference_effects, from "
+                   "bench/sweep_sensitivity.py): the knob likely does not matter at this scale; otherwise it is "
+                   "'below resolution': an effect smaller than the minimum detectable effect would not show, and "
+                   "more seeds resolve smaller ones.")
+
+
+def pooled_sd(groups: list[list[float]]) -> float:
+    """Pooled standard deviation of groups (each with 2+ values): sqrt(sum((n_i - 1) s_i^2) / sum(n_i - 1))."""
+    dof = sum(len(g) - 1 for g in groups)
+    return math.sqrt(sum((len(g) - 1) * statistics.variance(g) for g in groups) / dof)
+
+
+def compare_arms(values: dict[str, list[float]], reference: float | None = None) -> dict[str, Any]:
+    """One metric across arms (arm label -> per-seed values): the gap between the highest and lowest arm
+    mean against the sweep's resolution, twice the pooled seed sd. Verdict, one of:
+
+    - ``detected``: the gap exceeds the resolution;
+    - ``not detected, above resolution``: it does not, and the resolution is at most ``reference`` (the
+      smallest known effect of the protocol): an effect that size would have shown;
+    - ``not detected, below resolution``: it does not, and effects smaller than the resolution (larger
+      than ``reference``, or no reference) would not show;
+    - ``no seed spread``: an arm has a single seed.
+    """
+    means = {arm: statistics.fmean(v) for arm, v in values.items()}
+    ordered = sorted(means, key=means.get)  # stable: tied arms keep their order, so low != high
+    low, high = ordered[0], ordered[-1]
+    gap = means[high] - means[low]
+    seeds = min(len(v) for v in values.values())
+    out = {"gap": gap, "high": high, "low": low, "seeds": seeds, "pooled_sd": None, "resolution": None}
+    head = f"highest {high} {means[high]:.4g}, lowest {low} {means[low]:.4g}; gap {gap:.3g}"
+    if seeds < 2:
+        return {**out, "verdict": "no seed spread", "line": f"{head}: no seed spread measured (use --seeds 2 or more)"}
+    sd = pooled_sd(list(values.values()))
+    resolution = 2 * sd
+    out.update(pooled_sd=sd, resolution=resolution)
+    if gap > resolution:
+        verdict, why = "detected", f"larger than the minimum detectable effect {resolution:.3g} (2 x pooled seed sd)"
+    elif reference is not None and resolution <= reference:
+        verdict = "not detected, above resolution"
+        why = (f"within the minimum detectable effect {resolution:.3g}, which is finer than the smallest known data "
+               f"effect {reference:.3g}: the knob likely does not matter at this scale")
+    else:
+        verdict = "not detected, below resolution"
+        why = (f"within the minimum detectable effect {resolution:.3g}: a smaller effect would not show"
+               + (f" (the smallest known data effect is {reference:.3g}; more seeds resolve smaller gaps)"
+                  if reference is not None else "; more seeds resolve smaller gaps"))
+    return {**out, "verdict": verdict, "line": f"{head}: {verdict} — the gap is {why} ({seeds} seeds per arm)"}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
 
 
 def _arm_label(key: str) -> str:
@@ -425,6 +488,10 @@ def sweep_markdown(summary: dict) -> str:
              f"Report: `{summary['report']}` · stage executions: {ex['computed']} computed, {ex['reused']} reused "
              f"from the cache, {ex['skipped']} already done", "", "## Verdicts", ""]
     lines += [f"- {line}" for line in summary["lines"]] or ["- (no evaluation metric to compare)"]
+    if summary.get("resolution"):
+        cols = list(summary["resolution"][0])
+        lines += ["", "## What this sweep can resolve", "", RESOLUTION_NOTE, "",
+                  *markdown_table(cols, [[r[c] for c in cols] for r in summary["resolution"]])]
     arms = [(a["run_id"], json.dumps(a["values"]), a["seed"], a["status"]) for a in summary["arms"]]
     lines += ["", "## Arms", "", *markdown_table(["run", "values", "seed", "status"], arms)]
     return "\n".join(lines)

@@ -134,6 +134,11 @@ class OpenLineageConfig(Strict):
         return self
 
 
+# The smallest known data effect the default proxy protocol (configs/sweep.yaml) measured, per metric:
+# bench/sweep_sensitivity.py (see bench/RESULTS.md). Bits per byte; a gap below it may still be real.
+REFERENCE_EFFECTS: dict[str, float] = {}
+
+
 class SweepConfig(Strict):
     """A data-ablation sweep for `refinery sweep` (its -a/--mode/--seeds/--stages/--parallel win)."""
 
@@ -143,6 +148,11 @@ class SweepConfig(Strict):
     stages: list[str] = Field(default_factory=list, description="stages every arm runs (empty = curation, the proxy model "
                                      "and its eval: eval_pretrain and every stage it reads; never SFT/RL)")
     parallel: int = Field(1, ge=1, description="arms running at the same time")
+    reference_effects: dict[str, float] = Field(
+        default_factory=lambda: dict(REFERENCE_EFFECTS),
+        description="eval metric -> the smallest known data effect measured with the default proxy protocol "
+                    "(bench/sweep_sensitivity.py); a sweep that does not detect a gap but resolves gaps smaller "
+                    "than this reports the knob as likely not mattering at this scale")
 
 
 class PipelineConfig(Strict):

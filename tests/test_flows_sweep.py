@@ -101,6 +101,7 @@ def test_report_compares_arms_with_seed_spread(fake_sweep):
     kept = {r["arm"]: r["alpha/kept"] for r in report["rows"]}
     assert kept == {"alpha.min_len=0": "3", "alpha.min_len=4": "1"}  # "one", "two", "three": only "three" >= 4
     assert "alpha.min_len" in report["html"] and "what differs from the first arm" in report["html"]
+    assert "What this sweep can resolve" in report["html"]
     assert "2 stage(s) differ (alpha, beta)" in report["html"]
     # arms that change only beta: alpha reused from the first arm is the same content, not a difference
     summary = run_sweep(plan_sweep(str(cfg_file), {}, [parse_axis("beta.suffix=[x, y]")]), run_pipeline, root,
@@ -151,3 +152,56 @@ def test_the_default_stage_set_is_curation_the_proxy_model_and_its_eval_never_po
     assert default_sweep_stages(order) == ["ingest", "extract", "langid", "heuristics", "train_quality", "quality",
                                            "dedup", "tokenizer", "tokenize", "pretrain", "eval_pretrain"]
     assert default_sweep_stages(["ingest", "extract", "sft", "grpo"]) == ["ingest", "extract"]
+
+
+def _pooled_sd_reference(groups):
+    """Written from the formula: sqrt(sum over groups of sum((x - mean_g)^2) / (N - number of groups))."""
+    import numpy as np
+
+    squares = sum(float(((np.asarray(g, dtype=np.float64) - np.mean(g)) ** 2).sum()) for g in groups)
+    return (squares / (sum(len(g) for g in groups) - len(groups))) ** 0.5
+
+
+def test_resolution_verdicts_in_three_classes_with_uneven_seed_counts():
+    from flows.sweep import compare_arms
+
+    arms = {"on": [1.512, 1.498, 1.530], "off": [1.571, 1.566]}  # 3 and 2 seeds
+    sd = _pooled_sd_reference(arms.values())
+    found = compare_arms(arms, reference=0.2)
+    assert found["pooled_sd"] == pytest.approx(sd, rel=1e-12) and found["resolution"] == pytest.approx(2 * sd)
+    assert (found["high"], found["low"], found["seeds"]) == ("off", "on", 2)
+    assert found["gap"] == pytest.approx(1.5685 - 1.5133333333333334)
+    assert found["verdict"] == "detected" and "2 seeds per arm" in found["line"]
+    close = {"on": [1.512, 1.498, 1.530], "off": [1.52, 1.50, 1.515]}
+    assert compare_arms(close, reference=0.5)["verdict"] == "not detected, above resolution"
+    assert "likely does not matter" in compare_arms(close, reference=0.5)["line"]
+    assert compare_arms(close, reference=0.001)["verdict"] == "not detected, below resolution"
+    assert compare_arms(close)["verdict"] == "not detected, below resolution"
+    single = compare_arms({"a": [1.0], "b": [2.0, 2.1]})
+    assert single["verdict"] == "no seed spread" and single["resolution"] is None
+    tied = compare_arms({"a": [1.0, 1.2], "b": [1.2, 1.0]})
+    assert tied["gap"] == 0 and tied["high"] != tied["low"]
+
+
+@pytest.mark.parametrize("n_arms", [2, 3])
+def test_verdict_is_detected_exactly_when_the_gap_exceeds_twice_the_pooled_sd(n_arms):
+    from hypothesis import given, settings, strategies as st
+
+    from flows.sweep import compare_arms
+
+    seeds = st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=5)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(seeds, min_size=n_arms, max_size=n_arms), st.floats(-100, 100))
+    def check(groups, shift):
+        arms = {f"arm{i}": g for i, g in enumerate(groups)}
+        found = compare_arms(arms)
+        means = sorted(sum(g) / len(g) for g in groups)
+        gap, sd = means[-1] - means[0], _pooled_sd_reference(groups)
+        assert found["gap"] == pytest.approx(gap, abs=1e-9) and found["pooled_sd"] == pytest.approx(sd, abs=1e-9)
+        if abs(gap - 2 * sd) > 1e-9:  # away from the boundary, the verdict follows the rule
+            assert (found["verdict"] == "detected") == (gap > 2 * sd)
+        moved = compare_arms({k: [x + shift for x in v] for k, v in arms.items()})  # a constant shift changes nothing
+        assert moved["gap"] == pytest.approx(gap, abs=1e-6) and moved["pooled_sd"] == pytest.approx(sd, abs=1e-6)
+
+    check()
