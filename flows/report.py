@@ -26,6 +26,7 @@ from evaluation.effects import EFFECTS_TABLE, format_effect, wilson_interval
 from flows.explorer import render_svg
 from infra.lineage import LineageCatalog, lineage_graph
 from infra.runstore import check_name
+from training.pretrain_stage import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after selecting the non-interactive backend)
@@ -52,6 +53,14 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def pretrain_steps(manifest: dict) -> list[dict]:
+    """The pretrain stage's step records (loss, lr, ...), without its events (checkpoints, spikes, rollbacks)."""
+    if "metrics" not in manifest["outputs"]:
+        return []
+    path = Path(manifest["outputs"]["metrics"]["path"]) / "metrics.jsonl"
+    return read_metrics(path)[0] if path.is_file() else []
+
+
 def run_data(catalog: LineageCatalog, run_id: str) -> dict[str, Any]:
     """Everything the report shows, read from the catalog and the stage manifests of one run."""
     runs = catalog.stage_runs(run_id)
@@ -62,11 +71,7 @@ def run_data(catalog: LineageCatalog, run_id: str) -> dict[str, Any]:
                "top drop reasons": ", ".join(f"{k} {v}" for k, v in sorted(
                    (m["metrics"].get("drop_reasons") or {}).items(), key=lambda kv: -kv[1])[:3])}
               for s, m in manifests.items() if {"rows_in", "kept"} <= set(m["metrics"])]
-    pretrain = []
-    if "pretrain" in manifests and "metrics" in manifests["pretrain"]["outputs"]:
-        path = Path(manifests["pretrain"]["outputs"]["metrics"]["path"]) / "metrics.jsonl"
-        if path.is_file():
-            pretrain = [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+    pretrain = pretrain_steps(manifests["pretrain"]) if "pretrain" in manifests else []
     rl = {s: m["tables"]["steps"] for s, m in manifests.items()
           if s in ("grpo", "ppo") and (m.get("tables") or {}).get("steps")}
     evals = []

@@ -222,6 +222,12 @@ def test_spike_is_rolled_back_skipped_and_recorded(corpus, tmp_path):
     final, _ = latest_valid(tmp_path / "checkpoints")
     ledger = read_metadata(final)["skip_ledger"]
     assert [e["skipped_samples"] for e in ledger] == [spike["skipped_samples"]]
+    # the run report charts the steps of a run with a rollback (the spike event has a loss but no lr)
+    from flows.report import _charts, pretrain_steps
+
+    charted = pretrain_steps({"outputs": {"metrics": {"path": str(tmp_path)}}})
+    assert len(charted) == len(steps) and all("lr" in r and "event" not in r for r in charted)
+    assert len(_charts({"effects": [], "funnel": [], "pretrain": charted, "rl": {}, "evals": []})) == 1
 
 
 def test_a_spike_before_the_first_checkpoint_rolls_back_to_step_0_and_replays_the_same_losses(corpus, tmp_path):
