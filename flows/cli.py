@@ -135,7 +135,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from prefect import serve
 
         from flows.serve import build_deployments
-        from flows.stages import EXPLORER_URL_ENV
+        from flows.stages import EXPLORER_URL_ENV, SERVED_POLICY_ENV, served_policy
+
+        # the deployments' parameters come from the UI/API: the flows check them against what is served
+        os.environ[SERVED_POLICY_ENV] = served_policy(args.config, config.run_root, overrides)
 
         explorer = None
         if explorer_port:

@@ -25,7 +25,7 @@ from prefect.assets import materialize
 from prefect.client.orchestration import get_client
 
 from flows.registry import all_stages, load_config
-from infra.config import DEFAULT_CONFIG, BaseRefineryConfig
+from infra.config import DEFAULT_CONFIG, BaseRefineryConfig, ConfigError
 from infra.executor import RESULT_MARKER
 from infra.lineage import flatten
 from infra.markdown import dict_table, markdown_table
@@ -55,6 +55,54 @@ def _retryable(task, task_run, state) -> bool:
     return getattr(state.result(raise_on_failure=False), "retryable", False)
 
 
+SERVED_POLICY_ENV = "REFINERY_SERVED_POLICY"
+# spark.conf keys a flow parameter may set: sizes, parallelism and timeouts. JVM options, class paths,
+# Python executables, plugins and local directories come only from the config file (they run code or
+# write where they name), as does pretrain.torchrun_args.
+PARAMETER_SPARK_CONF = re.compile(
+    r"spark\.(sql\.(shuffle\.partitions|adaptive\.[A-Za-z.]+|files\.maxPartitionBytes|autoBroadcastJoinThreshold"
+    r"|execution\.arrow\.maxRecordsPerBatch)|default\.parallelism|(driver|executor)\.(memory|cores)"
+    r"|executor\.instances|memory\.(fraction|storageFraction)|task\.cpus|network\.timeout"
+    r"|python\.worker\.(memory|reuse))")
+PARAMETER_DENIED = ("pretrain.torchrun_args",)
+
+
+def served_policy(config_file: str, run_root: str, overrides: dict[str, Any]) -> str:
+    """What ``refinery serve`` puts in :data:`SERVED_POLICY_ENV` for :func:`check_parameters`."""
+    return json.dumps({"config_file": str(Path(config_file).resolve()), "run_root": str(Path(run_root).resolve()),
+                       "overrides": flatten(overrides)})
+
+
+def check_parameters(config_file: str, overrides: dict[str, Any]) -> None:
+    """Refuse flow parameters that could run code or reach files, when the flow runs under ``refinery serve``.
+
+    There the parameters come from the UI/API, which anyone who reaches its port can call, so: the
+    config file must be the served one or a file beside it; ``run_root`` must be the served run root;
+    ``spark.conf`` keys must match :data:`PARAMETER_SPARK_CONF`; :data:`PARAMETER_DENIED` keys are
+    config-file only. Values the operator served with (``serve -o``) pass. From the CLI (no policy in
+    the environment) everything passes: its user is the config's owner.
+    """
+    raw = os.environ.get(SERVED_POLICY_ENV)
+    if not raw:
+        return
+    policy = json.loads(raw)
+    served = Path(policy["config_file"])
+    path = Path(config_file).resolve()
+    if path != served and path.parent != served.parent:
+        raise ConfigError(f"config error: a served flow reads its config_file from {served.parent} only "
+                          f"(got {Path(config_file).name!r})")
+    for key, value in flatten(dict(overrides or {})).items():
+        if policy["overrides"].get(key) == value:
+            continue
+        if key.startswith("spark.conf.") and not PARAMETER_SPARK_CONF.fullmatch(key.removeprefix("spark.conf.")):
+            raise ConfigError(f"config error: {key.removeprefix('spark.conf.')!r} cannot be set from a flow "
+                              "parameter (JVM options, class paths and executables come from the config file only)")
+        if key == "run_root" and Path(str(value)).resolve() != Path(policy["run_root"]):
+            raise ConfigError(f"config error: a served flow writes to its run root {policy['run_root']} only")
+        if key in PARAMETER_DENIED or key.startswith(tuple(d + "." for d in PARAMETER_DENIED)):
+            raise ConfigError(f"config error: {key} cannot be set from a flow parameter (config file only)")
+
+
 def resolve_config(config_file: str, overrides: Optional[dict[str, Any]], section: Optional[tuple[str, Any]] = None):
     """Config file + dotted overrides (+ a stage section from the typed UI parameter ``params``).
 
@@ -68,6 +116,7 @@ def resolve_config(config_file: str, overrides: Optional[dict[str, Any]], sectio
         if hasattr(value, "model_dump"):
             value = value.model_dump(mode="json", exclude_unset=True)
         merged.update({f"{section[0]}.{k}": v for k, v in flatten(value).items()})
+    check_parameters(config_file, merged)
     return load_config(config_file, overrides=merged)
 
 

@@ -38,7 +38,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
 from flows.pipeline import StageName, pipeline
-from flows.stages import label_flow_run
+from flows.stages import check_parameters, label_flow_run
 from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.lineage import LineageCatalog, compare_runs, flatten
@@ -466,6 +466,10 @@ def sweep(
         overrides: Dotted keys applied to every arm (the base config).
         name: Sweep id; empty = derived from the config, overrides, axis keys and stages (stable across reruns).
     """
+    check_parameters(config_file, overrides)
+    for key, values in axes.items():
+        for value in values:
+            check_parameters(config_file, {key: value})
     plan = plan_sweep(config_file, overrides, [Axis(k, tuple(v)) for k, v in axes.items()], mode, seeds,
                       list(stages) or None, name or None)
     label_flow_run(plan.sweep_id, ["refinery", f"sweep:{plan.sweep_id}"])

@@ -162,6 +162,28 @@ def _wait_for_deployment(name: str, serve_log: Path):
 
 
 @pytest.mark.slow
+def test_served_flow_refuses_jvm_options_and_another_config_file_from_the_api(server):
+    """The security review's attack: a flow run created through the API with JVM options that run a shell
+    command (and one with another config file) fails with one line before any stage starts."""
+    from prefect.deployments import run_deployment
+
+    _wait_for_deployment("ingest/refinery-ingest", server.log)
+    marker = server.root / "PWNED"
+    attack = {"run_root": str(server.runs), "spark.conf": {
+        "spark.driver.extraJavaOptions": f"-Xmx2m -XX:OnOutOfMemoryError=touch {marker}"}}
+    run = run_deployment("ingest/refinery-ingest", timeout=600,
+                         parameters={"run_id": "ui-pwn", "force": True, "overrides": attack})
+    assert run.state.is_failed() and "cannot be set from a flow parameter" in run.state.message, run.state
+    secret = server.root / "secret.yaml"
+    secret.write_text("API_TOKEN: [sk-live-0123\n")
+    other = run_deployment("ingest/refinery-ingest", timeout=600,
+                           parameters={"run_id": "ui-secret", "config_file": str(secret)})
+    assert other.state.is_failed() and "reads its config_file from" in other.state.message, other.state
+    assert "sk-live" not in other.state.message
+    assert not marker.exists() and not (server.runs / "ui-pwn").exists()
+
+
+@pytest.mark.slow
 def test_served_deployments_run_pipeline_and_single_stage_rerun(server):
     """What the UI does: create flow runs of the served deployments through the API."""
     import json
