@@ -8,6 +8,7 @@ into the flow run's logs; the flow then publishes the manifest's metrics, tables
 Prefect artifacts and asset materializations.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -195,21 +196,38 @@ def stage_failure(stage: str, run_id: str, rc: int, tail: list[str], how: str = 
     return StageFailed(f"stage {stage!r} failed ({how}): {reason}", rc != 2, tail[-10:])
 
 
+def asset_key(uri: str) -> str:
+    """The Prefect asset key of an artifact URI: the URI itself where Prefect accepts it; otherwise (a path
+    with a space, ``#``, a quote, non-ASCII letters, ... — all legal inputs and run roots) the decoded URI
+    with each character Prefect forbids replaced by ``_``, plus 12 hex digits of the URI's hash so keys
+    of different paths stay different. The exact URI is in the asset's metadata."""
+    from urllib.parse import unquote
+
+    from prefect.types.names import MAX_ASSET_KEY_LENGTH, RESTRICTED_ASSET_CHARACTERS
+
+    if len(uri) <= MAX_ASSET_KEY_LENGTH and not any(c in uri for c in RESTRICTED_ASSET_CHARACTERS):
+        return uri
+    readable = "".join("_" if c in RESTRICTED_ASSET_CHARACTERS or not c.isprintable() else c for c in unquote(uri))
+    suffix = "~" + hashlib.sha256(uri.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return readable[: MAX_ASSET_KEY_LENGTH - len(suffix)] + suffix
+
+
 def publish(manifest: dict) -> Optional[str]:
     """Prefect side of a finished stage: asset materializations with explicit deps, and artifacts.
 
     Returns the id of the stage's summary artifact.
     """
     stage, run_id = manifest["stage"], manifest["run_id"]
-    outputs = [o["uri"] for o in manifest["outputs"].values()]
-    deps = [i["uri"] for i in manifest["inputs"].values()]
+    outputs = [asset_key(o["uri"]) for o in manifest["outputs"].values()]
+    deps = [asset_key(i["uri"]) for i in manifest["inputs"].values()]
     if outputs:
 
         def record() -> None:
             from prefect.assets import add_asset_metadata
 
             for name, out in manifest["outputs"].items():
-                add_asset_metadata(out["uri"], {"hash": out["hash"], "run_id": run_id, "stage": stage, "output": name})
+                add_asset_metadata(asset_key(out["uri"]), {"hash": out["hash"], "run_id": run_id, "stage": stage,
+                                                           "output": name, "uri": out["uri"]})
 
         materialize(*outputs, asset_deps=deps, by="refinery", name=f"materialize-{stage}")(record)()
     for name, rows in (manifest.get("tables") or {}).items():
@@ -253,7 +271,11 @@ def run_stage(stage: str, config: BaseRefineryConfig, run_id: str, from_ref: Opt
         retries=config.pipeline.retries, retry_delay_seconds=config.pipeline.retry_delay_s, retry_condition_fn=_retryable,
     )(stage, run_id, config, from_ref, force)
     if not manifest.get("skipped"):
-        manifest["summary_artifact_id"] = publish(manifest)
+        try:  # the stage has committed: publishing its metadata must not fail the run
+            manifest["summary_artifact_id"] = publish(manifest)
+        except Exception as exc:
+            get_run_logger().warning("%s/%s: its Prefect assets and artifacts were not published: %s: %s",
+                                     run_id, stage, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     get_run_logger().info(
         "%s/%s: %s", run_id, stage,
         "skipped (unchanged)" if manifest.get("skipped") else

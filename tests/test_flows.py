@@ -41,6 +41,32 @@ def harness(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_paths_with_a_space_a_hash_a_quote_and_non_ascii_run_through_the_pipeline(harness, tmp_path):
+    """Input folder and run root with characters a file URI percent-encodes: the stages run, their assets
+    are published under percent-free keys (the exact URI in the metadata), and a rerun skips them."""
+    import json
+    import shutil
+
+    from flows.pipeline import pipeline
+    from flows.stages import asset_key
+    from prefect.types.names import validate_valid_asset_key
+
+    inputs = tmp_path / "crawl #1 'ü'"
+    inputs.mkdir()
+    shutil.copy(REPO / "tests" / "data" / "warc" / "whirlwind.warc.gz", inputs / "whirl wind.warc.gz")
+    root = tmp_path / "rüns & \"runs\""
+    overrides = {"run_root": str(root), "spark.master": "local[1]", "ingest.input_paths": [str(inputs)]}
+    first = pipeline(stages=["ingest", "extract"], run_id="odd-paths", overrides=overrides)
+    assert {s["status"] for s in first["stages"].values()} == {"completed"}
+    manifest = (root / "odd-paths" / "extract" / "manifest.json").read_text()
+    assert json.loads(manifest)["metrics"]["kept"] > 0
+    for uri in re.findall(r'"uri": "([^"]+)"', manifest):
+        assert validate_valid_asset_key(asset_key(uri))
+    again = pipeline(stages=["ingest", "extract"], run_id="odd-paths", overrides=overrides)
+    assert {s["status"] for s in again["stages"].values()} == {"skipped"}
+
+
+@pytest.mark.slow
 def test_pipeline_runs_ingest_then_skips_it_and_publishes_artifacts(harness, tmp_path, monkeypatch, capsys):
     from prefect.client.orchestration import get_client
 
