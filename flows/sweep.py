@@ -312,13 +312,20 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
                                 "seed sd (pooled)": _fmt(found_gap["pooled_sd"]),
                                 "minimum detectable effect (2 sd)": _fmt(found_gap["resolution"]),
                                 "largest gap": f"{found_gap['gap']:.3g}", "verdict": found_gap["verdict"]})
+        charted: set[tuple] = set()
         for axis in axis_keys:
+            # an axis's value per arm as JSON text (values may be lists or null); zipped axes that split
+            # the arms the same way as one already charted add no chart
+            split = tuple(json.dumps(json.loads(key)[axis], sort_keys=True) for key in by_arm)
+            if tuple(split.index(v) for v in split) in charted:
+                continue
+            charted.add(tuple(split.index(v) for v in split))
             fig, ax = plt.subplots(figsize=(4.2, 2.8))
-            points: dict[Any, list[float]] = {}
-            for key, (mean, sd, _) in by_arm.items():
-                points.setdefault(json.loads(key)[axis], []).append((mean, sd))
-            xs = sorted(points, key=lambda v: (isinstance(v, str), v))
-            ax.errorbar([str(x) for x in xs], [statistics.fmean(m for m, _ in points[x]) for x in xs],
+            points: dict[str, list[tuple[float, float]]] = {}
+            for value, (mean, sd, _) in zip(split, by_arm.values()):
+                points.setdefault(value, []).append((mean, sd))
+            xs = sorted(points, key=_axis_order)
+            ax.errorbar(xs, [statistics.fmean(m for m, _ in points[x]) for x in xs],
                         yerr=[max(s for _, s in points[x]) for x in xs], marker="o", capsize=4)
             ax.set_xlabel(axis)
             ax.set_ylabel(metric.split(":", 1)[1])
@@ -423,6 +430,13 @@ def compare_arms(values: dict[str, list[float]], reference: float | None = None)
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
+
+
+def _axis_order(text: str) -> tuple:
+    """Numbers in numeric order, then everything else (null, lists, strings) by its JSON text."""
+    value = json.loads(text)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, value, "") if number else (1, 0, text)
 
 
 def _arm_label(key: str) -> str:

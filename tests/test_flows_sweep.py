@@ -205,3 +205,24 @@ def test_verdict_is_detected_exactly_when_the_gap_exceeds_twice_the_pooled_sd(n_
         assert moved["gap"] == pytest.approx(gap, abs=1e-6) and moved["pooled_sd"] == pytest.approx(sd, abs=1e-6)
 
     check()
+
+
+def test_report_charts_list_and_null_valued_zipped_axes_once(monkeypatch):
+    """Axes like langid.languages=[[en], []] and a threshold switched off (null), zipped: one chart per
+    metric (the two axes split the arms the same way), a detected verdict, no crash on unhashable values."""
+    import flows.sweep as sweep_module
+
+    metric = "eval_pretrain:web_perplexity/bits_per_byte"
+    bpb = {("en",): [3.05, 3.07, 3.06], (): [3.19, 3.21, 3.16]}
+    arms = [{"run_id": f"r{i}{seed}", "values": {"langid.languages": list(langs), "quality.threshold": t},
+             "seed": seed, "status": "completed", "error": None}
+            for i, (langs, t) in enumerate([(("en",), 0.2), ((), None)]) for seed in (1, 2, 3)]
+    values = {a["run_id"]: bpb[tuple(a["values"]["langid.languages"])][a["seed"] - 1] for a in arms}
+    monkeypatch.setattr(sweep_module, "arm_metrics", lambda catalog, run_id: {metric: values[run_id]})
+    monkeypatch.setattr(sweep_module, "compare_runs", lambda *a: {"stages": [], "summary": "differs"})
+    summary = {"sweep_id": "s", "stages": ["langid", "eval_pretrain"], "arms": arms, "first_varying_stage": "langid",
+               "shared_overrides": {}, "stage_executions": {"computed": 6, "reused": 0, "skipped": 0},
+               "reference_effects": {metric: 0.07}}
+    report = sweep_module.sweep_report(summary, catalog=None)
+    assert report["html"].count("<img alt=") == 1
+    assert report["resolution"][0]["verdict"] == "detected" and "languages=[]" in report["lines"][0]
