@@ -439,8 +439,11 @@ def _axis_order(text: str) -> tuple:
     return (0, value, "") if number else (1, 0, text)
 
 
-def _arm_label(key: str) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in json.loads(key).items())
+def _arm_label(key: str, most: int = 3) -> str:
+    """``name=value, ...`` of an arm's axis values; past ``most`` keys (a zipped sweep that switches a whole
+    filter off) the first two and how many more, so a verdict line stays one readable line."""
+    items = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in json.loads(key).items()]
+    return ", ".join(items) if len(items) <= most else ", ".join(items[:2]) + f" (+{len(items) - 2} more keys)"
 
 
 # ---- Prefect ------------------------------------------------------------------------------------

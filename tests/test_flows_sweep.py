@@ -226,3 +226,12 @@ def test_report_charts_list_and_null_valued_zipped_axes_once(monkeypatch):
     report = sweep_module.sweep_report(summary, catalog=None)
     assert report["html"].count("<img alt=") == 1
     assert report["resolution"][0]["verdict"] == "detected" and "languages=[]" in report["lines"][0]
+
+
+def test_an_arm_label_of_many_zipped_keys_stays_short():
+    import json
+
+    from flows.sweep import _arm_label
+
+    assert _arm_label(json.dumps({"a.x": 1, "b.y": None})) == "x=1, y=None"
+    assert _arm_label(json.dumps({f"h.rule{i}": None for i in range(31)})) == "rule0=None, rule1=None (+29 more keys)"
