@@ -136,7 +136,7 @@ class OpenLineageConfig(Strict):
 
 # The smallest known data effect the default proxy protocol (configs/sweep.yaml) measured, per metric:
 # bench/sweep_sensitivity.py (see bench/RESULTS.md). Bits per byte; a gap below it may still be real.
-REFERENCE_EFFECTS: dict[str, float] = {}
+REFERENCE_EFFECTS: dict[str, float] = {"eval_pretrain:web_perplexity/bits_per_byte": 0.024}
 
 
 class SweepConfig(Strict):
