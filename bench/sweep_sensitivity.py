@@ -35,6 +35,7 @@ rerunning the same command reuses every finished arm.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import io
 import json
@@ -67,29 +68,24 @@ def english_documents() -> list[str]:
     return docs
 
 
-def english_web_pages() -> list[str]:
+@functools.cache
+def english_web_pages() -> tuple[str, ...]:
     """A larger English pool: the text of the trafilatura evaluation pages (real web pages, extracted with
     the extract stage's own core) that lid.176 calls English and the default heuristics keep. Cached in
     memory; ~1 minute the first time."""
-    global _WEB_PAGES
-    if _WEB_PAGES is None:
-        from curation.extract import ExtractConfig, extract_html
-        from curation.langid import identify, load_model
+    from curation.extract import ExtractConfig, extract_html
+    from curation.langid import identify, load_model
 
-        model, cfg, pages = load_model(), ExtractConfig(), []
-        folder = SHARED / "trafilatura_eval"
-        with open(folder / "manifest.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                html_bytes = gzip.decompress((folder / row["html_gz"]).read_bytes())
-                text = extract_html(html_bytes, row["url"], None, cfg).text
-                if text and identify(model, text)[0] == "en" and passes_default_heuristics(text):
-                    pages.append(text)
-        _WEB_PAGES = pages
-    return _WEB_PAGES
-
-
-_WEB_PAGES: list[str] | None = None
+    model, cfg, pages = load_model(), ExtractConfig(), []
+    folder = SHARED / "trafilatura_eval"
+    with open(folder / "manifest.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            html_bytes = gzip.decompress((folder / row["html_gz"]).read_bytes())
+            text = extract_html(html_bytes, row["url"], None, cfg).text
+            if text and identify(model, text)[0] == "en" and passes_default_heuristics(text):
+                pages.append(text)
+    return tuple(pages)
 
 
 def non_english_documents(n_chars: int, rng: random.Random) -> list[str]:
@@ -147,12 +143,18 @@ def spam_documents(n_chars: int, rng: random.Random) -> list[str]:
     return docs
 
 
-def passes_default_heuristics(text: str) -> bool:
-    from curation.filters import all_signals, build_rules, first_failure
+@functools.cache
+def _default_rules():
+    from curation.filters import build_rules
     from curation.heuristics import HeuristicsConfig
 
-    thresholds = {k: v for k, v in HeuristicsConfig().model_dump().items() if isinstance(v, dict)}
-    return first_failure(all_signals(text), build_rules(thresholds)) is None
+    return build_rules({k: v for k, v in HeuristicsConfig().model_dump().items() if isinstance(v, dict)})
+
+
+def passes_default_heuristics(text: str) -> bool:
+    from curation.filters import all_signals, first_failure
+
+    return first_failure(all_signals(text), _default_rules()) is None
 
 
 def build_corpus(effect: str, seed: int = 0) -> list[tuple[str, str]]:
@@ -222,17 +224,13 @@ def write_sweep_config(out: Path, effect: str) -> Path:
     """The effect's config: configs/sweep.yaml with the corpus as the only input and the base overrides."""
     import yaml
 
+    from infra.config import apply_overrides
+
     corpus = out / "corpora" / effect / "corpus.warc.gz"
     write_wet(corpus, build_corpus(effect))
     base, _ = sweep_setup(effect)
-    config: dict = {"extends": str(ROOT / "configs" / "sweep.yaml"), "run_root": str(out / "runs"),
-                    "ingest": {"input_paths": [str(corpus.parent)]}}
-    for key, value in base.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    config = apply_overrides({"extends": str(ROOT / "configs" / "sweep.yaml"), "run_root": str(out / "runs"),
+                              "ingest": {"input_paths": [str(corpus.parent)]}}, base)
     path = out / f"{effect}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -294,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown effect(s) {unknown}; choose from {', '.join(EFFECTS)}")
     if args.seeds < 2:
         ap.error("--seeds must be at least 2 (the detection rule needs a seed spread)")
-    if not (SHARED / "web_text_samples_dolma").is_dir() or not (SHARED / "langid_lingua_testdata").is_dir():
-        print(f"needs {SHARED}/web_text_samples_dolma and langid_lingua_testdata (the text the corpora are built from)")
+    needed = ("web_text_samples_dolma", "langid_lingua_testdata", "trafilatura_eval")
+    if missing := [name for name in needed if not (SHARED / name).is_dir()]:
+        print(f"needs {', '.join(missing)} in {SHARED} (the text the corpora are built from)")
         return 2
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)

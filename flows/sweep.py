@@ -317,9 +317,10 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
             # an axis's value per arm as JSON text (values may be lists or null); zipped axes that split
             # the arms the same way as one already charted add no chart
             split = tuple(json.dumps(json.loads(key)[axis], sort_keys=True) for key in by_arm)
-            if tuple(split.index(v) for v in split) in charted:
+            partition = tuple(split.index(v) for v in split)
+            if partition in charted:
                 continue
-            charted.add(tuple(split.index(v) for v in split))
+            charted.add(partition)
             fig, ax = plt.subplots(figsize=(4.2, 2.8))
             points: dict[str, list[tuple[float, float]]] = {}
             for value, (mean, sd, _) in zip(split, by_arm.values()):
