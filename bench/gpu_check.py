@@ -16,6 +16,10 @@ recorded and the next section still runs; a budget caps the whole run):
   again: the loss must be identical.
 - ``deepspeed_sft``: the SFT learner (``training.learner``, DeepSpeed ZeRO-2, one rank) on the
   exported model, launched as the stage launches it.
+- ``post_training``: the learner tasks sft, reward and dpo (torch backend, ``train_layers`` for reward
+  and dpo as the demo runs them) and the RL loops grpo and ppo (HF rollouts) for a few steps each on the
+  exported model, placed by ``training.devices``: every task's parameters, batches and cached states must
+  live on the device (the CUDA peak memory each task allocates is recorded; 0 on the CPU).
 - ``precision``: ``bench/precision_mismatch.py``'s measurement (trainer log-probs under autocast vs
   rollout log-probs from HF ``generate`` in the same precision, before and after a weight
   perturbation) for fp32, bf16 and fp16 on the device.
@@ -55,6 +59,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H200 SXM spec, bf16 dense (the 1979 figure is with sparsity)
 WIKITEXT = REPO / "tests" / "data" / "tokenize" / "wikitext2_valid.txt.gz"
 SFT_DATA = [REPO / "tests" / "data" / "post" / "sft_gsm8k.jsonl"]
+PREFERENCE_DATA = [REPO / "tests" / "data" / "post" / "pref_gsm8k.jsonl"]
 NUMERICS_RTOL = 5e-4  # fp32 losses, device vs CPU path, every step
 NUMERICS_STEP0_RTOL = 1e-5  # the first loss is a forward pass on identical weights
 FLOP_FORMULA = (
@@ -97,15 +102,17 @@ GPU = Plan(
     big=dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=4, ffn_hidden_size=8192),
     dtype="bfloat16", seq=4096, mbs=2, gbs=16, warmup=6, timed=20, matmul_n=8192, matmul_iters=100,
     sft_steps=2, sft_batch=4, sft_max_len=1024, prompts=16, samples_per_prompt=2, max_new_tokens=64,
-    timeouts={"mfu": 210, "numerics_device": 90, "numerics_cpu": 90, "precision": 120, "deepspeed_sft": 150},
+    timeouts={"mfu": 210, "numerics_device": 90, "numerics_cpu": 90, "precision": 120, "deepspeed_sft": 150,
+              "post_training": 150},
 )
 DRY = Plan(
     vocab=512, tiny=TINY, tiny_seq=64, numerics_steps=3, big=TINY, dtype="float32", seq=64, mbs=2, gbs=4, warmup=1, timed=2,
     matmul_n=256, matmul_iters=3, sft_steps=1, sft_batch=2, sft_max_len=512, prompts=2, samples_per_prompt=1,
     max_new_tokens=8,
-    timeouts={"mfu": 240, "numerics_device": 180, "numerics_cpu": 180, "precision": 240, "deepspeed_sft": 300},
+    timeouts={"mfu": 240, "numerics_device": 180, "numerics_cpu": 180, "precision": 240, "deepspeed_sft": 300,
+              "post_training": 400},
 )
-SECTIONS = ("mfu", "numerics_device", "numerics_cpu", "precision", "deepspeed_sft")
+SECTIONS = ("mfu", "numerics_device", "numerics_cpu", "precision", "deepspeed_sft", "post_training")
 
 
 # ---- FLOP accounting (pure) ---------------------------------------------------------------------------
@@ -352,8 +359,70 @@ def child_deepspeed_sft(work: Path, plan: Plan, name: str) -> dict:
             "saved_hf": (run / "hf" / "config.json").is_file()}
 
 
+def cuda_peak_mib() -> float:
+    """CUDA memory allocated at peak since the last reset (0 without CUDA), then reset."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 1)
+
+
+def child_post_training(work: Path, plan: Plan, name: str) -> dict:
+    """sft, reward and dpo through ``training.learner.train`` (torch backend), grpo and ppo through their
+    loops with HF rollouts: a few steps each on the device ``training.devices`` picks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.devices import compute_device, model_device
+    from training.learner import train
+    from training.rl.grpo import GRPOConfig, train_grpo
+    from training.rl.ppo import PPOConfig, build_critic, train_ppo
+    from training.rl.rewards import arithmetic_prompts
+    from training.rl.rollout import make_engine
+
+    model_dir, source = model_for_post_training(work)
+    log = logging.getLogger("gpu_check.post_training")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    result = {"model": source, "device": str(compute_device())}
+    common = dict(backend="torch", steps=plan.sft_steps, batch_size=plan.sft_batch, eval_batch_size=plan.sft_batch,
+                  max_len=min(plan.sft_max_len, 256), lr=1e-5, warmup_steps=0, max_examples=plan.sft_batch * plan.sft_steps * 4,
+                  max_eval_examples=plan.sft_batch, heldout_fraction=0.25)
+    for task, data, extra in (("sft", SFT_DATA, {}), ("reward", PREFERENCE_DATA, {"train_layers": 1}),
+                              ("dpo", PREFERENCE_DATA, {"train_layers": 1})):
+        cuda_peak_mib()
+        out_dir = work / f"post_{task}"
+        config = {**common, **extra, "model": str(model_dir), "data": [str(p) for p in data]}
+        out = train({"task": task, "config": config, "data": config["data"], "model_dir": str(model_dir),
+                     "out_dir": str(out_dir)}, log)
+        losses = [row["loss"] for row in out["train_log"]]
+        result[task] = {"losses": losses, "finite": all(math.isfinite(x) for x in losses),
+                        "effects": [e["metric"] for e in out["effects"]], "cuda_peak_mib": cuda_peak_mib(),
+                        "saved_hf": (out_dir / "hf" / "config.json").is_file()}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = arithmetic_prompts(plan.prompts * plan.sft_steps, seed=0)
+    rl = dict(rollout_backend="hf", steps=plan.sft_steps, prompts_per_step=plan.prompts // 2,
+              max_new_tokens=plan.max_new_tokens, temperature=0.7, lr=1e-6, reward_weights={"correct": 1.0})
+    for algo in ("grpo", "ppo"):
+        cuda_peak_mib()
+        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(compute_device())
+        engine = make_engine("hf", model_dir, "fp32", 0, max_model_len=1024)
+        if algo == "grpo":
+            history = train_grpo(policy, tokenizer, engine, prompts, GRPOConfig(**rl, group_size=2), log=log)
+            losses = [h.get("loss", math.nan) for h in history]
+        else:
+            ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(compute_device()).eval()
+            history = train_ppo(policy, tokenizer, engine, prompts, PPOConfig(**rl), ref, build_critic(policy, "shared"), log=log)
+            losses = [h["pg_loss"] + h["vf_loss"] for h in history]
+        result[algo] = {"steps": len(history), "losses": losses, "policy_device": str(model_device(policy)),
+                        "rollout_device": str(engine.device), "cuda_peak_mib": cuda_peak_mib()}
+    return result
+
+
 CHILDREN = {"mfu": child_mfu, "numerics_device": child_numerics, "numerics_cpu": child_numerics,
-            "precision": child_precision, "deepspeed_sft": child_deepspeed_sft}
+            "precision": child_precision, "deepspeed_sft": child_deepspeed_sft, "post_training": child_post_training}
 
 
 def run_child(name: str, work: Path, dry_run: bool, timeout: float) -> dict:
@@ -459,10 +528,11 @@ def main() -> None:
                                "runs": {"device": results["numerics_device"], "cpu": results["numerics_cpu"]}}
         summary["deepspeed_sft"] = results["deepspeed_sft"]
         summary["precision"] = results["precision"]
+        summary["post_training"] = results["post_training"]
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    summary["sections_ok"] = {k: summary[k]["ok"] for k in ("mfu", "numerics", "deepspeed_sft", "precision")}
+    summary["sections_ok"] = {k: summary[k]["ok"] for k in ("mfu", "numerics", "deepspeed_sft", "precision", "post_training")}
     summary["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

@@ -91,6 +91,14 @@ def test_dry_run_prints_every_section_and_the_mfu_line(tmp_path):
     assert len(sft["losses"]) == sft["steps"] >= 1 and all(math.isfinite(x) for x in sft["losses"])
     assert sft["eval_loss_after"] != sft["eval_loss_before"]  # the step changed the weights
 
+    post = summary["post_training"]
+    assert post["model"] == "mfu model (exported)" and post["device"] == "cpu"
+    for task in ("sft", "reward", "dpo"):
+        assert len(post[task]["losses"]) >= 1 and post[task]["finite"] and post[task]["saved_hf"], post[task]
+    assert set(post["reward"]["effects"]) == {"accuracy"} and "reward_accuracy" in post["dpo"]["effects"]
+    for algo in ("grpo", "ppo"):
+        assert post[algo]["steps"] >= 1 and post[algo]["policy_device"] == post[algo]["rollout_device"] == "cpu"
+
     prec = summary["precision"]
     assert prec["model"] == "mfu model (exported)"
     for p in ("fp32", "bf16", "fp16"):

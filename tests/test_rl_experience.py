@@ -67,7 +67,7 @@ def test_make_experience_matches_per_row_reference(tiny, micro_batch_size, mask_
     rewards = [0.1 * i for i in range(len(comps))]
     cfg = GRPOConfig(micro_batch_size=micro_batch_size, mask_truncated=mask_truncated, temperature=TEMPERATURE)
     critic = ValueModel(32, head=head)
-    exp = make_experience(comps, rewards, 0, cfg, contextlib.nullcontext, policy=policy, critic=critic, ref_model=ref)
+    exp = make_experience(comps, rewards, 0, cfg, contextlib.nullcontext, "cpu", policy=policy, critic=critic, ref_model=ref)
 
     assert len(exp) == 7 and exp.batch.input_ids.shape == (7, 5 + 4)
     assert exp.truncated.tolist() == [False, True, False, False, True, False, False]
@@ -88,7 +88,7 @@ def test_make_experience_matches_per_row_reference(tiny, micro_batch_size, mask_
 
 def test_make_experience_without_models_only_batches(tiny):
     cfg = GRPOConfig(micro_batch_size=2)
-    exp = make_experience(completions(), [1.0] * 7, 0, cfg, contextlib.nullcontext)
+    exp = make_experience(completions(), [1.0] * 7, 0, cfg, contextlib.nullcontext, "cpu")
     assert exp.old_logps is None and exp.values is None and exp.ref_logps is None
     assert exp.micro_batches(2) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
 

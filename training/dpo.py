@@ -101,10 +101,11 @@ class DPOTask:
         import torch
 
         from training.data import collate_padded
+        from training.devices import model_device, to_device
         from training.losses import IGNORE_INDEX, label_logps
 
-        batch = collate_padded(sequences, self.pad_id)
         lm = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
+        batch = to_device(collate_padded(sequences, self.pad_id), model_device(lm))
         if self.bottom:
             hidden = top_hidden(lm.base_model, [self.bottom[id(e)] for e in sequences], self.cfg.train_layers)
         else:
@@ -114,10 +115,10 @@ class DPOTask:
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         if self.special:
-            mask &= ~torch.isin(labels, torch.tensor(self.special))
+            mask &= ~torch.isin(labels, torch.tensor(self.special, device=labels.device))
         tok = label_logps(lm.get_output_embeddings()(hidden[mask]), labels[mask])  # answer tokens only
         rows = mask.nonzero()[:, 0]
-        total = torch.zeros(labels.shape[0], dtype=tok.dtype).index_add(0, rows, tok)
+        total = torch.zeros(labels.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
         return total, mask.sum(-1).to(tok.dtype)
 
     def logps(self, model, pairs):
@@ -165,11 +166,11 @@ class DPOTask:
         pairs = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
         return [pairs[i:i + self.cfg.eval_batch_size] for i in range(0, len(pairs), self.cfg.eval_batch_size)]
 
-    def _ref(self, pairs, averaged: bool):
+    def _ref(self, pairs, averaged: bool, device):
         import torch
 
         cols = (2, 3) if averaged else (0, 1)
-        return tuple(torch.tensor([self.ref[id(p)][c] for p in pairs]) for c in cols)
+        return tuple(torch.tensor([self.ref[id(p)][c] for p in pairs], device=device) for c in cols)
 
     def loss(self, model, pairs, dist):
         import torch
@@ -185,7 +186,7 @@ class DPOTask:
                 else losses.orpo_loss(c, r, cfg.beta)
             )
         else:
-            ref_c, ref_r = self._ref(pairs, averaged=cfg.loss in AVERAGED)
+            ref_c, ref_r = self._ref(pairs, averaged=cfg.loss in AVERAGED, device=c.device)
             if cfg.loss == "dpo":
                 loss, rc, rr = losses.dpo_loss(c, r, ref_c, ref_r, cfg.beta, cfg.label_smoothing)
             elif cfg.loss == "ipo":
@@ -197,7 +198,7 @@ class DPOTask:
         nll_weight = 1.0 if cfg.loss == "orpo" else cfg.rpo_alpha
         if nll_weight:
             # token mean over the step's global batch (TRL): × global pairs, as the learner divides by them
-            counts = dist.sum(torch.stack([n_c.sum().detach(), torch.tensor(float(n))]).double())
+            counts = dist.sum(torch.stack([n_c.sum().detach(), torch.tensor(float(n), device=n_c.device)]).double())
             nll = losses.chosen_nll(sum_c, counts[0].item())
             loss = loss + nll_weight * nll * counts[1].item() / n
         stats = {
@@ -214,11 +215,11 @@ class DPOTask:
         if self.cfg.kto_z0 == "mismatched":
             with torch.no_grad():
                 mc, mr = self._mismatched_logps(model, pairs)
-            ref = torch.tensor([self.ref_mismatched[id(p)] for p in pairs])
+            ref = torch.tensor([self.ref_mismatched[id(p)] for p in pairs], device=mc.device)
             ratio_sum = (mc - ref[:, 0]).sum() + (mr - ref[:, 1]).sum()
         else:
             ratio_sum = (c - ref_c).sum() + (r - ref_r).sum()
-        total = dist.sum(torch.stack([ratio_sum.detach(), torch.tensor(2.0 * len(pairs))]).double())
+        total = dist.sum(torch.stack([ratio_sum.detach(), torch.tensor(2.0 * len(pairs), device=ratio_sum.device)]).double())
         return (total[0] / total[1]).clamp(min=0).float()
 
     # held-out metrics measured before and after training: kind, which direction is better, unit
@@ -237,7 +238,7 @@ class DPOTask:
         with torch.no_grad():
             for chunk in self._chunks(pairs):
                 sum_c, sum_r = self.logps(model, chunk)[:2]
-                ref_c, ref_r = self._ref(chunk, averaged=False)
+                ref_c, ref_r = self._ref(chunk, averaged=False, device=sum_c.device)
                 implicit = self.cfg.beta * ((sum_c - ref_c) - (sum_r - ref_r))
                 scores["logp_accuracy"] += (sum_c > sum_r).double().tolist()
                 scores["logp_margin"] += (sum_c - sum_r).double().tolist()

@@ -41,13 +41,13 @@ def top_hidden(base, states: list, train_layers: int):
     """
     import torch
 
-    width = max(len(s) for s in states)
-    hidden = torch.zeros(len(states), width, states[0].shape[-1], dtype=states[0].dtype)
+    width, device = max(len(s) for s in states), states[0].device
+    hidden = torch.zeros(len(states), width, states[0].shape[-1], dtype=states[0].dtype, device=device)
     for i, s in enumerate(states):
         hidden[i, : len(s)] = s
-    positions = torch.arange(width).unsqueeze(0)
+    positions = torch.arange(width, device=device).unsqueeze(0)
     rope = base.rotary_emb(hidden, position_ids=positions)
-    causal = torch.full((width, width), float("-inf"), dtype=hidden.dtype).triu(1)[None, None]
+    causal = torch.full((width, width), float("-inf"), dtype=hidden.dtype, device=device).triu(1)[None, None]
     for layer in base.layers[-train_layers:]:
         hidden = layer(hidden, attention_mask=causal, position_ids=positions, position_embeddings=rope)
     return base.norm(hidden)
@@ -58,13 +58,15 @@ def cache_bottom_states(model, sequences: list, pad_id: int, train_layers: int, 
     from tqdm import tqdm
 
     from training.data import collate_padded
+    from training.devices import model_device, to_device
 
     base = getattr(model, "module", model).base_model
+    device = model_device(model)
     todo = sorted(sequences, key=lambda e: len(e.input_ids))
     cache = {}
     for i in tqdm(range(0, len(todo), batch_size), desc="frozen-layer states", mininterval=10):
         chunk = todo[i:i + batch_size]
-        batch = collate_padded(chunk, pad_id)
+        batch = to_device(collate_padded(chunk, pad_id), device)
         for enc, state in zip(chunk, bottom_states(base, batch["input_ids"], batch["attention_mask"], train_layers)):
             cache[id(enc)] = state
     return cache

@@ -32,6 +32,7 @@ from collections import deque
 from pathlib import Path
 
 from evaluation.effects import effect_row
+from training.devices import compute_device
 from training.learner_backends import (
     DeepSpeedBackend, TorchBackend, gather_items, init_dist, load_state, reduce_stats, save_state,
 )
@@ -93,7 +94,7 @@ def train(job: dict, log: logging.Logger) -> dict:
     schedule = [ids[dist.rank::dist.world] for ids in step_schedule(len(train_items), cfg.batch_size, cfg.steps, cfg.seed)]
     my_eval = eval_items[dist.rank::dist.world]
 
-    model = task.load_model(job["model_dir"], tokenizer)
+    model = task.load_model(job["model_dir"], tokenizer).to(compute_device())  # setup and "before" run there too
     if cfg.train_layers:
         from training.frozen import freeze_bottom
 

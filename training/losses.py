@@ -323,7 +323,7 @@ def ppo_token_rewards(
     kl = (logps - ref_logps) * m
     rewards = -kl_coef * kl
     last = (m.sum(1).long() - 1).clamp(min=0)
-    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
     return rewards * m, kl
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from training.devices import compute_device
 from training.faults import FaultInjector
 from training.megatron import checkpoint, cpu
 from training.megatron.checkpoint import latest_valid
@@ -29,13 +30,6 @@ from training.megatron.parallel import initialize, layout
 from training.models import PRECISION_DTYPES
 from training.pretrain_config import PretrainConfig
 from training.spike import SpikeGuard, in_ranges, ledger_entry
-
-
-def compute_device():
-    """This rank's CUDA device (``initialize`` set it) or the CPU: where batches and reductions live."""
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class ShardInfo:

@@ -60,14 +60,15 @@ class RewardTask:
         import torch
 
         from training.data import collate_pairs
+        from training.devices import model_device, to_device
 
-        batch = collate_pairs(pairs, self.pad_id)
+        batch = to_device(collate_pairs(pairs, self.pad_id), model_device(model))
         if self.bottom:
             hidden = pair_top_hidden(model, self.bottom, pairs, self.cfg.train_layers)
             ids = batch["input_ids"]
-            last = (torch.arange(ids.shape[1]) * (ids != self.pad_id)).argmax(-1)  # as transformers picks it
+            last = (torch.arange(ids.shape[1], device=ids.device) * (ids != self.pad_id)).argmax(-1)  # as transformers picks it
             rm = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
-            scores = rm.score(hidden[torch.arange(len(ids)), last]).squeeze(-1).float()
+            scores = rm.score(hidden[torch.arange(len(ids), device=ids.device), last]).squeeze(-1).float()
         else:
             scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             scores = scores.squeeze(-1).float()

@@ -69,9 +69,9 @@ class SFTTask:
     def _forward(self, model, rows):
         """(logits, labels) of packed rows."""
         from training.data import collate_packed
+        from training.devices import model_device, to_device
 
-        device = next(model.parameters()).device  # the DeepSpeed engine's GPU, or the CPU
-        batch = {k: v.to(device) for k, v in collate_packed(rows, self.cfg.max_len, self.pad_id).items()}
+        batch = to_device(collate_packed(rows, self.cfg.max_len, self.pad_id), model_device(model))
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         return logits, batch["labels"]
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from infra.stage import StageConfig, StageContext, StageResult
+from training.devices import compute_device
 from training.models import Precision, model_input, stage_model_dir
 from training.rl.rewards import INSTRUCTION, RewardModelScorer, arithmetic_prompts, load_gsm8k_jsonl, require_verifiable
 from training.rl.rollout import make_engine
@@ -138,7 +139,7 @@ def mismatch_stats(trainer_logps, rollout_logps, mask, cap: float) -> dict[str, 
     if delta.numel() == 0:
         return {}
     ratio = delta.exp()
-    q = torch.quantile(ratio, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
+    q = torch.quantile(ratio, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64, device=ratio.device)).tolist()
     return {
         "logp_gap_mean": delta.abs().mean().item(), "logp_gap_max": delta.abs().max().item(),
         "is_ratio_min": ratio.min().item(), "is_ratio_p01": q[0], "is_ratio_p50": q[1], "is_ratio_p99": q[2],
@@ -166,7 +167,7 @@ class PrecisionOptimizer:
     def __init__(self, params, precision: Precision, lr: float, grad_clip: float):
         import torch
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = compute_device().type
         self.params = [p for p in params if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -257,9 +258,10 @@ def load_run(ctx: StageContext, with_ref: bool, detail: str) -> RLRun:
     ctx.log.info("%s: policy %s, reward model %s, %d prompts, backend %s, precision %s, %s", ctx.stage, policy_dir,
                  rm_dir, len(examples), cfg.rollout_backend, cfg.precision, detail)
     torch.manual_seed(cfg.seed)
+    device = compute_device()
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval() if with_ref else None
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(device).eval() if with_ref else None
     reward_model = RewardModelScorer(rm_dir) if rm_dir else None
     engine = make_engine(cfg.rollout_backend, policy_dir, cfg.precision, cfg.seed, max_model_len=1024)
     return RLRun(policy_dir, rm_dir, examples, tokenizer, policy, ref, reward_model, engine)

@@ -121,18 +121,18 @@ def policy_forward(policy, batch: RolloutBatch, temperature: float, critic=None,
 
 
 def make_experience(completions: list[Completion], rewards: list[float], pad_id: int, cfg: RLConfigBase, autocast,
-                    policy=None, critic=None, ref_model=None) -> Experience:
-    """Batch the completions and, without gradients under ``autocast()`` in micro-batches of
+                    device, policy=None, critic=None, ref_model=None) -> Experience:
+    """Batch the completions onto ``device`` (the policy's) and, without gradients under ``autocast()`` in micro-batches of
     ``cfg.micro_batch_size``, compute the old log-probs (and values with a ``critic``) when ``policy`` is
     given and the reference log-probs when ``ref_model`` is given."""
     import torch
 
-    batch = to_batch(completions, pad_id)
+    batch = to_batch(completions, pad_id).to(device)
     mask = batch.completion_mask.clone()
-    truncated = torch.tensor([not c.finished for c in completions])
+    truncated = torch.tensor([not c.finished for c in completions], device=device)
     if cfg.mask_truncated:
         mask &= ~truncated.unsqueeze(1)
-    exp = Experience(batch, torch.tensor(rewards), mask, truncated)
+    exp = Experience(batch, torch.tensor(rewards, device=device), mask, truncated)
     parts = [batch.rows(rows) for rows in exp.micro_batches(cfg.micro_batch_size)]
     with torch.no_grad(), autocast():
         if policy is not None:

@@ -18,6 +18,7 @@ from typing import Callable, Literal
 from pydantic import Field, model_validator
 
 from infra.stage import Stage, StageContext, StageResult
+from training.devices import model_device
 from training.rl.common import (
     PrecisionOptimizer, RLConfigBase, finish_stage, forward_logps, load_run, mismatch_stats, pad_token_id,
     rl_external_inputs, warn_nucleus_tis,
@@ -113,6 +114,7 @@ def train_grpo(policy, tokenizer, engine, examples, cfg: GRPOConfig, ref_model=N
         # itself (detached), saving a forward pass; μ > 1 needs them fixed before the first update.
         reuse_forward = cfg.mu == 1
         exp = make_experience(kept.completions, kept.rewards, pad_token_id(tokenizer), cfg, trainer.autocast,
+                              model_device(policy),
                               policy=None if reuse_forward else policy, ref_model=ref_model if cfg.beta else None)
         advantages = group_advantages(exp.rewards, g, scale)
         batch, mask = exp.batch, exp.mask

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from infra.stage import Stage, StageContext, StageResult
+from training.devices import model_device
 from training.rl.common import (
     PrecisionOptimizer, RLConfigBase, finish_stage, load_run, mismatch_stats, pad_token_id, rl_external_inputs,
     warn_nucleus_tis,
@@ -71,6 +72,13 @@ class ValueModel:
             torch.nn.init.zeros_(self.head.weight)
             torch.nn.init.zeros_(self.head.bias)
 
+    def to(self, device) -> "ValueModel":
+        """Head and backbone moved to ``device`` (in place)."""
+        self.head.to(device)
+        if self.backbone is not None:
+            self.backbone.to(device)
+        return self
+
     def parameters(self):
         yield from self.head.parameters()
         if self.backbone is not None:
@@ -93,12 +101,14 @@ def build_critic(policy, critic: str, reward_model_dir=None, policy_dir=None) ->
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
+    device = model_device(policy)
     if critic == "shared":
-        return ValueModel(policy.config.hidden_size)
+        return ValueModel(policy.config.hidden_size).to(device)
     if reward_model_dir is not None:
         rm = AutoModelForSequenceClassification.from_pretrained(reward_model_dir, dtype=torch.float32)
-        return ValueModel(rm.config.hidden_size, backbone=rm.model, head=rm.score)
-    return ValueModel(policy.config.hidden_size, backbone=AutoModel.from_pretrained(policy_dir, dtype=torch.float32))
+        return ValueModel(rm.config.hidden_size, backbone=rm.model, head=rm.score).to(device)
+    backbone = AutoModel.from_pretrained(policy_dir, dtype=torch.float32)
+    return ValueModel(policy.config.hidden_size, backbone=backbone).to(device)
 
 
 def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, critic: ValueModel,
@@ -126,6 +136,7 @@ def train_ppo(policy, tokenizer, engine, examples, cfg: PPOConfig, ref_model, cr
         t_gen = time.time() - t0
         policy.train()
         exp = make_experience(rollout.completions, rollout.rewards, pad_token_id(tokenizer), cfg, trainer.autocast,
+                              model_device(policy),
                               policy=policy, critic=critic, ref_model=ref_model)
         batch, mask, old_logps, old_values = exp.batch, exp.mask, exp.old_logps, exp.values
         token_rewards, kl = ppo_token_rewards(exp.rewards, old_logps, exp.ref_logps, mask, kl_ctl.value)

@@ -122,7 +122,10 @@ class RewardModelScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+        from training.devices import compute_device
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        self.model.to(compute_device()).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {model_dir} has num_labels={self.model.config.num_labels}, expected 1")
         if self.model.config.pad_token_id is None:
@@ -144,7 +147,7 @@ class RewardModelScorer:
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
                 texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=self.max_len
-            )
+            ).to(self.model.device)
             with torch.no_grad():
                 scores += self.model(**enc).logits[:, 0].float().tolist()
         return scores

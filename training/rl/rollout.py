@@ -226,7 +226,9 @@ def make_engine(backend: Literal["vllm", "hf"], model_dir: str | Path, precision
     if backend == "vllm":
         return VLLMEngine(model_dir, precision, seed, max_model_len)
     if backend == "hf":
-        return HFEngine(model_dir, precision, seed)
+        from training.devices import compute_device
+
+        return HFEngine(model_dir, precision, seed, device=str(compute_device()))
     raise ValueError(f"unknown rollout backend {backend!r} (vllm | hf)")
 
 
