@@ -171,6 +171,18 @@ def test_data_parallel_2_matches_dp1(baseline, corpus, tmp_path):
     assert_close(losses(steps), baseline["losses"])
 
 
+def test_the_same_training_elsewhere_writes_byte_equal_checkpoints(baseline, corpus, tmp_path):
+    """Checkpoints are data: the same job at another path (torch.distributed.checkpoint would record the
+    save path and a random save id in ``.metadata``) gives the same bytes, file for file."""
+    out = tmp_path / "another" / "deeper path"
+    train(corpus, out)
+    for name in ("iter_0000003", "iter_0000006"):
+        here, there = baseline["out"] / "checkpoints" / name, out / "checkpoints" / name
+        files = sorted(p.relative_to(here) for p in here.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(there) for p in there.rglob("*") if p.is_file()) and files
+        assert [f for f in files if (here / f).read_bytes() != (there / f).read_bytes()] == []
+
+
 def test_resume_skips_truncated_checkpoint_and_matches_uninterrupted_run(baseline, corpus, tmp_path):
     from training.megatron.checkpoint import CheckpointError, validate
 
@@ -222,6 +234,30 @@ def test_spike_is_rolled_back_skipped_and_recorded(corpus, tmp_path):
     final, _ = latest_valid(tmp_path / "checkpoints")
     ledger = read_metadata(final)["skip_ledger"]
     assert [e["skipped_samples"] for e in ledger] == [spike["skipped_samples"]]
+    assert ledger[0]["sample_documents"] == spike["sample_documents"]
+    # every skipped sample's tokens, as megatron-core's dataset serves them, are one contiguous run of the
+    # documents the ledger names for it, read straight from the shards
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from training.pretrain import build_train_dataset, read_blend
+    from training.pretrain_config import PretrainConfig
+
+    job = json.loads((tmp_path / ".job" / "job.json").read_text())
+    cfg = PretrainConfig(**job["config"])
+    shards = Path(job["shards"])
+    dataset = build_train_dataset(shards, read_blend(shards), cfg.seq_length,
+                                  (cfg.steps + cfg.spike.max_rollbacks + 2) * gbs, cfg.seed, Path(job["cache_dir"]))
+    assert [d["sample"] for d in spike["sample_documents"]] == list(range(bad_step * gbs, (bad_step + 1) * gbs))
+    shard_data = {}
+    for item in spike["sample_documents"]:
+        window = dataset[item["sample"]]
+        tokens = np.append(window["tokens"].numpy(), window["labels"].numpy()[-1])
+        docs = np.concatenate([shard_data.setdefault(name, IndexedDataset(str(shards / name))).get(seq)
+                               for name, seq in item["documents"]]).astype(np.int64)
+        n = len(tokens)
+        assert any((docs[i:i + n] == tokens).all() for i in range(len(docs) - n + 1)), item
+    assert len({name for item in spike["sample_documents"] for name, _ in item["documents"]}) == 2  # both shards
     # the run report charts the steps of a run with a rollback (the spike event has a loss but no lr)
     from flows.report import _charts, pretrain_steps
 

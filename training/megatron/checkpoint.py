@@ -27,6 +27,7 @@ from pathlib import Path
 from training.megatron.parallel import layout
 
 META = "refinery.json"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 PREFIX = "iter_"
 
 
@@ -112,7 +113,7 @@ def _check_data_only(ckpt_dir: Path) -> None:
     try:
         if (ckpt_dir / "common.pt").is_file():
             torch.load(ckpt_dir / "common.pt", map_location="cpu", weights_only=True)
-        with open(ckpt_dir / ".metadata", "rb") as fh:
+        with open(ckpt_dir / DCP_METADATA, "rb") as fh:
             metadata = _MetadataUnpickler(fh).load()
         for index, info in metadata.storage_data.items():
             if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
@@ -172,6 +173,16 @@ def _set_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def drop_storage_meta(ckpt: Path) -> None:
+    """torch.distributed.checkpoint writes the save's absolute directory and a random save id into
+    ``.metadata`` (``storage_meta``: informational, a load sets its own); drop it, so equal weights and
+    state give byte-equal checkpoints on any path."""
+    path = ckpt / DCP_METADATA
+    metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    metadata.storage_meta = None
+    path.write_bytes(pickle.dumps(metadata))
+
+
 def save(save_dir: str | Path, step: int, model, optimizer, train_state: dict, arch: dict, keep_last: int = 2) -> Path:
     """Save on every rank; returns the final checkpoint dir (renamed into place once complete)."""
     import torch.distributed as dist
@@ -196,6 +207,7 @@ def save(save_dir: str | Path, step: int, model, optimizer, train_state: dict, a
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank0:
+        drop_storage_meta(tmp)
         meta = {
             "step": step, "arch": arch, "layout": {k: here[k] for k in ("tp", "pp", "dp")},
             "skip_ledger": train_state.get("skip_ledger", []), "files": file_records(tmp),
