@@ -24,7 +24,7 @@ from pathlib import Path
 
 from evaluation.effects import EFFECTS_TABLE, format_effect
 from evaluation.report import compare_runs
-from flows.explorer import TraceError, start_explorer, trace
+from flows.explorer import TraceError, skip_ledger, start_explorer, trace
 from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.executor import StageInputError, parse_from
@@ -214,6 +214,18 @@ def cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_skip_ledger(catalog: LineageCatalog, run: dict) -> None:
+    """A pretrain run's rolled-back spikes and the documents of their skipped samples, with the curation
+    decisions that let each document in."""
+    for e in skip_ledger(catalog, run) if "skip_ledger" in run["metrics"] else []:
+        print(f"   spike at step {e['step']} ({e['reason']}): rolled back to step {e['rolled_back_to']}, "
+              f"{e['num_skipped']} samples skipped; their documents:")
+        for d in e["documents"]:
+            decisions = ", ".join(f"{k}={v}" for k, v in d["curation"].items() if k != "from") or "not a web page"
+            print(f"     {d.get('doc_id') or d['shard'] + '#' + str(d['seq'])}  {d.get('url') or ''}  "
+                  f"WARC {d.get('source') or '?'}  [{decisions}]")
+
+
 def cmd_lineage_show(args: argparse.Namespace) -> int:
     catalog = LineageCatalog(Path(load_config(args.config, _overrides_dict(args.override)).run_root).resolve())
     ref = args.ref
@@ -226,6 +238,7 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
                 print(f"   <- {name}: {src}  [{inp['hash'].split(':')[-1][:12]}]")
             for name, out in r["outputs"].items():
                 print(f"   -> {name}: {out['path']}  [{out['hash'].split(':')[-1][:12]}]")
+            print_skip_ledger(catalog, r)
         return 0
     matches = catalog.resolve(ref)
     if not matches:
@@ -234,6 +247,8 @@ def cmd_lineage_show(args: argparse.Namespace) -> int:
         return 2
     for art in matches:
         print(label(art))
+        if art["kind"] == "stage_output":
+            print_skip_ledger(catalog, catalog.stage_run(art["run_id"], art["stage"]))
         print("  upstream (where it came from):")
         for level, a in catalog.tree(art["uri"], "up") or [(1, None)]:
             print("    " + "  " * level + (f"<- {label(a)}  via {a['via_stage']}" if a else "(none)"))

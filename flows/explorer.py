@@ -80,6 +80,41 @@ def trace(catalog: LineageCatalog, run_root: Path, ref: str, shard: str, seq: in
         raise TraceError(str(exc)) from None
 
 
+CURATION_COLUMNS = ("warc_record_id", "lang", "lang_score", "quality_score", "drop_reason", "dup_cluster",
+                    "lines_removed")
+
+
+def curation_rows(catalog: LineageCatalog, shards_input: dict, doc_ids: set[str]) -> dict[str, dict]:
+    """doc_id → the curation columns (:data:`CURATION_COLUMNS`) of its row in the stage outputs the shards
+    were tokenized from (pretrain ← tokenize ← e.g. dedup/data), found through the catalog."""
+    import pyarrow.dataset as ds
+
+    tokenize = catalog.stage_run(shards_input["run_id"], shards_input["stage"]) if shards_input.get("stage") else None
+    found: dict[str, dict] = {}
+    for inp in (tokenize or {}).get("inputs", {}).values():
+        art = catalog.artifact(inp["uri"]) if inp.get("stage") else None
+        path = artifact_path(art) if art else None
+        if path is None or not any(path.glob("*.parquet")) or not doc_ids - found.keys():
+            continue  # not a table of documents (e.g. the tokenizer), or nothing left to find
+        data = ds.dataset(path, format="parquet")
+        columns = ["doc_id", *(c for c in CURATION_COLUMNS if c in data.schema.names)]
+        table = data.to_table(columns=columns, filter=ds.field("doc_id").isin(sorted(doc_ids)))
+        found.update({r.pop("doc_id"): {**r, "from": f"{inp['run_id']}/{inp['stage']}/{inp['output']}"}
+                      for r in table.to_pylist()})
+    return found
+
+
+def skip_ledger(catalog: LineageCatalog, run: dict) -> list[dict]:
+    """A pretrain stage run's skip ledger (spikes rolled back), each skipped document with the curation
+    decisions that let it in (its row's :data:`CURATION_COLUMNS` upstream; empty for non-web text)."""
+    ledger = json.loads(run["metrics"].get("skip_ledger") or "[]")
+    shards = next((i for i in run["inputs"].values() if (i.get("stage"), i.get("output")) == ("tokenize", "shards")), {})
+    wanted = {d["doc_id"] for e in ledger for d in e.get("documents", []) if d.get("doc_id")}
+    rows = curation_rows(catalog, shards, wanted) if wanted else {}
+    return [{**e, "documents": [{**d, "curation": rows.get(d.get("doc_id"), {})} for d in e.get("documents", [])]}
+            for e in ledger]
+
+
 def page(title: str, body: str) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)} · Refinery lineage</title>"
             f"<style>{STYLE}</style></head><body><header><b>Refinery lineage</b><a href='/'>runs</a>"
@@ -242,9 +277,30 @@ class Explorer:
                 "<h2>Inputs</h2>" + table(["name", "from", "content hash"], in_rows)
                 + "<h2>Outputs</h2>" + table(["name", "files at", "content hash", "same content as"], out_rows)
                 + "<h2>Lineage across runs</h2>" + render_svg(graph, {f"{run_id}/{stage}"})
+                + self.skip_ledger_section(run)
                 + "<h2>Metrics</h2>" + table(["metric", "value"], metrics)
                 + "<h2>Config</h2>" + table(["key", "value"], config))
         return page(f"{run_id}/{stage}", body)
+
+    def skip_ledger_section(self, run: dict) -> str:
+        """Pretraining's rolled-back spikes, each with the documents of its skipped samples: doc_id (a link to
+        the token trace), URL, WARC record and the curation decisions that let it in."""
+        ledger = skip_ledger(self.catalog, run) if "skip_ledger" in run["metrics"] else []
+        if not ledger:
+            return ""
+        shards = next(f"{i['run_id']}/tokenize/shards" for i in run["inputs"].values() if i.get("stage") == "tokenize")
+        parts = ["<h2>Spikes rolled back, and the documents they skipped</h2>"]
+        for e in ledger:
+            rows = [[f"<a href='/trace?{_q(shards=shards, shard=d['shard'], seq=d['seq'])}'>{_e(d.get('doc_id') or '?')}</a>",
+                     _e(d.get("url") or ""), _e(d.get("source") or ""),
+                     "<br>".join(f"{_e(k)}: {_e(v)}" for k, v in d["curation"].items()) or
+                     "<span class='muted'>not a web page (no curation row)</span>",
+                     _e(", ".join(map(str, d["samples"])))] for d in e["documents"]]
+            parts.append(f"<p>step {_e(e['step'])}: {_e(e['reason'])}; rolled back to step {_e(e['rolled_back_to'])}, "
+                         f"{_e(e['num_skipped'])} samples skipped from then on</p>"
+                         + table(["doc_id (trace)", "URL", "WARC record (file@offset)", "curation decisions", "samples"],
+                                 rows))
+        return "".join(parts)
 
     def artifact(self, ref: str) -> tuple[str | None, str]:
         """(redirect target, page) for an artifact reference."""

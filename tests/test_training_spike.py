@@ -46,7 +46,7 @@ def test_state_round_trip_restores_decisions():
 
 
 def test_ledger_entry_names_samples_as_ranges():
-    entry = ledger_entry(12, SpikeGuard().check(math.nan, 1.0), math.nan, 1.0, [96, 97, 98, 103], 10, 0.5, 3)
+    entry = ledger_entry(12, SpikeGuard().check(math.nan, 1.0), math.nan, 1.0, [96, 97, 98, 103], 10, 0.5, 3, [])
     assert entry["skipped_samples"] == [[96, 99], [103, 104]] and entry["num_skipped"] == 4
     assert entry["loss"] == "nan" and entry["rolled_back_to"] == 10
     assert to_ranges([]) == []

@@ -68,6 +68,19 @@ def build_train_dataset(shards: Path, blend: dict, seq_length: int, num_samples:
     return train
 
 
+def sample_documents(dataset, sample: int) -> list[list]:
+    """[shard name, sequence index in the shard] of each document a training sample takes tokens from, in
+    token order: megatron-core's blend index → the shard's GPTDataset → shuffle → sample → document index
+    (``_query_document_sample_shuffle_indices``, megatron-core 0.16)."""
+    if hasattr(dataset, "datasets"):  # BlendedDataset: which shard, which of its samples
+        if dataset.dataset_index is None:
+            dataset[sample]  # memory-maps its indices on first access
+        dataset, sample = dataset.datasets[int(dataset.dataset_index[sample])], int(dataset.dataset_sample_index[sample])
+    _, documents = dataset._query_document_sample_shuffle_indices(sample)
+    shard = Path(dataset.dataset.path_prefix).name
+    return [[shard, int(d)] for d in documents]
+
+
 def next_batch(position: int, count: int, ledger: list[dict], size: int) -> tuple[list[int], int]:
     """(the next ``count`` sample indices from ``position`` not on the skip ledger, new position)."""
     ranges = [r for e in ledger for r in e["skipped_samples"]]
@@ -275,8 +288,9 @@ class Trainer:
                     raise RuntimeError(f"step {self.step}: {verdict.reason}; gave up after {len(self.ledger)} rollbacks")
                 target, _ = self.newest_valid()
                 meta_step = int(target.name.split("_")[1])
+                documents = [{"sample": s, "documents": sample_documents(self.dataset, s)} for s in samples]
                 entry = ledger_entry(self.step, verdict, loss, grad_norm, samples, meta_step,
-                                     cfg.spike.lr_cut, cfg.spike.lr_cut_steps)
+                                     cfg.spike.lr_cut, cfg.spike.lr_cut_steps, documents)
                 self.ledger.append(entry)
                 self.restore(target, keep_ledger=True)
                 self.lr_cut_until = self.step + cfg.spike.lr_cut_steps if cfg.spike.lr_cut < 1 else -1

@@ -65,6 +65,26 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return steps, events
 
 
+def skipped_documents(entry: dict, shards: Path) -> list[dict]:
+    """The documents of a skip-ledger entry's samples, once each in sample order, with the samples that drew
+    on each and, from the shard's sidecar, its doc_id, URL and source (``warc_file@offset``); None where a
+    shard has no sidecar (shards not written by the tokenize stage)."""
+    from curation.megatron_shards import ShardError, trace_tokens
+
+    documents: dict[tuple, dict] = {}
+    for item in entry.get("sample_documents", []):
+        for shard, seq in item["documents"]:
+            if (shard, seq) not in documents:
+                try:
+                    found = trace_tokens(shards, shard, seq)
+                except ShardError:
+                    found = {}
+                documents[shard, seq] = {"shard": shard, "seq": seq, "doc_id": found.get("doc_id"),
+                                         "url": found.get("url"), "source": found.get("source"), "samples": []}
+            documents[shard, seq]["samples"].append(item["sample"])
+    return list(documents.values())
+
+
 def plot_loss(steps: list[dict], events: list[dict], out_png: Path) -> None:
     import matplotlib
 
@@ -127,7 +147,9 @@ def run(ctx: StageContext) -> StageResult:
     )
     steps, events = read_metrics(metrics_dir / "metrics.jsonl")
     resumed = [e["step"] for e in events if e["event"] == "resumed"]
-    ledger = read_metadata(final).get("skip_ledger", [])
+    ledger = [{**e, "documents": skipped_documents(e, shards)} for e in read_metadata(final).get("skip_ledger", [])]
+    for e in ledger:
+        e.pop("sample_documents", None)  # folded into "documents"
     (metrics_dir / "skip_ledger.json").write_text(json.dumps(ledger, indent=1))
     plot_loss(steps, events, metrics_dir / "loss_curve.png")
     last = steps[-1]
@@ -144,11 +166,13 @@ def run(ctx: StageContext) -> StageResult:
               *markdown_table(["metric", "value"], [(k, v) for k, v in summary.items() if k != "skip_ledger"])]
     if ledger:
         report += ["", "### skip ledger", "", *markdown_table(
-            ["step", "reason", "skipped samples", "rolled back to"],
-            [(e["step"], e["reason"], e["skipped_samples"], e["rolled_back_to"]) for e in ledger])]
+            ["step", "reason", "skipped samples", "rolled back to", "documents in the skipped samples"],
+            [(e["step"], e["reason"], e["skipped_samples"], e["rolled_back_to"],
+              ", ".join(d["doc_id"] or f"{d['shard']}#{d['seq']}" for d in e["documents"])) for e in ledger])]
     return StageResult(
         metrics={**summary, "resumed_from_steps": json.dumps(resumed)},
-        tables={"skip_ledger": [{**e, "skipped_samples": json.dumps(e["skipped_samples"])} for e in ledger]},
+        tables={"skip_ledger": [{**e, "skipped_samples": json.dumps(e["skipped_samples"]),
+                                 "documents": json.dumps(e["documents"])} for e in ledger]},
         report_md="\n".join(report),
         images={"loss_curve": "metrics/loss_curve.png"},
     )

@@ -85,12 +85,15 @@ def in_ranges(index: int, ranges: list[list[int]]) -> bool:
 
 
 def ledger_entry(step: int, verdict: Verdict, loss: float, grad_norm: float | None, samples: list[int],
-                 rolled_back_to: int, lr_cut: float, lr_cut_steps: int) -> dict:
-    """One skip-ledger record: what spiked, which samples are skipped from now on, where training resumed."""
+                 rolled_back_to: int, lr_cut: float, lr_cut_steps: int, sample_documents: list[dict]) -> dict:
+    """One skip-ledger record: what spiked, which samples are skipped from now on, the documents each of
+    them takes its tokens from (``[{"sample", "documents": [[shard, sequence], ...]}]``) and where
+    training resumed."""
     return {
         "step": step, "reason": verdict.reason,
         "loss": loss if math.isfinite(loss) else str(loss),
         "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else str(grad_norm),
         "skipped_samples": to_ranges(samples), "num_skipped": len(set(samples)),
         "rolled_back_to": rolled_back_to, "lr_cut": lr_cut, "lr_cut_steps": lr_cut_steps,
+        "sample_documents": sample_documents,
     }
