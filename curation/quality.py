@@ -194,16 +194,26 @@ def score_texts(model, lines: list[str]) -> list[float]:
     return [float(dict(zip(lab, pr)).get(HQ, 0.0)) for lab, pr in zip(labels, probs)]
 
 
-def train_model(train_lines: list[str], cfg: TrainQualityConfig, workdir: Path):
+def train_model(train_lines: list[str], cfg: TrainQualityConfig, workdir: Path, retries: int = 3):
+    """(fastText model, learning rate it trained at): a run whose loss became NaN is retried at half the
+    learning rate, up to ``retries`` times, then the error is raised."""
     import fasttext
 
     train_file = workdir / "train.txt"
     train_file.write_text("\n".join(train_lines) + "\n", encoding="utf-8")
+    lr = cfg.lr
     try:
-        return fasttext.train_supervised(
-            input=str(train_file), epoch=cfg.epoch, lr=cfg.lr, wordNgrams=cfg.word_ngrams, dim=cfg.dim,
-            seed=cfg.seed, thread=1, verbose=0, minCount=1,
-        )
+        for attempt in range(retries + 1):
+            try:
+                model = fasttext.train_supervised(
+                    input=str(train_file), epoch=cfg.epoch, lr=lr, wordNgrams=cfg.word_ngrams, dim=cfg.dim,
+                    seed=cfg.seed, thread=1, verbose=0, minCount=1,
+                )
+                return model, lr
+            except RuntimeError as exc:
+                if "NaN" not in str(exc) or attempt == retries:
+                    raise
+                lr /= 2
     finally:
         train_file.unlink()
 
@@ -254,8 +264,9 @@ def run_train(ctx: StageContext) -> StageResult:
     train, holdout = build_examples(positives, negatives, cfg)
     model_dir = ctx.output("model")
     model_dir.mkdir(parents=True)
-    model = train_model(train, cfg, ctx.out_dir)
+    model, lr = train_model(train, cfg, ctx.out_dir)
     model.save_model(str(model_dir / "model.bin"))
+    warnings = [] if lr == cfg.lr else [f"fastText's loss became NaN at lr {cfg.lr}; trained at lr {lr}"]
     metrics = {
         "positive_docs": len(positives), "negative_docs": len(negatives), "rejected_negatives": rejected,
         "train_lines": len(train), **precision_recall(model, holdout),
@@ -264,7 +275,8 @@ def run_train(ctx: StageContext) -> StageResult:
     }
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ctx.log.info("train_quality: held-out precision %.3f recall %.3f", metrics["holdout_precision"], metrics["holdout_recall"])
-    return StageResult(metrics=metrics, tables={"holdout": [{k: metrics[k] for k in metrics if k.startswith("holdout")}]})
+    return StageResult(metrics=metrics, tables={"holdout": [{k: metrics[k] for k in metrics if k.startswith("holdout")}]},
+                       warnings=warnings)
 
 
 def score_column(model_path: str):

@@ -71,11 +71,21 @@ def test_classifier_separates_clean_text_from_boilerplate(tmp_path):
     labels = [line.split(" ", 1)[0] for line in train]
     assert abs(labels.count(HQ) - len(labels) / 2) <= 1
     assert not set(holdout) & set(train) and len(holdout) > 50
-    model = train_model(train, cfg, tmp_path)
+    model, lr = train_model(train, cfg, tmp_path)
+    assert lr == cfg.lr
     pr = precision_recall(model, holdout)
     assert pr["holdout_precision"] > 0.85 and pr["holdout_recall"] > 0.85
     hq, lq = score_texts(model, [fasttext_line(positives[5]), fasttext_line("Home | About us | Contact | Login | Cart (0)")])
     assert hq > 0.5 > lq
+
+
+def test_a_diverging_fasttext_run_is_retried_at_half_the_learning_rate_then_refused(tmp_path):
+    train, _ = build_examples(fixture_texts("positives"), fixture_texts("negatives"), TrainQualityConfig())
+    model, lr = train_model(train, TrainQualityConfig(epoch=10, lr=20.0), tmp_path)  # NaN at 20, fine at 5
+    assert lr in (10.0, 5.0, 2.5) and model.predict("hello world")[0]
+    with pytest.raises(RuntimeError, match="NaN"):
+        train_model(train, TrainQualityConfig(epoch=10, lr=1000.0), tmp_path, retries=1)
+    assert not list(tmp_path.iterdir())  # the training file is removed either way
 
 
 def seed_stage(run_root, run_id, stage, outputs: dict):
