@@ -24,7 +24,7 @@ from pathlib import Path
 
 from evaluation.effects import EFFECTS_TABLE, format_effect
 from evaluation.report import compare_runs
-from flows.explorer import TraceError, skip_ledger, start_explorer, trace
+from flows.explorer import TraceError, decisions, skip_ledger, start_explorer, trace
 from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.executor import StageInputError, parse_from
@@ -221,9 +221,9 @@ def print_skip_ledger(catalog: LineageCatalog, run: dict) -> None:
         print(f"   spike at step {e['step']} ({e['reason']}): rolled back to step {e['rolled_back_to']}, "
               f"{e['num_skipped']} samples skipped; their documents:")
         for d in e["documents"]:
-            decisions = ", ".join(f"{k}={v}" for k, v in d["curation"].items() if k != "from") or "not a web page"
+            shown = ", ".join(f"{k}={v}" for k, v in decisions(d["curation"]).items() if k != "from") or "not a web page"
             print(f"     {d.get('doc_id') or d['shard'] + '#' + str(d['seq'])}  {d.get('url') or ''}  "
-                  f"WARC {d.get('source') or '?'}  [{decisions}]")
+                  f"WARC {d.get('source') or '?'}  [{shown}]")
 
 
 def cmd_lineage_show(args: argparse.Namespace) -> int:

@@ -104,6 +104,11 @@ def curation_rows(catalog: LineageCatalog, shards_input: dict, doc_ids: set[str]
     return found
 
 
+def decisions(row: dict) -> dict:
+    """A document's curation columns for display: set values only, scores to 3 decimals."""
+    return {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in row.items() if v is not None}
+
+
 def skip_ledger(catalog: LineageCatalog, run: dict) -> list[dict]:
     """A pretrain stage run's skip ledger (spikes rolled back), each skipped document with the curation
     decisions that let it in (its row's :data:`CURATION_COLUMNS` upstream; empty for non-web text)."""
@@ -293,7 +298,7 @@ class Explorer:
         for e in ledger:
             rows = [[f"<a href='/trace?{_q(shards=shards, shard=d['shard'], seq=d['seq'])}'>{_e(d.get('doc_id') or '?')}</a>",
                      _e(d.get("url") or ""), _e(d.get("source") or ""),
-                     "<br>".join(f"{_e(k)}: {_e(v)}" for k, v in d["curation"].items()) or
+                     "<br>".join(f"{_e(k)}: {_e(v)}" for k, v in decisions(d["curation"]).items()) or
                      "<span class='muted'>not a web page (no curation row)</span>",
                      _e(", ".join(map(str, d["samples"])))] for d in e["documents"]]
             parts.append(f"<p>step {_e(e['step'])}: {_e(e['reason'])}; rolled back to step {_e(e['rolled_back_to'])}, "

@@ -51,7 +51,7 @@ def test_a_rolled_back_spike_names_its_documents_and_their_warc_records(spark, t
     assert "Spikes rolled back, and the documents they skipped" in page
     for d in web:
         row = curated[d["doc_id"]]
-        assert d["doc_id"] in page and d["source"] in page and f"quality_score: {row['quality_score']}" in page
+        assert d["doc_id"] in page and d["source"] in page and f"quality_score: {row['quality_score']:.3f}" in page
         assert f"lang: {row['lang']}" in page and f"warc_record_id: {row['warc_record_id']}" in page
 
     assert flows.cli.main(["lineage", "show", "spiky", "-c", str(TINY_CONFIG), "-o", f"run_root={run_root}"]) == 0
