@@ -217,7 +217,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
 def print_skip_ledger(catalog: LineageCatalog, run: dict) -> None:
     """A pretrain run's rolled-back spikes and the documents of their skipped samples, with the curation
     decisions that let each document in."""
-    for e in skip_ledger(catalog, run) if "skip_ledger" in run["metrics"] else []:
+    for e in skip_ledger(catalog, run):
         print(f"   spike at step {e['step']} ({e['reason']}): rolled back to step {e['rolled_back_to']}, "
               f"{e['num_skipped']} samples skipped; their documents:")
         for d in e["documents"]:

@@ -110,7 +110,7 @@ def decisions(row: dict) -> dict:
 
 
 def skip_ledger(catalog: LineageCatalog, run: dict) -> list[dict]:
-    """A pretrain stage run's skip ledger (spikes rolled back), each skipped document with the curation
+    """A stage run's skip ledger (pretrain's rolled-back spikes; empty for other stages), each skipped document with the curation
     decisions that let it in (its row's :data:`CURATION_COLUMNS` upstream; empty for non-web text)."""
     ledger = json.loads(run["metrics"].get("skip_ledger") or "[]")
     shards = next((i for i in run["inputs"].values() if (i.get("stage"), i.get("output")) == ("tokenize", "shards")), {})
@@ -290,7 +290,7 @@ class Explorer:
     def skip_ledger_section(self, run: dict) -> str:
         """Pretraining's rolled-back spikes, each with the documents of its skipped samples: doc_id (a link to
         the token trace), URL, WARC record and the curation decisions that let it in."""
-        ledger = skip_ledger(self.catalog, run) if "skip_ledger" in run["metrics"] else []
+        ledger = skip_ledger(self.catalog, run)
         if not ledger:
             return ""
         shards = next(f"{i['run_id']}/tokenize/shards" for i in run["inputs"].values() if i.get("stage") == "tokenize")

@@ -147,9 +147,8 @@ def run(ctx: StageContext) -> StageResult:
     )
     steps, events = read_metrics(metrics_dir / "metrics.jsonl")
     resumed = [e["step"] for e in events if e["event"] == "resumed"]
-    ledger = [{**e, "documents": skipped_documents(e, shards)} for e in read_metadata(final).get("skip_ledger", [])]
-    for e in ledger:
-        e.pop("sample_documents", None)  # folded into "documents"
+    ledger = [{**{k: v for k, v in e.items() if k != "sample_documents"}, "documents": skipped_documents(e, shards)}
+              for e in read_metadata(final).get("skip_ledger", [])]  # per-sample documents folded into "documents"
     (metrics_dir / "skip_ledger.json").write_text(json.dumps(ledger, indent=1))
     plot_loss(steps, events, metrics_dir / "loss_curve.png")
     last = steps[-1]
