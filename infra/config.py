@@ -91,6 +91,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# spark.conf keys that size, place or time a job without changing what it computes. Every other key
+# (SQL semantics, codecs, JVM options, ...) may change a Spark stage's output and enters its cache key.
+RESOURCE_SPARK_CONF = re.compile(
+    r"spark\.((driver|executor)\.(memory|memoryOverhead|cores|maxResultSize)|executor\.instances"
+    r"|memory\.(fraction|storageFraction|offHeap\.(enabled|size))|default\.parallelism|task\.(cpus|maxFailures)"
+    r"|network\.timeout|executor\.heartbeatInterval|python\.worker\.(memory|reuse)|local\.dir|ui\.[A-Za-z.]+"
+    r"|eventLog\.[A-Za-z.]+|sql\.execution\.arrow\.maxRecordsPerBatch)")
+
+
 class SparkConfig(Strict):
     """Spark session settings; ``master`` may be ``local[*]`` or any cluster URL (spark://, yarn, k8s://)."""
 
@@ -105,6 +114,10 @@ class SparkConfig(Strict):
         True, description="local masters: limit the JVM's JIT to C1 (-XX:TieredStopAtLevel=1); false = HotSpot's default"
     )
     conf: dict[str, str] = Field(default_factory=dict)
+
+    def result_conf(self) -> dict[str, str]:
+        """The ``conf`` entries that may change what a stage computes (all but :data:`RESOURCE_SPARK_CONF`)."""
+        return {k: v for k, v in sorted(self.conf.items()) if not RESOURCE_SPARK_CONF.fullmatch(k)}
 
 
 class PrefectConfig(Strict):

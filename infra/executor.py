@@ -224,13 +224,17 @@ def _used_inputs(records: dict[str, dict], inputs: dict[str, StageInput]) -> dic
     return keep
 
 
-def cache_key(stage: Stage, cfg, input_records: dict[str, dict]) -> str:
+def cache_key(stage: Stage, cfg, input_records: dict[str, dict], spark_conf: dict[str, str] | None = None) -> str:
+    """The identity of a stage's result: its name, version, config, input hashes and, for a Spark stage,
+    the ``spark.conf`` entries that may change what it computes (``SparkConfig.result_conf``)."""
     payload = {
         "stage": stage.name,
         "version": stage.version,
         "config": cfg.model_dump(mode="json"),
         "inputs": {k: v["hash"] for k, v in sorted(input_records.items())},
     }
+    if spark_conf:  # absent when empty, so keys made before this entry existed stay valid
+        payload["spark_conf"] = spark_conf
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -266,7 +270,7 @@ def _execute(stage: Stage, config: BaseRefineryConfig, run_root: Path, run_id: s
     if missing and config.pipeline.strict_inputs:
         raise StageInputError(f"stage {name!r}: {missing[0]} (pipeline.strict_inputs is true)")
     records = _input_records(inputs, external)
-    key = cache_key(stage, cfg, records)
+    key = cache_key(stage, cfg, records, config.spark.result_conf() if stage.uses_spark else None)
     final = stage_dir(run_root, run_id, name)
 
     if not force:

@@ -93,6 +93,34 @@ def test_a_reused_stage_does_not_copy_metrics_that_describe_the_computation(fake
     assert catalog.stage_run("r2", "alpha")["metrics"] == {"kept": 2}
 
 
+def test_spark_conf_that_may_change_results_is_part_of_a_spark_stages_cache_key(fake_registry, tmp_path):
+    """The security review reused a cached output for a run whose spark.conf differed. Keys that only size
+    or time the job (memory, cores, timeouts) still reuse; any other key recomputes; a stage without
+    Spark ignores spark.conf."""
+    import dataclasses
+
+    from infra.executor import execute
+
+    src = tmp_path / "input.txt"
+    src.write_text("a\nbb\n")
+
+    def config(conf: dict) -> object:
+        return registry.validate_config({"run_root": str(tmp_path / "runs"), "alpha": {"source": str(src)},
+                                         "spark": {"conf": conf}})
+
+    alpha = registry.get_stage("alpha")
+    spark_alpha = dataclasses.replace(alpha, uses_spark=True)
+    first = execute(spark_alpha, config({}), "r1")
+    assert execute(spark_alpha, config({"spark.executor.memory": "8g", "spark.network.timeout": "600s"}),
+                   "r2")["cached_from"] == "r1/alpha"
+    changed = execute(spark_alpha, config({"spark.sql.ansi.enabled": "true"}), "r3")
+    assert changed["cached_from"] is None and changed["cache_key"] != first["cache_key"]
+    assert execute(spark_alpha, config({"spark.sql.ansi.enabled": "true", "spark.driver.cores": "2"}),
+                   "r4")["cached_from"] == "r3/alpha"
+    # an empty spark.conf leaves the key as it was; a stage without Spark ignores spark.conf
+    assert execute(alpha, config({"spark.sql.ansi.enabled": "true"}), "p1")["cached_from"] == "r1/alpha"
+
+
 def test_killed_stage_leaves_nothing_a_later_stage_accepts(fake):
     build, _, root = fake
     execute_stage("alpha", build(), "r1")
