@@ -23,6 +23,7 @@ from pathlib import Path
 
 from infra.config import SparkConfig
 
+EXIT_ON_OOM = "-XX:+ExitOnOutOfMemoryError"
 C1_JIT = "-XX:TieredStopAtLevel=1"
 # options that change the driver's class path, which a class archive must match
 _CLASS_PATH_CONF = ("spark.driver.extraClassPath", "spark.jars", "spark.jars.packages")
@@ -71,7 +72,8 @@ def get_spark(cfg, app_name: str = "refinery"):
     if cfg.driver_host:
         builder = builder.config("spark.driver.host", cfg.driver_host).config("spark.driver.bindAddress", cfg.driver_host)
     conf = dict(cfg.conf)
-    ours = []
+    # a JVM out of memory exits (the stage fails with that reason) instead of living on half-broken
+    ours = [EXIT_ON_OOM]
     if cfg.local_c1_jit and cfg.master.startswith("local"):
         ours.append(C1_JIT)
     archive = class_archive_path()
@@ -79,8 +81,8 @@ def get_spark(cfg, app_name: str = "refinery"):
         ours.append(f"-XX:SharedArchiveFile={archive}")
     # the user's own options come last, so theirs win (HotSpot takes the last of a repeated flag)
     java_options = " ".join([*ours, conf.get("spark.driver.extraJavaOptions", "")]).strip()
-    if java_options:
-        conf["spark.driver.extraJavaOptions"] = java_options
+    conf["spark.driver.extraJavaOptions"] = java_options
+    conf["spark.executor.extraJavaOptions"] = " ".join([EXIT_ON_OOM, conf.get("spark.executor.extraJavaOptions", "")]).strip()
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
