@@ -2,6 +2,8 @@
 
 Starts `refinery serve` (own PREFECT_HOME, run root in a temp dir, free ports) and drives Debian's
 Chromium with selenium:
+  0. the UI asks for the password `refinery serve` generated (PREFECT_HOME/refinery-api-auth); it is typed
+     into the login form (API calls of this script send it too, with a CSRF token);
   1. the deployments page lists the pipeline and every stage deployment;
   2. the `refinery-ingest` custom-run form is opened and submitted untouched; the run must complete
      and resolve to exactly the served config (no lineage diff);
@@ -39,8 +41,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+API_HEADERS: dict[str, str] = {}  # the served API's password and a CSRF token, as Prefect's client sends them
+
+
+def api_login(api: str, home: Path) -> bool:
+    """Read the password `refinery serve` generated into its PREFECT_HOME and fetch a CSRF token."""
+    import base64
+    import uuid
+
+    path = home / "refinery-api-auth"
+    if not path.exists():
+        return False
+    auth = "Basic " + base64.b64encode(path.read_text().strip().encode()).decode()
+    client = str(uuid.uuid4())
+    req = urllib.request.Request(f"{api}/csrf-token?client={client}", headers={"Authorization": auth})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        token = json.loads(resp.read())["token"]
+    API_HEADERS.update({"Authorization": auth, "Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client})
+    return True
+
+
 def api_post(url: str, body: dict):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **API_HEADERS})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -87,7 +110,7 @@ def main() -> int:
     port, explorer_port = free_port(), free_port()
     work = Path(tempfile.mkdtemp(prefix="refinery-ui-"))
     run_root = work / "runs"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
     env["PREFECT_HOME"] = str(work / "prefect")
     overrides = [f"run_root={run_root}", "spark.master=local[2]"]
     serve = subprocess.Popen(
@@ -112,8 +135,17 @@ def main() -> int:
                 return []
             return found if len(found) >= expected else []
 
+        wait_for(lambda: api_login(api, work / "prefect"), 300, "the API password written by `refinery serve`")
         deps = {d["name"]: d for d in wait_for(deployments, 400, "the served deployments")}
         driver = browser()
+
+        # 0. log in as a user does: the UI asks for the password `refinery serve` printed
+        driver.get(f"{ui}/deployments")
+        field = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "input[type=password]"), 60, "the login form")[0]
+        driver.save_screenshot(str(out / "0-login.png"))
+        field.send_keys((work / "prefect" / "refinery-api-auth").read_text().strip())
+        next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Login").click()
+        wait_for(lambda: "/login" not in driver.current_url, 60, "the UI past its login page")
 
         # 1. deployments page
         driver.get(f"{ui}/deployments")

@@ -29,6 +29,7 @@ from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.executor import StageInputError, parse_from
 from infra.lineage import LineageCatalog, diff_runs, label
+from infra.access import CREDENTIAL_ENV, CREDENTIAL_FILE, AccessError, check_exposure, credential, is_loopback
 from infra.prefect_server import configure_prefect_env, prefect_server
 from infra.runstore import RunStoreError
 
@@ -129,9 +130,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     host, port = args.host or config.prefect.host, args.port or config.prefect.port
     explorer_port = config.prefect.explorer_port if args.explorer_port is None else args.explorer_port
+    extra_hosts = tuple(args.allowed_host or ())
+    try:
+        check_exposure(host, not args.no_auth)
+        auth, created = (None, False) if args.no_auth else credential(os.environ["PREFECT_HOME"])
+    except AccessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # on SIGTERM, unwind normally so the Prefect server this command started is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with prefect_server(host, port, on_error=lambda line: print(line, file=sys.stderr, flush=True)) as api_url:
+    with prefect_server(host, port, on_error=lambda line: print(line, file=sys.stderr, flush=True),
+                        auth=not args.no_auth, extra_hosts=extra_hosts) as api_url:
         from prefect import serve
 
         from flows.serve import build_deployments
@@ -142,11 +151,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         explorer = None
         if explorer_port:
-            explorer = start_explorer(Path(config.run_root).resolve(), host, explorer_port)
+            explorer = start_explorer(Path(config.run_root).resolve(), host, explorer_port, auth, extra_hosts)
             os.environ[EXPLORER_URL_ENV] = f"http://{host}:{explorer.server_address[1]}"
         deployments = build_deployments(args.config, config, overrides)
         print(f"Prefect UI: http://{host}:{port}  (API {api_url}); serving {len(deployments)} deployments "
               f"(run root {Path(config.run_root).resolve()}).")
+        if created:
+            print(f"Log in with this password (shown once; kept in {Path(os.environ['PREFECT_HOME']) / CREDENTIAL_FILE}, "
+                  f"mode 0600): {auth}")
+        elif auth:
+            print(f"Log in with the password in {Path(os.environ['PREFECT_HOME']) / CREDENTIAL_FILE} "
+                  f"(or ${CREDENTIAL_ENV}); workers and the CLI on this PREFECT_HOME send it themselves.")
         if explorer:
             print(f"Lineage explorer: {os.environ[EXPLORER_URL_ENV]}")
         print("Errors of Prefect's server services (scheduler, ...) are shown here; Ctrl-C stops.", flush=True)
@@ -160,10 +175,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage_ui(args: argparse.Namespace) -> int:
+    configure_prefect_env()
     config = load_config(args.config, _overrides_dict(args.override))
-    server = start_explorer(Path(config.run_root).resolve(), args.host or config.prefect.host, args.port)
+    host = args.host or config.prefect.host
+    try:
+        auth = None if is_loopback(host) else credential(os.environ["PREFECT_HOME"])[0]
+        server = start_explorer(Path(config.run_root).resolve(), host, args.port, auth)
+    except AccessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"Lineage explorer: http://{server.server_address[0]}:{server.server_address[1]}  "
           f"(run root {Path(config.run_root).resolve()}); Ctrl-C stops.", flush=True)
+    if auth:
+        print(f"Log in with the password in {Path(os.environ['PREFECT_HOME']) / CREDENTIAL_FILE} (or ${CREDENTIAL_ENV}).")
     try:
         while True:
             time.sleep(3600)
@@ -362,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flow runs this worker runs at once (default: no limit). A second `refinery serve` with "
                         "PREFECT_API_URL set to the first one's server is a second worker for the same deployments")
     p.add_argument("--check", action="store_true", help="start the server, build the deployments, and exit")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="another name the UI is reached by (Host header), e.g. behind a reverse proxy; repeatable")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve the API without the password (loopback hosts only). By default the API needs HTTP "
+                        "Basic auth: the password is generated on first start into PREFECT_HOME/refinery-api-auth "
+                        "(or taken from $PREFECT_API_AUTH_STRING)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("lineage", help="inspect data and checkpoint lineage across runs")

@@ -26,6 +26,7 @@ from typing import Any
 
 from curation.megatron_shards import ShardError, list_shards, trace_tokens
 from flows.registry import execution_metrics
+from infra.access import allowed_hosts, check_exposure, is_loopback, refusal
 from infra.lineage import LineageCatalog, artifact_path, compare_runs, flatten, label, lineage_graph
 
 NODE_W, LINE_H, GAP_X, GAP_Y = 300, 16, 40, 70
@@ -382,7 +383,7 @@ class Explorer:
         return lineage_graph(self.catalog, focus)
 
 
-def _handler(explorer: Explorer) -> type[BaseHTTPRequestHandler]:
+def _handler(explorer: Explorer, hosts: list[str], expected: str | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:  # keep `refinery serve`'s console for what matters
             pass
@@ -396,6 +397,17 @@ def _handler(explorer: Explorer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            refused = refusal(self.headers.get("Host"), self.headers.get("Authorization"), hosts, expected)
+            if refused:
+                status, reason = refused
+                self.send_response(status)
+                if status == 401:
+                    self.send_header("WWW-Authenticate", 'Basic realm="refinery", charset="UTF-8"')
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(reason)))
+                self.end_headers()
+                self.wfile.write(reason.encode())
+                return
             url = urllib.parse.urlparse(self.path)
             query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
             parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p]
@@ -428,9 +440,16 @@ def _handler(explorer: Explorer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def start_explorer(run_root: str | Path, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve the explorer for ``run_root`` on a daemon thread; ``server.shutdown()`` stops it."""
-    server = ThreadingHTTPServer((host, port), _handler(Explorer(run_root)))
+def start_explorer(run_root: str | Path, host: str, port: int, auth: str | None = None,
+                   extra_hosts: tuple[str, ...] = ()) -> ThreadingHTTPServer:
+    """Serve the explorer for ``run_root`` on a daemon thread; ``server.shutdown()`` stops it.
+
+    It answers only Host headers in :func:`infra.access.allowed_hosts`; beyond loopback it needs ``auth``
+    (the served API's credential, asked for by the browser as HTTP Basic) and refuses to start without.
+    """
+    check_exposure(host, auth is not None)
+    expected = None if is_loopback(host) else auth
+    server = ThreadingHTTPServer((host, port), _handler(Explorer(run_root), allowed_hosts(host, extra_hosts), expected))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="lineage-explorer", daemon=True).start()
     return server

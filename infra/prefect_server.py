@@ -1,7 +1,13 @@
-"""Prefect environment defaults and a local Prefect server (SQLite) started and stopped by Refinery."""
+"""Prefect environment defaults and a local Prefect server (SQLite) started and stopped by Refinery.
+
+The server Refinery starts is Prefect's own app behind a Host-header check (``python -m
+infra.prefect_server``), with Prefect's HTTP Basic authentication, CSRF protection and CORS limited to the
+UI's own origin (see :mod:`infra.access`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import subprocess
@@ -10,7 +16,11 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from infra.access import CREDENTIAL_ENV, allowed_hosts, check_exposure, credential, host_name
+
+ALLOWED_HOSTS_ENV = "REFINERY_ALLOWED_HOSTS"
 
 
 def configure_prefect_env(home: str | Path | None = None) -> None:
@@ -26,6 +36,11 @@ def configure_prefect_env(home: str | Path | None = None) -> None:
     # One UI: deployment pages and the "View at" links of flow runs open the classic (V1) UI, which also
     # has the typed custom-run form; the root URL would otherwise open the new (V2) UI.
     os.environ.setdefault("PREFECT_SERVER_UI_V2_ENABLED", "false")
+    # the CLI and workers on this machine send the credential `refinery serve` created here
+    with contextlib.suppress(OSError, ValueError):
+        value, _ = credential(os.environ["PREFECT_HOME"], create=False)
+        if value:
+            os.environ.setdefault(CREDENTIAL_ENV, value)
 
 
 def service_errors(lines: Iterable[str]) -> Iterator[str]:
@@ -79,11 +94,15 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
 @contextlib.contextmanager
 def prefect_server(
     host: str = "127.0.0.1", port: int = 4200, startup_timeout: float = 180,
-    on_error: Callable[[str], None] | None = None,
+    on_error: Callable[[str], None] | None = None, auth: bool = True, extra_hosts: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """Use the server already at PREFECT_API_URL / host:port, or start one for the duration of the block.
 
-    ``on_error`` receives the error lines of a server this block started (see :func:`service_errors`).
+    A server started here answers only Host headers in :func:`infra.access.allowed_hosts`, and with
+    ``auth`` (required beyond loopback) only requests carrying the credential
+    (:func:`infra.access.credential`, exported to this process's clients as ``PREFECT_API_AUTH_STRING``),
+    with CSRF protection on and CORS limited to the UI's own origin. ``on_error`` receives the error
+    lines of a server this block started (see :func:`service_errors`).
     """
     configure_prefect_env()
     api_url = os.environ.get("PREFECT_API_URL") or f"http://{host}:{port}/api"
@@ -91,16 +110,23 @@ def prefect_server(
         os.environ["PREFECT_API_URL"] = api_url
         yield api_url
         return
+    check_exposure(host, auth)
+    hosts = allowed_hosts(host, extra_hosts)
+    env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_UI_API_URL": api_url,  # the UI calls this server
+           "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port), ALLOWED_HOSTS_ENV: ",".join(hosts),
+           "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(
+               f"http://{name}:{port}" for name in hosts if not name.startswith("::"))}
+    if auth:
+        value, _ = credential(os.environ["PREFECT_HOME"])
+        os.environ[CREDENTIAL_ENV] = value
+        env.update({"PREFECT_SERVER_API_AUTH_STRING": value, "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"})
+    else:
+        env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
     log_path = Path(os.environ["PREFECT_HOME"]) / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT,
-            # the UI must call this server's API, not the default port
-            env={**os.environ, "PREFECT_API_URL": "", "PREFECT_UI_API_URL": api_url,
-                 "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)},
-        )
+        proc = subprocess.Popen([sys.executable, "-m", "infra.prefect_server", "--host", host, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
     stop = threading.Event()
     if on_error is not None:
         follow_server_errors(log_path, on_error, stop)
@@ -122,3 +148,43 @@ def prefect_server(
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def host_checked(app: Any, hosts: list[str]) -> Any:
+    """An ASGI app that answers 400 to HTTP and websocket requests whose Host header is not in ``hosts``."""
+
+    async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in hosts:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+                await send({"type": "http.response.body", "body": b"invalid Host header"})
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+def main() -> None:
+    """Run Prefect's server app (API, UI and services) behind :func:`host_checked` (what `prefect server
+    start` runs, in the foreground); the allowed names come from ``$REFINERY_ALLOWED_HOSTS``."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4200)
+    args = parser.parse_args()
+    import uvicorn
+    from prefect.server.api.server import create_app
+    from prefect.settings import PREFECT_SERVER_API_KEEPALIVE_TIMEOUT, PREFECT_SERVER_LOGGING_LEVEL
+
+    hosts = os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if os.environ.get(ALLOWED_HOSTS_ENV) else allowed_hosts(args.host)
+    uvicorn.run(host_checked(create_app(final=True), hosts), host=args.host, port=args.port,
+                timeout_keep_alive=PREFECT_SERVER_API_KEEPALIVE_TIMEOUT.value(),
+                log_level=PREFECT_SERVER_LOGGING_LEVEL.value().lower())
+
+
+if __name__ == "__main__":
+    main()

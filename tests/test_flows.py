@@ -4,6 +4,7 @@ deployments served by `refinery serve` that a UI/API call can launch."""
 import contextlib
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -148,13 +149,14 @@ def server(tmp_path_factory):
     """`refinery serve -o run_root=TMP` in a subprocess: api and explorer urls, its log, pid, port and run root."""
     from types import SimpleNamespace
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from infra.prefect_server import healthy
 
     root = tmp_path_factory.mktemp("served")
     port, explorer_port = _free_port(), _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), **SERVE_ENV}
+    auth = f"refinery:{secrets.token_urlsafe(12)}"  # what a worker on another home is given
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), **SERVE_ENV, "PREFECT_API_AUTH_STRING": auth}
     env.pop("PREFECT_API_URL", None)
     serve_log = root / "serve.log"
     serve = subprocess.Popen(_serve_cmd(port, explorer_port, root / "runs"), cwd=REPO, env=env,
@@ -167,9 +169,9 @@ def server(tmp_path_factory):
             assert time.time() < deadline, "server did not start"
             time.sleep(2)
         # talk to the served server, not a harness another test of this module may have left active
-        with temporary_settings(updates={PREFECT_API_URL: api}):
+        with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}):
             yield SimpleNamespace(api=api, explorer=f"http://127.0.0.1:{explorer_port}", log=serve_log,
-                                  pid=serve.pid, root=root, runs=root / "runs")
+                                  pid=serve.pid, root=root, runs=root / "runs", auth=auth)
     finally:
         _stop(serve)
 
@@ -207,6 +209,51 @@ def test_served_flow_refuses_jvm_options_and_another_config_file_from_the_api(se
     assert other.state.is_failed() and "reads its config_file from" in other.state.message, other.state
     assert "sk-live" not in other.state.message
     assert not marker.exists() and not (server.runs / "ui-pwn").exists()
+
+
+@pytest.mark.slow
+def test_the_served_api_refuses_requests_without_the_password_or_from_another_host(server):
+    """The security review's first finding: one cross-origin POST without the credential ran a flow. Now
+    it is refused (Prefect's CSRF check answers first: 403; auth: 401), as is any request whose Host header
+    is not the server's (DNS rebinding: 400), on the API and the explorer alike; CORS names only the UI's
+    origin. With the password a client reads the deployments."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from prefect.client.orchestration import get_client
+
+    deployment = _wait_for_deployment("ingest/refinery-ingest", server.log)
+    port = server.api.split(":")[-1].split("/")[0]
+
+    def status(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers)
+
+    with get_client(sync_client=True) as client:
+        runs_before = len(client.read_flow_runs(limit=200))
+    attack = {"Origin": "http://evil.example", "Content-Type": "application/json"}
+    code, _ = status(f"{server.api}/deployments/{deployment.id}/create_flow_run", "POST", attack, b"{}")
+    assert code in (401, 403)
+    basic = "Basic " + base64.b64encode(server.auth.encode()).decode()
+    assert status(f"{server.api}/deployments/filter", "POST", {**attack, "X-CSRF-Token": "x"}, b"{}")[0] in (401, 403)
+    assert status(f"{server.api}/flows/filter", "POST", {"Content-Type": "application/json", "Authorization": "Basic eDp5"},
+                  b"{}")[0] in (401, 403)
+    assert status(f"{server.api}/health", headers={"Host": f"rebound.example:{port}"})[0] == 400
+    assert status(f"{server.explorer}/", headers={"Host": "rebound.example"})[0] == 400
+    assert status(f"{server.explorer}/")[0] == 200
+    _, preflight = status(f"{server.api}/flows/filter", "OPTIONS",
+                          {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST", "Authorization": basic})
+    assert preflight.get("access-control-allow-origin") in (None, "")
+    _, preflight = status(f"{server.api}/flows/filter", "OPTIONS",
+                          {"Origin": f"http://127.0.0.1:{port}", "Access-Control-Request-Method": "POST"})
+    assert preflight.get("access-control-allow-origin") == f"http://127.0.0.1:{port}"
+    with get_client(sync_client=True) as client:  # the fixture's settings carry the password
+        assert len(client.read_flow_runs(limit=200)) == runs_before  # the refused POST created no run
 
 
 @pytest.mark.slow
@@ -364,7 +411,8 @@ def test_two_serve_workers_take_one_run_each_and_every_run_completes_once(server
 
     from infra.runstore import read_manifest
 
-    env = {**os.environ, "PREFECT_HOME": str(server.root / "prefect2"), **SERVE_ENV, "PREFECT_API_URL": server.api}
+    env = {**os.environ, "PREFECT_HOME": str(server.root / "prefect2"), **SERVE_ENV, "PREFECT_API_URL": server.api,
+           "PREFECT_API_AUTH_STRING": server.auth}
     log = server.root / "serve2.log"
     second = subprocess.Popen(_serve_cmd(0, 0, server.runs), cwd=REPO, env=env, stdout=open(log, "w"),
                               stderr=subprocess.STDOUT)

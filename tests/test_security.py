@@ -131,3 +131,98 @@ def test_report_refuses_a_run_id_that_is_not_plain(traced_runs, capsys):
         assert main(["report", run_id, "-c", str(cfg)]) == 1
         assert capsys.readouterr().err.startswith("error: invalid run id")
     assert not (runs.parent.parent / "elsewhere").exists()
+
+
+def _get(url: str, headers: dict | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_credential_is_generated_once_private_and_the_environment_wins(tmp_path, monkeypatch):
+    from infra.access import CREDENTIAL_FILE, AccessError, credential
+
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+    assert credential(tmp_path / "home", create=False) == (None, False)
+    value, created = credential(tmp_path / "home")
+    path = tmp_path / "home" / CREDENTIAL_FILE
+    assert created and value.startswith("refinery:") and len(value) > 30
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert credential(tmp_path / "home") == (value, False)  # the same on every start
+    assert credential(tmp_path / "other")[0] != value
+    path.chmod(0o644)
+    with pytest.raises(AccessError, match="chmod 600"):
+        credential(tmp_path / "home")
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "ops:from-env")
+    assert credential(tmp_path / "home") == ("ops:from-env", False)
+
+
+def test_requests_need_a_known_host_and_beyond_loopback_the_credential():
+    import base64
+
+    from infra.access import allowed_hosts, check_exposure, refusal, AccessError
+
+    hosts = allowed_hosts("127.0.0.1", ["ui.example.org"])
+    good = "Basic " + base64.b64encode(b"refinery:s3cret").decode()
+    assert refusal("127.0.0.1:4200", None, hosts, None) is None
+    assert refusal("UI.example.org", None, hosts, None) is None
+    for host in ("evil.example:4200", "", None, "127.0.0.1.evil.example"):
+        assert refusal(host, good, hosts, "refinery:s3cret")[0] == 400
+    for auth in (None, "Basic !!!", "Bearer refinery:s3cret", "Basic " + base64.b64encode(b"refinery:s3cre").decode()):
+        assert refusal("localhost:4200", auth, hosts, "refinery:s3cret")[0] == 401
+    assert refusal("localhost:4200", good, hosts, "refinery:s3cret") is None
+    assert "0.0.0.0" not in allowed_hosts("0.0.0.0")
+    check_exposure("127.0.0.1", auth=False)
+    check_exposure("0.0.0.0", auth=True)
+    with pytest.raises(AccessError, match="without authentication"):
+        check_exposure("0.0.0.0", auth=False)
+
+
+def test_serve_beyond_loopback_without_auth_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    assert main(["serve", "--host", "0.0.0.0", "--no-auth", "-o", f"run_root={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: refusing to serve on '0.0.0.0' without authentication") and err.count("\n") == 1
+
+
+def test_an_explorer_beyond_loopback_asks_for_the_credential(traced_runs):
+    import base64
+
+    from infra.access import AccessError
+
+    runs, _ = traced_runs
+    with pytest.raises(AccessError):
+        start_explorer(runs, "0.0.0.0", 0)
+    server = start_explorer(runs, "0.0.0.0", 0, auth="refinery:s3cret")
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _get(f"{base}/") == 401
+        good = {"Authorization": "Basic " + base64.b64encode(b"refinery:s3cret").decode()}
+        assert _get(f"{base}/", good) == 200
+        assert _get(f"{base}/", {**good, "Host": "rebound.example"}) == 400
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_a_spark_jvm_out_of_memory_ends_instead_of_living_on(tmp_path):
+    """Finding 10: a stage whose JVM ran out of memory hung. Refinery's Spark sessions start the JVM with
+    -XX:+ExitOnOutOfMemoryError: a driver with a 128 MB heap that collects ~2 GB ends within seconds, and
+    the Python side gets an error (which fails the stage) rather than waiting."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "from infra.config import SparkConfig\nfrom infra.spark import get_spark\n"
+        "spark = get_spark(SparkConfig(master='local[1]', driver_memory='128m', "
+        "conf={'spark.testing.memory': '2147483648'}))\n"
+        "assert '-XX:+ExitOnOutOfMemoryError' in spark.sparkContext.getConf().get('spark.driver.extraJavaOptions')\n"
+        "try:\n    spark.range(0, 30_000_000).selectExpr('id', \"repeat('x', 50) as s\").collect()\n"
+        "except Exception as exc:\n    print('python side:', type(exc).__name__)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert "Terminating due to java.lang.OutOfMemoryError" in done.stdout + done.stderr
+    assert "python side:" in done.stdout
