@@ -266,6 +266,23 @@ def test_spike_is_rolled_back_skipped_and_recorded(corpus, tmp_path):
     assert len(_charts({"effects": [], "funnel": [], "pretrain": charted, "rl": {}, "evals": []})) == 1
 
 
+def test_a_spike_that_recurs_after_rollbacks_is_accepted_not_retried_until_giving_up(corpus, tmp_path):
+    """Seen in a data ablation with heavy duplication: grad-norm spikes at one step recurred after every
+    rollback with other samples until the run gave up after 10. A spike that recurs after max_retries
+    rollbacks is the model's trajectory: the step is accepted (event spike_accepted) and training goes on."""
+    bad_step = 6
+    steps, events = train(
+        corpus, tmp_path, steps=9, save_every=4, warmup_steps=2,
+        spike={"enabled": True, "window": 16, "sigma": 6.0, "min_history": 4, "max_retries": 2, "max_rollbacks": 3},
+        fault_injection=[{"step": bad_step, "kind": "scale_loss", "factor": 200.0, "times": 3}],
+    )
+    assert [(e["event"], e["step"]) for e in events if e["event"].startswith("spike")] == [
+        ("spike", bad_step), ("spike", bad_step), ("spike_accepted", bad_step)]
+    accepted = next(e for e in events if e["event"] == "spike_accepted")
+    assert "recurred after 2 rollbacks" in accepted["reason"]
+    assert max(s["step"] for s in steps) == 9
+
+
 def test_a_spike_before_the_first_checkpoint_rolls_back_to_step_0_and_replays_the_same_losses(corpus, tmp_path):
     """The step-0 rollback target holds no Adam moments (saved before the first update): the rollback
     starts the optimizer afresh, so with no LR cut the replayed steps repeat the original losses."""

@@ -91,3 +91,39 @@ def test_fault_injector_fires_each_fault_once_and_only_on_its_step():
     nan = FaultInjector([FaultInjection(step=0, kind="nan_loss")], vocab_size=97)
     nan.arm(0)
     assert nan.loss_scale() != nan.loss_scale()  # NaN
+
+
+def test_a_spike_recurs_once_max_retries_rollbacks_have_not_got_past_its_step():
+    from training.spike import recurring
+
+    ledger = [{"step": 30}, {"step": 30}]  # two rollbacks from step 30, each retried with other samples
+    assert recurring(30, ledger, 2, 6.1, 2.1)
+    assert recurring(28, ledger, 2, 6.1, 2.1)  # earlier in the replayed stretch: still not past it
+    assert not recurring(31, ledger, 2, 6.1, 2.1)  # training got past step 30: a new spike, roll back
+    assert not recurring(30, ledger, 3, 6.1, 2.1)
+    assert not recurring(30, ledger[:1], 2, 6.1, 2.1)
+    assert not recurring(30, ledger, 2, float("nan"), 2.1) and not recurring(30, ledger, 2, 6.1, float("inf"))
+    assert recurring(5, [], 0, 1.0, None)  # max_retries 0: never roll back a finite spike
+
+
+def test_an_accepted_spike_widens_the_window():
+    from training.spike import SpikeGuard
+
+    g = SpikeGuard(window=16, sigma=6.0, min_history=5, min_rel_std=0.02)
+    for v in (1.0, 1.01, 0.99, 1.0, 1.02, 0.98):
+        assert not g.check(3.0, v).spike
+    assert g.check(3.0, 2.0).spike
+    g.accept(3.0, 2.0)
+    assert not g.check(3.0, 1.9).spike  # the trend it was part of now passes
+
+
+def test_a_fault_with_times_fires_on_each_of_its_first_trainings():
+    from training.faults import FaultInjector
+    from training.pretrain_config import FaultInjection
+
+    inj = FaultInjector([FaultInjection(step=2, kind="scale_loss", factor=50.0, times=3)], vocab_size=97)
+    scales = []
+    for step in (0, 1, 2, 1, 2, 2, 2):
+        inj.arm(step)
+        scales.append(inj.loss_scale())
+    assert scales == [1.0, 1.0, 50.0, 1.0, 50.0, 50.0, 1.0]

@@ -29,7 +29,7 @@ from training.megatron.model import LlamaArch, build_model, pad_vocab
 from training.megatron.parallel import initialize, layout
 from training.models import PRECISION_DTYPES
 from training.pretrain_config import PretrainConfig
-from training.spike import SpikeGuard, in_ranges, ledger_entry
+from training.spike import SpikeGuard, in_ranges, ledger_entry, recurring
 
 
 class ShardInfo:
@@ -283,7 +283,12 @@ class Trainer:
             self.faults.arm(self.step)
             loss, grad_norm = self.train_step(samples)
             verdict = self.guard.check(loss, grad_norm) if cfg.spike.enabled else None
-            if verdict is not None and verdict.spike:
+            if verdict is not None and verdict.spike and recurring(self.step, self.ledger, cfg.spike.max_retries,
+                                                                   loss, grad_norm):
+                self.guard.accept(loss, grad_norm)
+                log.event("spike_accepted", self.step, reason=f"{verdict.reason}; it recurred after "
+                          f"{cfg.spike.max_retries} rollbacks with other samples: accepted as the trend")
+            elif verdict is not None and verdict.spike:
                 if len(self.ledger) >= cfg.spike.max_rollbacks:
                     raise RuntimeError(f"step {self.step}: {verdict.reason}; gave up after {len(self.ledger)} rollbacks")
                 target, _ = self.newest_valid()

@@ -34,15 +34,20 @@ class SpikeConfig(StageConfig):
     min_rel_std: float = Field(0.02, ge=0, description="std floor as a fraction of the mean")
     lr_cut: float = Field(1.0, gt=0, le=1, description="LR multiplier after a rollback (1 = none)")
     lr_cut_steps: int = Field(0, ge=0, description="steps the LR cut lasts")
+    max_retries: int = Field(2, ge=0, description="rollbacks for spikes that recur at one step (each retried with "
+                                                    "other samples) before that step is accepted as the trend, not "
+                                                    "the data's fault; NaN/Inf is never accepted")
     max_rollbacks: int = Field(10, ge=0, description="give up (error) after this many rollbacks")
 
 
 class FaultInjection(StageConfig):
-    """Deliberate fault for testing the spike guard (fires once, the first time ``step`` is trained)."""
+    """Deliberate fault for testing the spike guard (fires the first ``times`` times ``step`` is trained)."""
 
     step: int = Field(..., ge=0, description="0-based training step to corrupt")
     kind: Literal["scale_loss", "garbage_tokens", "nan_loss"] = Field("scale_loss", description="what to corrupt")
     factor: float = Field(1000.0, description="loss multiplier for scale_loss")
+    times: int = Field(1, ge=1, description="how many trainings of the step it corrupts (>1: a spike that "
+                                            "recurs after rollbacks)")
 
 
 class PretrainConfig(StageConfig):

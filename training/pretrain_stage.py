@@ -94,11 +94,11 @@ def plot_loss(steps: list[dict], events: list[dict], out_png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1.2, label="train loss")
     for e in events:
-        if e["event"] == "spike":
-            ax.axvline(e["step"], color="red", ls="--", lw=0.8)
+        if e["event"] in ("spike", "spike_accepted"):
+            ax.axvline(e["step"], color="red" if e["event"] == "spike" else "orange", ls="--", lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("pretraining loss (red: spike rolled back)")
+    ax.set_title("pretraining loss (red: spike rolled back; orange: recurring spike accepted)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
@@ -156,7 +156,8 @@ def run(ctx: StageContext) -> StageResult:
     summary = {
         "steps": last["step"], "final_loss": round(last["loss"], 4), "first_loss": round(steps[0]["loss"], 4),
         "tokens_per_s": round(sum(tps) / len(tps), 1), "tokens_seen": last["tokens"],
-        "spikes_rolled_back": len(ledger), "checkpoint": final.name,
+        "spikes_rolled_back": len(ledger), "spikes_accepted": sum(e["event"] == "spike_accepted" for e in events),
+        "checkpoint": final.name,
         "tp": cfg.tp, "pp": cfg.pp, "dp": last["dp"], "init_from": cfg.init_from or "random",
         "skip_ledger": json.dumps(ledger),
     }

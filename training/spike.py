@@ -61,12 +61,28 @@ class SpikeGuard:
             self.grad_norm.append(float(grad_norm))
         return Verdict(False)
 
+    def accept(self, loss: float, grad_norm: float | None) -> None:
+        """Add a step judged a spike to the history anyway (a recurring spike is the trend: see
+        :func:`recurring`), so the window widens to it."""
+        self.loss.append(float(loss))
+        if grad_norm is not None:
+            self.grad_norm.append(float(grad_norm))
+
     def state_dict(self) -> dict:
         return {"loss": list(self.loss), "grad_norm": list(self.grad_norm)}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss = deque(state["loss"], maxlen=self.window)
         self.grad_norm = deque(state["grad_norm"], maxlen=self.window)
+
+
+def recurring(step: int, ledger: list[dict], max_retries: int, loss: float, grad_norm: float | None) -> bool:
+    """Whether a spike at ``step`` is one that rolling back has not removed: ``max_retries`` rollbacks
+    since training last got past it (ledger entries at ``step`` or later), each retrained with other
+    samples, spiked again. Then the model's trajectory, not its data, is the cause, and another rollback
+    would only repeat it. NaN/Inf never counts as recurring."""
+    finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+    return finite and sum(1 for e in ledger if e["step"] >= step) >= max_retries
 
 
 def to_ranges(indices: list[int]) -> list[list[int]]:
