@@ -19,7 +19,9 @@ model on held-out English web text (``web_perplexity``: Dolma CCNet documents no
   filters and the quality classifier on vs every rule off and threshold 0.
 
 An effect counts as **detected** when the off arm is worse than the on arm by more than twice the
-pooled seed standard deviation (``2 * sqrt((sd_on^2 + sd_off^2) / 2)``). Printed: a table of arm
+pooled seed standard deviation (``2 * sqrt((sd_on^2 + sd_off^2) / 2)``); with 4 or more seeds it counts
+only when each half of the seeds detects it on its own too (a replication), and never with a failed arm
+run (failed arms are listed, not a crash). Printed: a table of arm
 means and spreads, each sweep's wall time, the default protocol's minimum detectable effect, a
 plot (``--out``/sweep_sensitivity.png), and last ``known_effects_detected <n>``.
 
@@ -237,7 +239,8 @@ def write_sweep_config(out: Path, effect: str) -> Path:
 
 
 def run_effect_sweep(out: Path, effect: str, seeds: int) -> tuple[dict, float]:
-    """Run ``refinery sweep`` on the effect's config; (its sweep.json, wall seconds)."""
+    """Run ``refinery sweep`` on the effect's config; (its sweep.json, wall seconds). A sweep with failed
+    arms still has a summary: those arms are reported, not a crash of the bench."""
     config = write_sweep_config(out, effect)
     name = f"sens-{effect}"
     cmd = [str(Path(sys.executable).parent / "refinery"), "sweep", "-c", str(config), "--name", name, "--mode", "zip",
@@ -246,8 +249,10 @@ def run_effect_sweep(out: Path, effect: str, seeds: int) -> tuple[dict, float]:
         cmd += ["-a", f"{key}={json.dumps(values)}"]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    done = subprocess.run(cmd, cwd=ROOT)
     wall = time.perf_counter() - start
+    if done.returncode:
+        print(f"{effect}: refinery sweep exited {done.returncode} (failed arms are listed below)", flush=True)
     (out / f"{effect}.wall_s").write_text(f"{wall:.0f}\n")
     return finished_sweep(out, effect)
 
@@ -261,20 +266,40 @@ def finished_sweep(out: Path, effect: str) -> tuple[dict, float]:
     return json.loads(summary.read_text()), float(wall.read_text()) if wall.is_file() else float("nan")
 
 
-def arm_values(summary: dict, metric: str) -> tuple[list[float], list[float]]:
-    """The metric's per-seed values of the on arm (first axis value) and the off arm (second)."""
+def arm_values(summary: dict, metric: str) -> tuple[dict[int, float], dict[int, float], list[str]]:
+    """Seed → the metric of the on arm (first axis value) and of the off arm (second), and one line per
+    arm that did not complete."""
     from flows.sweep import arm_metrics
     from infra.lineage import LineageCatalog
 
     catalog = LineageCatalog(Path(summary["report"]).parents[2])
     first = summary["arms"][0]["values"]
-    on, off = [], []
+    on, off, failed = {}, {}, []
     for arm in summary["arms"]:
+        side = "on" if arm["values"] == first else "off"
         if arm["status"] != "completed":
-            raise SystemExit(f"arm {arm['run_id']} {arm['status']}: {arm['error']}")
-        value = arm_metrics(catalog, arm["run_id"])[metric]
-        (on if arm["values"] == first else off).append(value)
-    return on, off
+            failed.append(f"{side} arm seed {arm['seed']} ({arm['run_id']}) {arm['status']}: {arm['error']}")
+            continue
+        (on if side == "on" else off)[arm["seed"]] = arm_metrics(catalog, arm["run_id"])[metric]
+    return on, off, failed
+
+
+def detection(on: list[float], off: list[float]) -> dict:
+    """The off arm worse (higher bits per byte) than the on arm by more than twice the pooled seed sd."""
+    from flows.sweep import pooled_sd
+
+    if len(on) < 2 or len(off) < 2:
+        return {"gap": float("nan"), "pooled_sd": float("nan"), "detected": False}
+    sd = pooled_sd([on, off])
+    gap = statistics.fmean(off) - statistics.fmean(on)
+    return {"gap": gap, "pooled_sd": sd, "detected": gap > 2 * sd}
+
+
+def halves(values: dict[int, float]) -> tuple[list[float], list[float]]:
+    """The values of the first and the second half of the seeds."""
+    seeds = sorted(values)
+    k = len(seeds) // 2
+    return [values[s] for s in seeds[:k]], [values[s] for s in seeds[k:]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,26 +331,36 @@ def main(argv: list[str] | None = None) -> int:
             run_effect_sweep(args.out, effect, args.seeds)
         row = {"effect": effect, "wall_s": round(wall)}
         for metric in (METRIC, SECOND_METRIC):
-            on, off = arm_values(summary, metric)
-            sd = pooled_sd([on, off])
-            gap = statistics.fmean(off) - statistics.fmean(on)  # bits per byte: lower is better, off should be higher
-            row[metric] = {"on": on, "off": off, "gap": gap, "pooled_sd": sd, "detected": gap > 2 * sd}
+            on, off, failed = arm_values(summary, metric)
+            r = {"on": list(on.values()), "off": list(off.values()), "failed": failed,
+                 **detection(list(on.values()), list(off.values()))}
+            if len(on) >= 4 and len(off) >= 4:  # replication: each half of the seeds must detect it on its own
+                r["halves"] = [detection(a, b)["detected"] for a, b in zip(halves(on), halves(off))]
+            r["counted"] = not failed and r["detected"] and all(r.get("halves", [True]))
+            row[metric] = r
             if metric == METRIC:
-                groups += [on, off]
-        detected += row[METRIC]["detected"]
+                groups += [r["on"], r["off"]]
+        detected += row[METRIC]["counted"]
         rows.append(row)
         print(f"{effect}: {summary['stage_executions']} in {wall:.0f} s", flush=True)
+        for line in row[METRIC]["failed"]:
+            print(f"  {line}", flush=True)
     print()
-    print("| effect | metric | filter on (mean ± sd) | filter off (mean ± sd) | off − on | 2 × pooled sd | detected | wall (last run) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| effect | metric | filter on (mean ± sd) | filter off (mean ± sd) | off − on | 2 × pooled sd | detected "
+          "| each half of the seeds | wall (last run) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ms = lambda v: f"{statistics.fmean(v):.4f} ± {statistics.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
     for row in rows:
         for metric in (METRIC, SECOND_METRIC):
             r = row[metric]
-            ms = lambda v: f"{statistics.fmean(v):.4f} ± {statistics.stdev(v):.4f}"  # noqa: E731
+            half = " / ".join("yes" if h else "no" for h in r["halves"]) if "halves" in r else "-"
+            failed = f" ({len(r['failed'])} arm runs failed)" if r["failed"] else ""
             print(f"| {row['effect']} | {metric.split(':')[1]} | {ms(r['on'])} | {ms(r['off'])} | {r['gap']:+.4f} | "
-                  f"{2 * r['pooled_sd']:.4f} | {'yes' if r['detected'] else 'no'} | {row['wall_s']} s |")
+                  f"{2 * r['pooled_sd']:.4f} | {'yes' if r['detected'] else 'no'}{failed} | {half} | {row['wall_s']} s |")
     sigma = pooled_sd(groups)
-    print(f"\nseed sd of {METRIC} pooled over every arm: {sigma:.4f} bits/byte ({args.seeds} seeds per arm)")
+    counts = sorted({len(g) for g in groups})
+    print(f"\nseed sd of {METRIC} pooled over every arm: {sigma:.4f} bits/byte "
+          f"({'-'.join(map(str, counts[::max(1, len(counts) - 1)]))} seeds per arm)")
     print(f"minimum detectable effect (2 x pooled seed sd): {2 * sigma:.4f} bits/byte")
     (args.out / "results.json").write_text(json.dumps({"seeds": args.seeds, "rows": rows, "pooled_sd": sigma}, indent=1))
     plot(rows, args.out / "sweep_sensitivity.png")

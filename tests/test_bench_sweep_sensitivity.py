@@ -83,3 +83,17 @@ def test_every_arm_of_each_known_effect_sweep_validates(bench, effect, tmp_path)
     _, axes = bench.sweep_setup(effect)
     plan = plan_sweep(str(config), {}, [Axis(k, tuple(v)) for k, v in axes.items()], mode="zip", seeds=3)
     assert len(plan.arms) == 6 and plan.first_varying_stage == {"quality": "heuristics"}.get(effect, effect)
+
+
+def test_detection_needs_the_gap_beyond_twice_the_pooled_sd_and_each_half_of_the_seeds(bench):
+    from statistics import stdev
+
+    on, off = [3.00, 3.01, 2.99], [3.10, 3.12, 3.08]
+    d = bench.detection(on, off)
+    sd = ((stdev(on) ** 2 + stdev(off) ** 2) / 2) ** 0.5
+    assert d["detected"] and abs(d["pooled_sd"] - sd) < 1e-12 and abs(d["gap"] - 0.10) < 1e-9
+    assert not bench.detection(off, on)["detected"]  # the wrong direction never counts
+    assert not bench.detection([3.0], off)["detected"]  # one seed: no spread, no verdict
+    seeds_on = {1: 3.00, 2: 3.01, 3: 2.99, 4: 3.00, 5: 3.02, 6: 2.98, 7: 3.0}
+    first, second = bench.halves(seeds_on)
+    assert first == [3.00, 3.01, 2.99] and second == [3.00, 3.02, 2.98, 3.0]  # odd counts: the second half is larger
