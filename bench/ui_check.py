@@ -5,7 +5,7 @@ Chromium with selenium:
   0. the UI asks for the password `refinery serve` generated (PREFECT_HOME/refinery-api-auth); it is typed
      into the login form (API calls of this script send it too, with a CSRF token);
   1. the deployments page lists the pipeline and every stage deployment;
-  2. the `refinery-ingest` custom-run form is opened and submitted untouched; the run must complete
+  2. the `stage-ingest` custom-run form is opened and submitted untouched; the run must complete
      and resolve to exactly the served config (no lineage diff);
   3. a pipeline run (ingest only) shows its summary artifact on the parent run, named after the run id;
   4. the lineage explorer shows the run's graph;
@@ -157,9 +157,9 @@ def main() -> int:
         print(f"1. deployments page: '{expected} Deployments' shown: {counted} -> {out / '1_deployments.png'}")
         passed += counted
 
-        # 2. custom run of refinery-ingest, form untouched
+        # 2. custom run of stage-ingest, form untouched
         before = {r["id"] for r in flow_runs(api)}
-        driver.get(f"{ui}/deployments/deployment/{deps['refinery-ingest']['id']}/run")
+        driver.get(f"{ui}/deployments/deployment/{deps['stage-ingest']['id']}/run")
         wait_for(lambda: driver.find_elements(By.XPATH, "//button[normalize-space()='Submit']"), 60, "the run form")
         time.sleep(2)
         driver.save_screenshot(str(out / "2_ingest_custom_run_form.png"))

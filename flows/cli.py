@@ -25,7 +25,7 @@ from pathlib import Path
 from evaluation.effects import EFFECTS_TABLE, format_effect
 from evaluation.report import compare_runs
 from flows.explorer import TraceError, decisions, skip_ledger, start_explorer, trace
-from flows.registry import all_stages, execution_metrics, load_config
+from flows.registry import all_stages, execution_metrics, load_config, stage_groups
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.executor import StageInputError, parse_from
 from infra.lineage import LineageCatalog, diff_runs, label
@@ -55,9 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)  # fail fast with one clear line
     stages = [s for s in (args.stages or "").split(",") if s] or None
     if stages:
-        unknown = [s for s in stages if s not in all_stages()]
+        unknown = [s for s in stages if s not in all_stages() and s not in stage_groups()]
         if unknown:
-            raise ConfigError(f"unknown stage(s) {unknown}; known: {list(all_stages())}")
+            raise ConfigError(f"unknown stage(s) {unknown}; known: {', '.join(stage_groups())} (groups), "
+                              f"{', '.join(all_stages())}")
     if args.from_ref:
         run, _ = parse_from(args.from_ref)
         if not (Path(config.run_root) / run).is_dir():
@@ -361,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run stages in pipeline order. Unchanged stages (same input hashes and config) "
                                    "are skipped or reuse an earlier run's outputs.")
     _add_config_args(p)
-    p.add_argument("--stages", help="comma-separated stages to run (default: the config's pipeline)")
+    p.add_argument("--stages", help="comma-separated stages or groups to run: curation (archives to token shards), "
+                                    "training (pretraining to RL, with evaluations), all (default: the config's pipeline)")
     p.add_argument("--from", dest="from_ref", metavar="RUN[/STAGE]",
                    help="use this earlier run's outputs as inputs (RUN/STAGE feeds the first selected stage)")
     p.add_argument("--run-id", help="write into this run id (default: a new one)")
@@ -375,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="start the Prefect UI/server and serve every stage and the pipeline as deployments",
                        description="Start a local Prefect server (or use PREFECT_API_URL), serve `refinery-pipeline` and "
-                                   "one `refinery-STAGE` deployment per stage, and the lineage explorer. -o overrides "
+                                   "one `stage-STAGE` deployment per stage, and the lineage explorer. -o overrides "
                                    "apply to every run started from the UI (they prefill each deployment's parameters).")
     _add_config_args(p)
     p.add_argument("--host", help="bind address (default: prefect.host, 127.0.0.1)")

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from evaluation.effects import EFFECTS_TABLE, format_effect
+from flows.registry import expand_stages, stage_groups
 from flows.report import write_report
 from flows.stages import PIPELINE_STEPS, STAGE_FLOWS, explorer_link, label_flow_run, resolve_config
 from infra.config import DEFAULT_CONFIG
@@ -15,7 +16,8 @@ from infra.executor import parse_from
 from infra.markdown import dict_table
 from infra.runstore import check_name, new_run_id
 
-StageName = Literal[tuple(STAGE_FLOWS)]  # the UI offers a picker of the known stages
+# the UI offers a picker of the groups and the known stages
+StageName = Literal[(*stage_groups(), *STAGE_FLOWS)]
 
 
 @flow(name="pipeline", log_prints=True, validate_parameters=True)
@@ -30,7 +32,9 @@ def pipeline(
     """Run Refinery stages in pipeline order.
 
     Args:
-        stages: Stages to run, in any order (they run in pipeline order); empty = the config's pipeline.stages.
+        stages: Stages to run, in any order (they run in pipeline order). Empty = the config's pipeline.stages;
+            `curation` = web archives to token shards, `training` = pretraining to RL with their evaluations
+            (give from_run = a curation run), `all` = every stage.
         run_id: Refinery run to write into; empty = a new run id.
         from_run: RUN or RUN/STAGE whose outputs feed the first selected stage (later stages read this run
             first, then RUN); empty = none.
@@ -54,7 +58,7 @@ def run_pipeline(config, stages: list[str], run_id: str, from_run: str, force: b
     """The body of both pipeline flows: the selected stages in input order, each as its stage's flow run,
     then the HTML report and the run summary artifact."""
     order = config.pipeline_stages()
-    selected = list(stages) or order
+    selected = expand_stages(list(stages)) or order
     unknown = [s for s in selected if s not in STAGE_FLOWS]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGE_FLOWS)}")

@@ -42,6 +42,21 @@ def all_stages() -> dict[str, Stage]:
     return {name: registered[name] for name in topological_order(registered)}
 
 
+def stage_groups() -> dict[str, list[str]]:
+    """Named stage sets that ``--stages`` and the pipeline form accept beside stage names: ``curation``
+    (the stages of the curation package: web archives to token shards), ``training`` (training and the
+    evaluations after it), ``all``; each in pipeline order."""
+    stages = all_stages()
+    curation = [name for name, st in stages.items() if st.run.__module__.startswith("curation.")]
+    return {"curation": curation, "training": [name for name in stages if name not in curation], "all": list(stages)}
+
+
+def expand_stages(names: list[str]) -> list[str]:
+    """Stage names with group names (:func:`stage_groups`) replaced by their stages, each once."""
+    groups = stage_groups()
+    return list(dict.fromkeys(s for name in names for s in groups.get(name, [name])))
+
+
 def topological_order(stages: dict[str, Stage]) -> list[str]:
     """Stage names so that each comes after every stage it reads. Among ready stages, those nothing else
     reads (evaluations) go first — a checkpoint is evaluated as soon as it exists — then registration order."""

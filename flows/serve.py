@@ -22,8 +22,9 @@ def build_deployments(config_file: str, config, overrides: dict[str, Any] | None
     deployments = [
         pipeline.to_deployment(
             name="refinery-pipeline", cron=config.prefect.schedule_cron,
-            parameters={**shared, "stages": config.pipeline_stages()},
-            description="Full Refinery pipeline. Set `stages` and `from_run` to rerun part of it on an earlier run.",
+            parameters={**shared, "stages": []},
+            description="Full Refinery pipeline: `stages` empty runs the config's pipeline; pick `curation`, "
+                        "`training` or single stages (with `from_run`) to run or rerun part of it.",
             tags=["refinery"],
         )
     ]
@@ -40,7 +41,7 @@ def build_deployments(config_file: str, config, overrides: dict[str, Any] | None
     for name, stage_flow in STAGE_FLOWS.items():
         deployments.append(
             stage_flow.to_deployment(
-                name=f"refinery-{name}",
+                name=f"stage-{name}",
                 parameters={**shared, "params": config.stage_config(name).model_dump(mode="json")},
                 description=f"Run or rerun the `{name}` stage (from_run = RUN or RUN/STAGE to reuse earlier outputs). "
                             "`params` shows the served config's section; edited keys are merged into it.",

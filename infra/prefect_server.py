@@ -36,6 +36,9 @@ def configure_prefect_env(home: str | Path | None = None) -> None:
     # One UI: deployment pages and the "View at" links of flow runs open the classic (V1) UI, which also
     # has the typed custom-run form; the root URL would otherwise open the new (V2) UI.
     os.environ.setdefault("PREFECT_SERVER_UI_V2_ENABLED", "false")
+    # a schedule keeps at most 10 future runs (Prefect's default, 100, filled the UI with 61 runs of a
+    # 1-minute schedule at once); the scheduler tops it up as runs start
+    os.environ.setdefault("PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS", "10")
     # the CLI and workers on this machine send the credential `refinery serve` created here
     with contextlib.suppress(OSError, ValueError):
         value, _ = credential(os.environ["PREFECT_HOME"], create=False)

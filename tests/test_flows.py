@@ -195,16 +195,16 @@ def test_served_flow_refuses_jvm_options_and_another_config_file_from_the_api(se
     command (and one with another config file) fails with one line before any stage starts."""
     from prefect.deployments import run_deployment
 
-    _wait_for_deployment("ingest/refinery-ingest", server.log)
+    _wait_for_deployment("ingest/stage-ingest", server.log)
     marker = server.root / "PWNED"
     attack = {"run_root": str(server.runs), "spark.conf": {
         "spark.driver.extraJavaOptions": f"-Xmx2m -XX:OnOutOfMemoryError=touch {marker}"}}
-    run = run_deployment("ingest/refinery-ingest", timeout=600,
+    run = run_deployment("ingest/stage-ingest", timeout=600,
                          parameters={"run_id": "ui-pwn", "force": True, "overrides": attack})
     assert run.state.is_failed() and "cannot be set from a flow parameter" in run.state.message, run.state
     secret = server.root / "secret.yaml"
     secret.write_text("API_TOKEN: [sk-live-0123\n")
-    other = run_deployment("ingest/refinery-ingest", timeout=600,
+    other = run_deployment("ingest/stage-ingest", timeout=600,
                            parameters={"run_id": "ui-secret", "config_file": str(secret)})
     assert other.state.is_failed() and "reads its config_file from" in other.state.message, other.state
     assert "sk-live" not in other.state.message
@@ -223,7 +223,7 @@ def test_the_served_api_refuses_requests_without_the_password_or_from_another_ho
 
     from prefect.client.orchestration import get_client
 
-    deployment = _wait_for_deployment("ingest/refinery-ingest", server.log)
+    deployment = _wait_for_deployment("ingest/stage-ingest", server.log)
     port = server.api.split(":")[-1].split("/")[0]
 
     def status(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> tuple[int, dict]:
@@ -283,14 +283,14 @@ def test_served_deployments_run_pipeline_and_single_stage_rerun(server):
     assert summary and "ingest" in summary[0].data and f"{server.explorer}/run/ui-run" in summary[0].data
 
     # the stage form untouched (deployment defaults): exactly the served config, nothing reset
-    untouched = run_deployment("ingest/refinery-ingest", timeout=600, parameters={"run_id": "ui-untouched", "force": True})
+    untouched = run_deployment("ingest/stage-ingest", timeout=600, parameters={"run_id": "ui-untouched", "force": True})
     assert untouched.state.is_completed(), untouched.state
     manifest = json.loads((server.runs / "ui-untouched" / "ingest" / "manifest.json").read_text())
     served_config = load_config(DEFAULT_CONFIG, {"run_root": str(server.runs), "spark.master": "local[2]"})
     assert manifest["config"] == served_config.ingest.model_dump(mode="json")
 
     # a partial edit merges into the section
-    rerun = run_deployment("ingest/refinery-ingest", timeout=600, parameters={
+    rerun = run_deployment("ingest/stage-ingest", timeout=600, parameters={
         "run_id": "ui-rerun", "from_run": "ui-run", "params": {"max_record_bytes": 100000}, "force": True,
     })
     assert rerun.state.is_completed(), rerun.state
@@ -368,7 +368,7 @@ def test_cancelling_a_run_from_the_ui_stops_the_stage_process_tree(server):
     from prefect.client.schemas.objects import StateType
     from prefect.states import State
 
-    deployment = _wait_for_deployment("ingest/refinery-ingest", server.log)
+    deployment = _wait_for_deployment("ingest/stage-ingest", server.log)
     with get_client(sync_client=True) as client:
         run = client.create_flow_run_from_deployment(deployment.id, parameters={"run_id": "c1", "force": True})
 
@@ -417,7 +417,7 @@ def test_two_serve_workers_take_one_run_each_and_every_run_completes_once(server
     second = subprocess.Popen(_serve_cmd(0, 0, server.runs), cwd=REPO, env=env, stdout=open(log, "w"),
                               stderr=subprocess.STDOUT)
     try:
-        deployment = _wait_for_deployment("ingest/refinery-ingest", server.log)
+        deployment = _wait_for_deployment("ingest/stage-ingest", server.log)
         deadline = time.time() + 300
         while "serving" not in log.read_text():  # the second worker has registered the deployments
             assert second.poll() is None, log.read_text()

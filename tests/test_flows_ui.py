@@ -17,7 +17,7 @@ from infra.prefect_server import service_errors
 
 def _submit_untouched(deployment) -> dict:
     """What the UI sends for an untouched form: the deployment's parameters, as JSON, validated by the flow."""
-    flow = STAGE_FLOWS[deployment.name.removeprefix("refinery-")]
+    flow = STAGE_FLOWS[deployment.name.removeprefix("stage-")]
     return flow.validate_parameters(json.loads(json.dumps(deployment.parameters)))
 
 
@@ -25,18 +25,18 @@ def _submit_untouched(deployment) -> dict:
 def test_untouched_stage_forms_resolve_to_exactly_the_served_config(serve_overrides):
     served = load_config(DEFAULT_CONFIG, serve_overrides)
     deployments = {d.name: d for d in build_deployments(str(DEFAULT_CONFIG), served, serve_overrides)}
-    assert set(deployments) == {"refinery-pipeline", "refinery-sweep", *(f"refinery-{s}" for s in STAGE_FLOWS)}
+    assert set(deployments) == {"refinery-pipeline", "refinery-sweep", *(f"stage-{s}" for s in STAGE_FLOWS)}
     for name in STAGE_FLOWS:
-        deployment = deployments[f"refinery-{name}"]
+        deployment = deployments[f"stage-{name}"]
         params = _submit_untouched(deployment)
         resolved = resolve_config(params["config_file"], params["overrides"], (name, params["params"]))
         assert resolved.model_dump(mode="json") == served.model_dump(mode="json"), name
     # the code defaults differ from the file for many stages: the form must not show them
-    quality = deployments["refinery-quality"].parameters["params"]
+    quality = deployments["stage-quality"].parameters["params"]
     assert quality["threshold"] == (0.35 if serve_overrides else 0.2)
     assert deployments["refinery-sweep"].parameters["overrides"] == serve_overrides
     pipeline_params = deployments["refinery-pipeline"].parameters
-    assert pipeline_params["overrides"] == serve_overrides and pipeline_params["stages"] == served.pipeline_stages()
+    assert pipeline_params["overrides"] == serve_overrides and pipeline_params["stages"] == []
 
 
 def test_partial_params_edit_merges_into_the_file_section():
@@ -53,13 +53,29 @@ def test_partial_params_edit_merges_into_the_file_section():
 def test_pipeline_form_offers_a_stage_picker_and_describes_every_parameter():
     schema = pipeline.parameters.model_dump()
     props = schema["properties"]
-    assert props["stages"]["items"]["enum"] == list(STAGE_FLOWS)
+    assert props["stages"]["items"]["enum"] == ["curation", "training", "all", *STAGE_FLOWS]
     for name, prop in props.items():
         assert len(prop.get("description", "")) > 20, name
     stage_props = STAGE_FLOWS["quality"].parameters.model_dump()["properties"]
     for name in ("run_id", "from_run", "overrides", "force", "params"):
         assert stage_props[name].get("description"), name
     assert "anyOf" not in stage_props["run_id"]  # a plain text box, not a "type None" toggle
+
+
+def test_the_pipeline_form_starts_empty_and_groups_expand_to_their_stages():
+    """An untouched pipeline form runs the config's pipeline (nothing preselected to untick); `curation`
+    and `training` name the two halves in pipeline order, `all` every stage."""
+    from flows.registry import all_stages, expand_stages, stage_groups
+
+    config = load_config(DEFAULT_CONFIG)
+    pipeline_deployment = next(d for d in build_deployments(str(DEFAULT_CONFIG), config) if d.name == "refinery-pipeline")
+    assert pipeline_deployment.parameters["stages"] == []
+    groups = stage_groups()
+    assert groups["curation"][0] == "ingest" and groups["curation"][-1] == "tokenize"
+    assert groups["training"][0] == "pretrain" and groups["curation"] + groups["training"] == list(all_stages())
+    assert expand_stages(["pretrain", "curation", "ingest"]) == ["pretrain", *groups["curation"]]
+    names = sorted(d.name for d in build_deployments(str(DEFAULT_CONFIG), config))
+    assert names[:2] == ["refinery-pipeline", "refinery-sweep"]  # first in the UI's A-Z list
 
 
 def test_scheduler_failure_in_the_server_log_reaches_the_console():
