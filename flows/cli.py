@@ -152,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         explorer = None
         if explorer_port:
-            explorer = start_explorer(Path(config.run_root).resolve(), host, explorer_port, auth, extra_hosts)
+            explorer = start_explorer(Path(config.run_root).resolve(), host, explorer_port, auth, extra_hosts,
+                                      prefect_url=f"http://{host}:{port}")
             os.environ[EXPLORER_URL_ENV] = f"http://{host}:{explorer.server_address[1]}"
         deployments = build_deployments(args.config, config, overrides)
         print(f"Prefect UI: http://{host}:{port}  (API {api_url}); serving {len(deployments)} deployments "

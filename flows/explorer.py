@@ -38,7 +38,7 @@ table{border-collapse:collapse;margin:8px 0 16px;background:#fff} td,th{border:1
 font-size:13px;text-align:left;vertical-align:top} th{background:#eef1f7} code{font-size:12px}
 .graph{background:#fff;border:1px solid #d5d9e2;overflow:auto;max-height:80vh} form{display:inline-block;
 margin:0 16px 8px 0;padding:8px;background:#fff;border:1px solid #d5d9e2} .muted{color:#667}
-.err{color:#a40000;font-weight:600} h2{margin-top:22px}
+.err{color:#a40000;font-weight:600} h2{margin-top:22px} .intro{max-width:900px;line-height:1.45}
 """
 
 
@@ -63,7 +63,10 @@ def shards_artifact(catalog: LineageCatalog, run_root: Path, ref: str) -> tuple[
     matches = [a for a in (catalog.resolve(ref) if ref else [])
                if a["kind"] == "stage_output" and (a["stage"], a["name"]) == ("tokenize", "shards")]
     if len(matches) != 1:
-        raise TraceError(f"{ref!r} matches {len(matches)} tokenize/shards artifacts; give RUN/tokenize/shards")
+        known = [f"{r}/tokenize/shards" for r in reversed(catalog.runs()) if catalog.stage_run(r, "tokenize")]
+        raise TraceError(f"{ref!r} names {len(matches)} token-shard artifacts; expected RUN/tokenize/shards of one run"
+                         f" — this run root has {', '.join(known[:3]) or 'none yet (run the tokenize stage)'}"
+                         + (f" and {len(known) - 3} more" if len(known) > 3 else ""))
     path = artifact_path(matches[0]).resolve()
     if not path.is_relative_to(run_root.resolve()):
         raise TraceError(f"{ref!r}: its files are recorded outside the run root")
@@ -132,6 +135,15 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def value_cell(value: Any) -> str:
+    """A metric or config value as HTML: a list of row dicts (a funnel) as a small table, else its text."""
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        headers = list(dict.fromkeys(k for r in value for k in r))
+        headers.sort(key=lambda h: all(isinstance(r.get(h), (int, float)) for r in value))  # labels first
+        return table(headers, [[_e(r.get(h, "")) for h in headers] for r in value])
+    return _e(value)
 
 
 def _node_lines(node: dict) -> list[tuple[str, str]]:
@@ -214,8 +226,9 @@ def render_svg(graph: dict, focus: set[str]) -> str:
 class Explorer:
     """Page builders over one run root's lineage catalog."""
 
-    def __init__(self, run_root: str | Path):
+    def __init__(self, run_root: str | Path, prefect_url: str | None = None):
         self.run_root = Path(run_root).resolve()
+        self.prefect_url = prefect_url
 
     @property
     def catalog(self) -> LineageCatalog:
@@ -231,17 +244,29 @@ class Explorer:
             rows.append([f"<a href='/run/{_e(run)}'>{_e(run)}</a>", str(len(stages)), str(reused),
                          _e(stages[0]["started_at"] if stages else ""),
                          _e(", ".join(s["stage"] for s in stages))])
-        options = "".join(f"<option value='{_e(r)}'>{_e(r)}</option>" for r in reversed(runs))
+        newest = list(reversed(runs))
+
+        def options(selected: str | None) -> str:
+            return "".join(f"<option value='{_e(r)}'{' selected' if r == selected else ''}>{_e(r)}</option>"
+                           for r in newest)
+
+        prefect = (f" Runs are started, scheduled and watched in the <a href='{_e(self.prefect_url)}'>Prefect UI</a>."
+                   if self.prefect_url else "")
+        intro = ("<p class='intro'>Every stage run of this run root, and what each read and wrote. A run's page draws "
+                 "its lineage across runs (an output reused from another run links there); <b>Diff</b> says what "
+                 "differs between two runs by content; <b>Trace</b> follows a token sequence of a shard back to "
+                 "its document and WARC record (a tokenize stage's page lists its shards)." + prefect + "</p>")
         forms = (
             "<form action='/artifact'>Artifact <input name='ref' size='40' placeholder='RUN/STAGE/OUTPUT, path or hash'>"
             " <button>show</button></form>"
-            f"<form action='/diff'>Diff <select name='a'>{options}</select> vs <select name='b'>{options}</select>"
+            f"<form action='/diff'>Diff <select name='a'>{options(newest[1] if len(newest) > 1 else None)}</select>"
+            f" vs <select name='b'>{options(newest[0] if newest else None)}</select>"
             " <button>compare</button></form>"
             "<form action='/trace'>Trace <input name='shards' placeholder='RUN/tokenize/shards' size='24'> "
             "<input name='shard' placeholder='shard name' size='22'> <input name='seq' placeholder='seq' size='4'>"
             " <button>trace</button></form>"
         )
-        body = forms + f"<p class='muted'>catalog: {_e(catalog.path)}</p>"
+        body = intro + forms + f"<p class='muted'>catalog: {_e(catalog.path)}</p>"
         body += table(["run", "stages", "reused", "started", "stages"], rows) if rows else "<p>No runs yet.</p>"
         return page("runs", body)
 
@@ -275,18 +300,33 @@ class Explorer:
             art = catalog.artifact(out["uri"]) or {"uri": out["uri"], "meta": "{}"}
             same = "<br>".join(_e(label(a)) for a in catalog.same_content(out["uri"])) or "-"
             out_rows.append([_e(name), _e(artifact_path(art)), f"<code>{_e(out['hash'])}</code>", same])
-        metrics = [[_e(k), _e(v)] for k, v in flatten(run["metrics"]).items()]
+        metrics = [[_e(k), value_cell(v)] for k, v in flatten(run["metrics"]).items()]
         config = [[_e(k), _e(v)] for k, v in flatten(run["config"]).items()]
         graph = lineage_graph(catalog, [(run_id, stage)])
         status = f"reused from {run['cached_from']}" if run["cached_from"] else "computed"
         body = (f"<h2>{_e(run_id)}/{_e(stage)} <span class='muted'>({_e(status)})</span></h2>"
                 "<h2>Inputs</h2>" + table(["name", "from", "content hash"], in_rows)
                 + "<h2>Outputs</h2>" + table(["name", "files at", "content hash", "same content as"], out_rows)
+                + self.shards_section(run)
                 + "<h2>Lineage across runs</h2>" + render_svg(graph, {f"{run_id}/{stage}"})
                 + self.skip_ledger_section(run)
                 + "<h2>Metrics</h2>" + table(["metric", "value"], metrics)
                 + "<h2>Config</h2>" + table(["key", "value"], config))
         return page(f"{run_id}/{stage}", body)
+
+    def shards_section(self, run: dict) -> str:
+        """A tokenize stage's shards, each a link to the trace of its first token sequence."""
+        if "shards" not in run["outputs"] or run["stage"] != "tokenize":
+            return ""
+        ref = f"{run['run_id']}/tokenize/shards"
+        try:
+            _, _, names = shards_artifact(self.catalog, self.run_root, ref)
+        except TraceError as exc:
+            return f"<h2>Shards</h2><p class='err'>{_e(exc)}</p>"
+        rows = [[f"<a href='/trace?{_q(shards=ref, shard=n, seq=0)}'>{_e(n)}</a>"] for n in names]
+        return (f"<h2>Shards ({len(names)})</h2><p class='muted'>Each link traces the shard's first token sequence "
+                "to its document and WARC record; change <code>seq</code> in the address for others.</p>"
+                + table(["shard (trace sequence 0)"], rows))
 
     def skip_ledger_section(self, run: dict) -> str:
         """Pretraining's rolled-back spikes, each with the documents of its skipped samples: doc_id (a link to
@@ -441,7 +481,7 @@ def _handler(explorer: Explorer, hosts: list[str], expected: str | None) -> type
 
 
 def start_explorer(run_root: str | Path, host: str, port: int, auth: str | None = None,
-                   extra_hosts: tuple[str, ...] = ()) -> ThreadingHTTPServer:
+                   extra_hosts: tuple[str, ...] = (), prefect_url: str | None = None) -> ThreadingHTTPServer:
     """Serve the explorer for ``run_root`` on a daemon thread; ``server.shutdown()`` stops it.
 
     It answers only Host headers in :func:`infra.access.allowed_hosts`; beyond loopback it needs ``auth``
@@ -449,7 +489,8 @@ def start_explorer(run_root: str | Path, host: str, port: int, auth: str | None 
     """
     check_exposure(host, auth is not None)
     expected = None if is_loopback(host) else auth
-    server = ThreadingHTTPServer((host, port), _handler(Explorer(run_root), allowed_hosts(host, extra_hosts), expected))
+    server = ThreadingHTTPServer((host, port), _handler(Explorer(run_root, prefect_url), allowed_hosts(host, extra_hosts),
+                                                        expected))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="lineage-explorer", daemon=True).start()
     return server

@@ -239,3 +239,38 @@ def test_run_report_renders_funnel_and_lineage_in_chromium(three_runs, browser, 
     browser.get(both.as_uri())
     assert "Run r1" in browser.page_source and "Run r2" in browser.page_source
     browser.save_screenshot(str(tmp_path / "report.png"))
+
+
+def test_explorer_front_page_explains_itself_and_pages_show_shards_and_funnels(tmp_path):
+    """Issue 29, point 5: an intro with a link to the Prefect UI, a diff form preset to the two newest runs,
+    a tokenize page that lists its shards with trace links, and a funnel metric as a table."""
+    import numpy as np
+
+    from curation.megatron_shards import ShardWriter
+    from flows.explorer import Explorer
+    from infra.lineage import LineageCatalog
+
+    runs = tmp_path / "runs"
+    catalog = LineageCatalog(runs)
+    for run_id in ("r1", "r2"):
+        shards = runs / run_id / "tokenize" / "shards"
+        shards.mkdir(parents=True)
+        with ShardWriter(shards / "web-train-00000", np.uint16) as writer:
+            writer.add_document(np.array([5, 6, 0], np.uint16), f"doc-{run_id}", "https://example.org/a", "a.warc.gz@7")
+        catalog.record_stage_run({
+            "run_id": run_id, "stage": "tokenize", "cache_key": f"k-{run_id}", "cached_from": None, "config": {},
+            "inputs": {}, "code_version": {}, "timings": {"started_at": f"t-{run_id}", "finished_at": "t1"},
+            "metrics": {"funnel": [{"step": "records", "documents": 83}, {"step": "kept", "documents": 27}]},
+            "outputs": {"shards": {"uri": shards.as_uri(), "path": str(shards), "hash": f"sha256:{run_id}00",
+                                   "files": {}, "run_id": run_id, "stage": "tokenize"}}})
+    explorer = Explorer(runs, prefect_url="http://127.0.0.1:4200")
+    index = explorer.index()
+    assert "class='intro'" in index and "href='http://127.0.0.1:4200'" in index
+    assert "<select name='a'><option value='r2'>r2</option><option value='r1' selected>" in index
+    assert "<select name='b'><option value='r2' selected>" in index
+    page = explorer.stage("r2", "tokenize")
+    assert "Shards (1)" in page and "/trace?shards=r2%2Ftokenize%2Fshards&shard=web-train-00000&seq=0" in page
+    assert "<th>step</th><th>documents</th>" in page and "<td>kept</td><td>27</td>" in page  # labels first
+    assert "[{" not in page  # no Python list printed
+    trace = explorer.trace("r2/tokenize/shards", "web-train-00000", "0")
+    assert "doc-r2" in trace and "byte 7 of a.warc.gz" in trace

@@ -51,7 +51,7 @@ def traced_runs(tmp_path):
 def test_token_trace_reads_only_listed_shards_of_a_tokenize_artifact(traced_runs, capsys):
     runs, cfg = traced_runs
     for argv, message in [
-        (["r/ingest/data", "../../../../outside/secret", "0"], "matches 0 tokenize/shards artifacts"),
+        (["r/ingest/data", "../../../../outside/secret", "0"], "this run root has r/tokenize/shards"),
         (["r/tokenize/shards", "../../../../outside/secret", "0"], "has no shard '../../../../outside/secret'"),
         (["r/tokenize/shards", str(runs.parent / "outside" / "secret"), "0"], "has no shard"),
         (["r/tokenize/shards", "web-train-00000", "9"], "sequence 9 out of range"),
