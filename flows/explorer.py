@@ -28,6 +28,7 @@ from curation.megatron_shards import ShardError, list_shards, trace_tokens
 from flows.registry import execution_metrics
 from infra.access import allowed_hosts, check_exposure, is_loopback, refusal
 from infra.lineage import LineageCatalog, artifact_path, compare_runs, flatten, label, lineage_graph
+from infra.runstore import RunStoreError, check_name
 
 NODE_W, LINE_H, GAP_X, GAP_Y = 300, 16, 40, 70
 STYLE = """
@@ -280,7 +281,9 @@ class Explorer:
                  _e(f"reused {s['cached_from']}" if s["cached_from"] else "computed"),
                  "<br>".join(f"{_e(k)} <code>{_short(v['hash'])}</code>" for k, v in s["outputs"].items())]
                 for s in stages]
-        body = (f"<h2>Run {_e(run_id)}</h2>" + table(["stage", "status", "outputs"], rows)
+        report = (f" <a href='/report/{_e(run_id)}'>report (charts)</a>"
+                  if (self.run_root / run_id / "report.html").is_file() else "")
+        body = (f"<h2>Run {_e(run_id)}</h2><p>{report}</p>" + table(["stage", "status", "outputs"], rows)
                 + f"<p><a href='/api/graph?{_q(run=run_id)}'>graph as JSON</a></p><h2>Lineage across runs</h2>"
                 + render_svg(graph, {f"{r}/{s}" for r, s in focus}))
         return page(run_id, body)
@@ -347,6 +350,19 @@ class Explorer:
                          + table(["doc_id (trace)", "URL", "WARC record (file@offset)", "curation decisions", "samples"],
                                  rows))
         return "".join(parts)
+
+    def report(self, kind: str, name: str) -> tuple[int, str]:
+        """(status, page): the HTML report of run ``name`` (``kind`` "report") or of sweep ``name`` ("sweep")."""
+        try:
+            check_name(name, "run id" if kind == "report" else "sweep name")
+        except RunStoreError as exc:
+            return 400, page(kind, f"<p class='err'>{_e(exc)}</p>")
+        path = self.run_root / name / "report.html" if kind == "report" else self.run_root / "sweeps" / name / "report.html"
+        if not path.is_file():
+            what = (f"run {name!r} has no report yet (written when its pipeline run ends; `refinery report {name}` "
+                    "writes one)" if kind == "report" else f"no sweep {name!r} has finished under this run root")
+            return 404, page(kind, f"<p class='err'>{_e(what)}</p>")
+        return 200, path.read_text()
 
     def artifact(self, ref: str) -> tuple[str | None, str]:
         """(redirect target, page) for an artifact reference."""
@@ -466,6 +482,9 @@ def _handler(explorer: Explorer, hosts: list[str], expected: str | None) -> type
                         self.end_headers()
                     else:
                         self._send(200, body)
+                elif parts[0] in ("report", "sweep") and len(parts) == 2:
+                    status, body = explorer.report(parts[0], parts[1])
+                    self._send(status, body)
                 elif parts == ["diff"]:
                     self._send(200, explorer.diff(query.get("a", ""), query.get("b", "")))
                 elif parts == ["trace"]:

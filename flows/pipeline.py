@@ -89,7 +89,8 @@ def run_summary_markdown(run_id: str, results: dict, manifests: dict, report=Non
     """The parent run's summary: stage table with links, the curation funnel, the evaluation table."""
     ui = (prefect.settings.get_current_settings().ui_url or "").rstrip("/")
     lines = [f"# Refinery run {run_id}", "", explorer_link(f"/run/{run_id}") + f" · CLI: `refinery lineage show {run_id}`"
-             + (f" · report (charts): `{report}`" if report else ""), "", "## Stages", ""]
+             + (" · " + explorer_link(f"/report/{run_id}", "report (charts)", f"report (charts): `{report}`")
+                if report else ""), "", "## Stages", ""]
     rows = []
     for stage, info in results.items():
         m = manifests[stage]

@@ -134,10 +134,13 @@ def label_flow_run(name: str, tags: list[str]) -> None:
         get_run_logger().warning("could not name the flow run %s: %s", name, exc)
 
 
-def explorer_link(path: str) -> str:
-    """Markdown link to a page of the lineage explorer that ``refinery serve`` runs (or the CLI equivalent)."""
+def explorer_link(path: str, text: str = "lineage explorer", fallback: str | None = None) -> str:
+    """Markdown link to a page of the lineage explorer that ``refinery serve`` runs; without one, ``fallback``
+    (e.g. the file's path) or how to get one."""
     base = os.environ.get(EXPLORER_URL_ENV)
-    return f"[lineage explorer]({base.rstrip('/')}{path})" if base else "lineage explorer: run `refinery serve`"
+    if base:
+        return f"[{text}]({base.rstrip('/')}{path})"
+    return fallback if fallback is not None else f"{text}: run `refinery serve`"
 
 
 def _artifact_key(*parts: str) -> str:

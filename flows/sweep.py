@@ -38,7 +38,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
 from flows.pipeline import StageName, pipeline
-from flows.stages import check_parameters, label_flow_run
+from flows.stages import check_parameters, explorer_link, label_flow_run
 from flows.registry import all_stages, execution_metrics, load_config
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
 from infra.lineage import LineageCatalog, compare_runs, flatten
@@ -509,7 +509,8 @@ def sweep(
 def sweep_markdown(summary: dict) -> str:
     ex = summary["stage_executions"]
     lines = [f"# Sweep {summary['sweep_id']}", "",
-             f"Report: `{summary['report']}` · stage executions: {ex['computed']} computed, {ex['reused']} reused "
+             explorer_link(f"/sweep/{summary['sweep_id']}", "Report (charts)", f"Report: `{summary['report']}`")
+             + f" · stage executions: {ex['computed']} computed, {ex['reused']} reused "
              f"from the cache, {ex['skipped']} already done", "", "## Verdicts", ""]
     lines += [f"- {line}" for line in summary["lines"]] or ["- (no evaluation metric to compare)"]
     if summary.get("resolution"):

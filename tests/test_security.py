@@ -226,3 +226,35 @@ def test_a_spark_jvm_out_of_memory_ends_instead_of_living_on(tmp_path):
                           cwd=Path(__file__).resolve().parent.parent)
     assert "Terminating due to java.lang.OutOfMemoryError" in done.stdout + done.stderr
     assert "python side:" in done.stdout
+
+
+def test_reports_are_served_by_name_and_linked_from_the_artifacts(traced_runs, monkeypatch):
+    """Issue 29, point 2: the explorer serves run and sweep reports, the artifacts link to them (not to a
+    server-local path); a name that is not plain is refused before any file is opened."""
+    from flows.pipeline import run_summary_markdown
+    from flows.stages import EXPLORER_URL_ENV
+    from flows.sweep import sweep_markdown
+
+    runs, _ = traced_runs
+    (runs / "r" / "report.html").write_text("<html>run report r</html>")
+    (runs / "sweeps" / "s1").mkdir(parents=True)
+    (runs / "sweeps" / "s1" / "report.html").write_text("<html>sweep report s1</html>")
+    server = start_explorer(runs, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert urllib.request.urlopen(f"{base}/report/r", timeout=30).read() == b"<html>run report r</html>"
+        assert urllib.request.urlopen(f"{base}/sweep/s1", timeout=30).read() == b"<html>sweep report s1</html>"
+        assert "report (charts)" in urllib.request.urlopen(f"{base}/run/r", timeout=30).read().decode()
+        assert _get(f"{base}/report/nope") == 404 and _get(f"{base}/sweep/nope") == 404
+        for bad in ("..%2F..%2Fetc", "%2Fetc%2Fpasswd", ".."):
+            assert _get(f"{base}/report/{bad}") == 400
+    finally:
+        server.shutdown()
+    monkeypatch.setenv(EXPLORER_URL_ENV, "http://127.0.0.1:4201")
+    md = run_summary_markdown("r", {}, {}, runs / "r" / "report.html")
+    assert "[report (charts)](http://127.0.0.1:4201/report/r)" in md and str(runs) not in md
+    summary = {"sweep_id": "s1", "report": str(runs / "sweeps" / "s1" / "report.html"), "lines": [], "arms": [],
+               "stage_executions": {"computed": 0, "reused": 0, "skipped": 0}}
+    assert "[Report (charts)](http://127.0.0.1:4201/sweep/s1)" in sweep_markdown(summary)
+    monkeypatch.delenv(EXPLORER_URL_ENV)
+    assert str(runs / "sweeps" / "s1" / "report.html") in sweep_markdown(summary)  # no explorer: the path
