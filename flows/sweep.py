@@ -235,6 +235,8 @@ def run_sweep(plan: SweepPlan, run_pipeline: RunPipeline, run_root: Path, parall
     summary["report"] = str(out / "report.html")
     summary["lines"] = report["lines"]
     summary["resolution"] = report["resolution"]
+    summary["per_arm"] = report["rows"]
+    summary["differences"] = report["differences"]
     write_json_atomic(out / "sweep.json", summary)
     return summary
 
@@ -376,7 +378,7 @@ def sweep_report(summary: dict, catalog: LineageCatalog) -> dict:
         + "<h2>Lineage: what differs from the first arm</h2>" + (table(diffs) if diffs else "<p>-</p>")
         + "<h2>Runs</h2>" + table(arm_rows) + "</body></html>"
     )
-    return {"html": html_doc, "lines": lines, "rows": rows, "resolution": resolution_rows}
+    return {"html": html_doc, "lines": lines, "rows": rows, "resolution": resolution_rows, "differences": diffs}
 
 
 RESOLUTION_NOTE = ("The default proxy protocol (configs/sweep.yaml, 3 seeds per arm) resolves about 0.030 bits per "
@@ -517,6 +519,18 @@ def sweep_markdown(summary: dict) -> str:
         cols = list(summary["resolution"][0])
         lines += ["", "## What this sweep can resolve", "", RESOLUTION_NOTE, "",
                   *markdown_table(cols, [[r[c] for c in cols] for r in summary["resolution"]])]
+    if summary.get("per_arm"):
+        cols = list(dict.fromkeys(k for r in summary["per_arm"] for k in r))
+        lines += ["", "## Per arm (documents kept per stage, tokens, metrics: mean ± seed sd)", "",
+                  *markdown_table(cols, [[r.get(c, "") for c in cols] for r in summary["per_arm"]])]
+    diffs = summary.get("differences") or []
+    if diffs:
+        lines += ["", "## What differs from the first arm", ""]
+        if all(d["outputs that differ"] == "-" for d in diffs):
+            lines += ["**Every arm's outputs are identical in content to the first arm's**: the axis changed "
+                      "nothing this sweep produced (only seeds or unused settings differ).", ""]
+        cols = list(diffs[0])
+        lines += markdown_table(cols, [[d[c] for c in cols] for d in diffs])
     arms = [(a["run_id"], json.dumps(a["values"]), a["seed"], a["status"]) for a in summary["arms"]]
     lines += ["", "## Arms", "", *markdown_table(["run", "values", "seed", "status"], arms)]
     return "\n".join(lines)

@@ -110,6 +110,22 @@ def test_report_compares_arms_with_seed_spread(fake_sweep):
     assert "1 stage(s) differ (beta); 1 with the same content" in html_doc and "cache:" not in html_doc
 
 
+def test_the_sweep_artifact_shows_per_arm_documents_what_differs_and_says_when_arms_are_identical(fake_sweep):
+    """Issue 29, point 2: the Prefect artifact (markdown) itself shows each arm's kept documents and the
+    outputs that differ, and says plainly when every arm produced the same content."""
+    from flows.sweep import sweep_markdown
+
+    cfg_file, root, run_pipeline, _ = fake_sweep
+    differing = sweep_markdown(run_sweep(plan_sweep(str(cfg_file), {}, [parse_axis("alpha.min_len=[0, 4]")]),
+                                         run_pipeline, root, log=lambda _: None))
+    assert "## Per arm" in differing and "| alpha.min_len=4 |" in differing and "alpha/data" in differing
+    assert "identical in content" not in differing
+    # min_len 0 and 1 keep the same lines ("one", "two", "three" are all longer than 1): identical outputs
+    same = sweep_markdown(run_sweep(plan_sweep(str(cfg_file), {}, [parse_axis("alpha.min_len=[0, 1]")]),
+                                    run_pipeline, root, log=lambda _: None))
+    assert "**Every arm's outputs are identical in content to the first arm's**" in same
+
+
 def test_a_failed_arm_is_recorded_and_the_others_finish(fake_sweep):
     cfg_file, root, run_pipeline, _ = fake_sweep
     plan = plan_sweep(str(cfg_file), {}, [parse_axis("alpha.fail=[false, true]")])
