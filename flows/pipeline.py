@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from evaluation.effects import EFFECTS_TABLE, format_effect
 from flows.registry import expand_stages, stage_groups
 from flows.report import write_report
-from flows.stages import PIPELINE_STEPS, STAGE_FLOWS, explorer_link, label_flow_run, resolve_config
-from infra.config import DEFAULT_CONFIG
+from flows.stages import PIPELINE_STEPS, STAGE_FLOWS, explorer_link, label_flow_run, start_checks
+from infra.config import DEFAULT_CONFIG, BaseRefineryConfig
 from infra.executor import parse_from
 from infra.markdown import dict_table
 from infra.runstore import check_name, new_run_id
@@ -42,7 +42,10 @@ def pipeline(
         overrides: Dotted config keys, e.g. {"heuristics.c4.min_sentences": 3, "spark.master": "local[2]"}.
         force: Recompute every selected stage even if its inputs and config are unchanged.
     """
-    config = resolve_config(config_file, overrides)  # the run's one validation: every stage gets this object
+    # the run's one validation: every stage gets this object
+    config, run_id = start_checks(config_file, overrides, None, run_id, from_run)
+    if not isinstance(config, BaseRefineryConfig):
+        return config  # refused: a Failed state with the reason
     return run_pipeline(config, stages, run_id, from_run, force)
 
 

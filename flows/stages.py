@@ -27,11 +27,11 @@ from prefect.client.orchestration import get_client
 
 from flows.registry import all_stages, load_config
 from infra.config import DEFAULT_CONFIG, BaseRefineryConfig, ConfigError
-from infra.executor import RESULT_MARKER
+from infra.executor import RESULT_MARKER, parse_from
 from infra.lineage import flatten
 from infra.markdown import dict_table, markdown_table
 from infra.process import run_streaming
-from infra.runstore import new_run_id
+from infra.runstore import RunStoreError, check_name, new_run_id
 
 FAILURE_TAIL_LINES = 40  # log lines kept for a failed stage's artifact
 EXPLORER_URL_ENV = "REFINERY_EXPLORER_URL"  # set by `refinery serve`; summaries link to the lineage explorer
@@ -141,6 +141,34 @@ def explorer_link(path: str, text: str = "lineage explorer", fallback: str | Non
     if base:
         return f"[{text}]({base.rstrip('/')}{path})"
     return fallback if fallback is not None else f"{text}: run `refinery serve`"
+
+
+def start_checks(config_file: str, overrides: dict, section: Optional[tuple[str, Any]], run_id: str, from_run: str,
+                 stage: str = "pipeline"):
+    """The checks a flow run does before it starts anything: its run id, the config (file, overrides,
+    served policy) and that ``from_run`` exists. Names and tags the flow run first (``RUN/STAGE`` or
+    ``RUN``), so even a refused run is found by its run id. Returns ``(config, run_id)``, or a Failed state
+    to return from the flow: one ERROR line, a ``STAGE-failure`` artifact, the reason as the state's
+    message, no traceback (an expected error is not a bug)."""
+    from prefect.states import Failed
+
+    run_id = run_id or new_run_id()
+    try:
+        check_name(run_id)
+        label_flow_run(run_id if stage == "pipeline" else f"{run_id}/{stage}",
+                       ["refinery", f"run:{run_id}", stage if stage == "pipeline" else f"stage:{stage}"])
+        config = resolve_config(config_file, overrides, section)
+        if from_run:
+            from_id, _ = parse_from(from_run)
+            if not (Path(config.run_root) / from_id).is_dir():
+                raise RunStoreError(f"from_run {from_run!r}: run {from_id!r} does not exist under {config.run_root}")
+    except (ConfigError, RunStoreError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        get_run_logger().error(reason)
+        create_markdown_artifact(markdown=f"# {run_id}/{stage} did not start\n\n**Reason:** {reason}",
+                                 key=_artifact_key(stage, "failure"), description=f"{run_id}/{stage}: why it did not start")
+        return Failed(message=reason), run_id
+    return config, run_id
 
 
 def _artifact_key(*parts: str) -> str:
@@ -307,8 +335,10 @@ def _make_stage_flow(name: str, config_model: type, description: str):
             overrides: Dotted config keys for any section, e.g. {"spark.master": "local[2]"}.
             force: Recompute even if the inputs and config are unchanged (ignore the cache).
         """
-        config = resolve_config(config_file, overrides, (name, params))
-        return run_stage(name, config, run_id or new_run_id(), from_run or None, force)
+        config, run_id = start_checks(config_file, overrides, (name, params), run_id, from_run, name)
+        if not isinstance(config, BaseRefineryConfig):
+            return config  # refused: a Failed state with the reason
+        return run_stage(name, config, run_id, from_run or None, force)
 
     stage_flow.__name__ = f"{name}_flow"
     stage_flow.__qualname__ = stage_flow.__name__

@@ -102,21 +102,39 @@ def test_pipeline_runs_ingest_then_skips_it_and_publishes_artifacts(harness, tmp
     artifacts, logs = asyncio.run(read())
     assert {a.key for a in artifacts} >= {"ingest-funnel", "ingest-summary"}
     assert any("refinery.ingest: stage ingest: done" in log.message for log in logs)  # child output streamed
-    with pytest.raises(StageFailed, match="run 'nope' does not exist") as failed:
-        pipeline(stages=["ingest"], overrides=overrides, from_run="nope")
+    missing = str(tmp_path / "missing")
+    with pytest.raises(StageFailed, match="does not exist") as failed:
+        pipeline(stages=["ingest"], overrides={**overrides, "ingest.input_paths": [missing]})
     assert failed.value.reason.startswith("stage 'ingest' failed (exit 2): error: ")
     assert "last log lines:" in str(failed.value)  # the flow run's state message in the UI
+    # refused before anything starts (a from_run that does not exist, a bad override): named and tagged by
+    # its run id, one ERROR line, a failure artifact, the reason as the state message, no traceback
+    from prefect.exceptions import FailedRun
+
+    with pytest.raises(FailedRun, match="from_run 'nope': run 'nope' does not exist"):
+        pipeline(stages=["ingest"], overrides=overrides, from_run="nope", run_id="refused-1")
+    with pytest.raises(FailedRun, match="config error"):
+        pipeline(stages=["ingest"], overrides={**overrides, "ingest.no_such_key": 1}, run_id="refused-2")
 
     async def failure_shown():
         async with get_client() as client:
             runs = await client.read_flow_runs()
-            return [a for a in await client.read_artifacts() if a.key == "ingest-failure"], runs
+            return {a.key: a for a in await client.read_artifacts()}, runs, await client.read_logs()
 
-    [artifact], runs = asyncio.run(failure_shown())
-    assert "**Reason:** error: " in artifact.data and "run 'nope' does not exist" in artifact.data
+    artifacts, runs, logs = asyncio.run(failure_shown())
+    artifact = artifacts["ingest-failure"]
+    assert "**Reason:** error: " in artifact.data and "does not exist" in artifact.data
     assert "## Last" in artifact.data and "```" in artifact.data  # the stage process's last log lines
-    failed_runs = [r for r in runs if r.state and r.state.is_failed()]
-    assert failed_runs and all("does not exist" in r.state.message for r in failed_runs), [r.state.message for r in runs]
+    assert "**Reason:** from_run 'nope'" in artifacts["pipeline-failure"].data or \
+        "**Reason:** config error" in artifacts["pipeline-failure"].data
+    refused = {r.name: r for r in runs if r.name in ("refused-1", "refused-2")}
+    assert set(refused) == {"refused-1", "refused-2"}
+    assert all(r.state.is_failed() and "run:" + r.name in r.tags for r in refused.values())
+    assert "does not exist" in refused["refused-1"].state.message
+    assert refused["refused-2"].state.message.startswith("config error")
+    refused_logs = [log for log in logs if log.flow_run_id in {r.id for r in refused.values()}]
+    assert sum(log.level >= 40 for log in refused_logs) == 2  # one ERROR line each
+    assert not any("Traceback" in log.message for log in refused_logs)
 
 
 def _free_port() -> int:
