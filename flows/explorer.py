@@ -310,12 +310,55 @@ class Explorer:
         body = (f"<h2>{_e(run_id)}/{_e(stage)} <span class='muted'>({_e(status)})</span></h2>"
                 "<h2>Inputs</h2>" + table(["name", "from", "content hash"], in_rows)
                 + "<h2>Outputs</h2>" + table(["name", "files at", "content hash", "same content as"], out_rows)
-                + self.shards_section(run)
+                + self.shards_section(run) + self.checkpoints_section(run)
                 + "<h2>Lineage across runs</h2>" + render_svg(graph, {f"{run_id}/{stage}"})
                 + self.skip_ledger_section(run)
                 + "<h2>Metrics</h2>" + table(["metric", "value"], metrics)
                 + "<h2>Config</h2>" + table(["key", "value"], config))
         return page(f"{run_id}/{stage}", body)
+
+    def checkpoints_section(self, run: dict) -> str:
+        """A training stage's checkpoints (Megatron ``iter_N`` and the exported ``hf`` model): step, loss, what
+        they were trained from (upstream model and data, linked) and which stage runs used them (linked)."""
+        models = {k: v for k, v in run["outputs"].items() if k in ("checkpoints", "hf")}
+        if not models:
+            return ""
+
+        def link(inp: dict) -> str:
+            if inp.get("stage"):
+                return (f"<a href='/stage/{_e(inp['run_id'])}/{_e(inp['stage'])}'>{_e(inp['run_id'])}/{_e(inp['stage'])}"
+                        f"/{_e(inp.get('output', ''))}</a>")
+            return _e(Path(inp["uri"].removeprefix("file://")).name)
+
+        model_in = [link(i) for n, i in run["inputs"].items() if n.endswith(("/hf", "/checkpoints"))]
+        data_in = [link(i) for n, i in run["inputs"].items() if not n.endswith(("/hf", "/checkpoints", "/tokenizer"))]
+        losses: dict[int, float] = {}
+        metrics_out = run["outputs"].get("metrics")
+        if metrics_out and (Path(artifact_path(metrics_out)) / "metrics.jsonl").is_file():
+            for line in (Path(artifact_path(metrics_out)) / "metrics.jsonl").read_text().splitlines():
+                rec = json.loads(line)
+                if "event" not in rec:
+                    losses[rec["step"]] = rec["loss"]  # the last record of a step (after a rollback) wins
+        m = run["metrics"]
+        rows = []
+        for name, out in models.items():
+            used_by = "<br>".join(f"<a href='/stage/{_e(r)}/{_e(st)}'>{_e(r)}/{_e(st)}</a>"
+                                  for r, st in self.catalog.consumers(out["uri"])) or "-"
+            origin = "<br>".join((["model: " + x for x in model_in] or [f"model: {_e(m.get('init_from', 'random'))}"])
+                                 + ["data: " + x for x in data_in])
+            if name == "checkpoints":
+                path = Path(artifact_path(out))
+                for d in sorted(path.glob("iter_*")) if path.is_dir() else []:
+                    step = int(d.name.split("_")[1])
+                    loss = losses.get(step)
+                    rows.append([_e(f"checkpoints/{d.name}"), _e(step), _e(f"{loss:.4f}" if loss is not None else "-"),
+                                 origin, used_by])
+            else:
+                loss = m.get("final_loss", m.get("train_loss_last_10"))
+                rows.append([_e(name), _e(m.get("steps", "-")),
+                             _e(f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"), origin, used_by])
+        return ("<h2>Checkpoints</h2>"
+                + table(["checkpoint", "step", "train loss", "trained from", "used by"], rows))
 
     def shards_section(self, run: dict) -> str:
         """A tokenize stage's shards, each a link to the trace of its first token sequence."""

@@ -274,3 +274,53 @@ def test_explorer_front_page_explains_itself_and_pages_show_shards_and_funnels(t
     assert "[{" not in page  # no Python list printed
     trace = explorer.trace("r2/tokenize/shards", "web-train-00000", "0")
     assert "doc-r2" in trace and "byte 7 of a.warc.gz" in trace
+
+
+def test_a_training_stage_page_lists_its_checkpoints_with_their_origin_and_users(tmp_path):
+    """Issue 29, point 6: checkpoint lineage in the explorer — each checkpoint of pretrain (iter_N with the
+    loss of its step) and its exported model, what it was trained from, and which stage runs read it."""
+    import json as _json
+
+    from flows.explorer import Explorer
+    from infra.lineage import LineageCatalog
+
+    runs = tmp_path / "runs"
+    pre = runs / "r" / "pretrain"
+    for step in (0, 4, 8):
+        (pre / "checkpoints" / f"iter_{step:07d}").mkdir(parents=True)
+    (pre / "hf").mkdir()
+    (pre / "metrics").mkdir()
+    (pre / "metrics" / "metrics.jsonl").write_text("\n".join(_json.dumps(r) for r in [
+        {"step": 4, "loss": 5.5}, {"event": "spike", "step": 5}, {"step": 4, "loss": 5.25}, {"step": 8, "loss": 4.125}]))
+
+    def out(stage: str, name: str, path) -> dict:
+        return {"uri": path.as_uri(), "path": str(path), "hash": f"sha256:{stage}{name}00", "files": {},
+                "run_id": "r", "stage": stage}
+
+    def record(stage: str, outputs: dict, inputs: dict, metrics: dict) -> None:
+        LineageCatalog(runs).record_stage_run({
+            "run_id": "r", "stage": stage, "cache_key": f"k-{stage}", "cached_from": None, "config": {},
+            "inputs": inputs, "metrics": metrics, "code_version": {},
+            "timings": {"started_at": "t0", "finished_at": "t1"}, "outputs": outputs})
+
+    shards = runs / "r" / "tokenize" / "shards"
+    shards.mkdir(parents=True)
+    record("tokenize", {"shards": out("tokenize", "shards", shards)}, {}, {})
+    record("pretrain", {"checkpoints": out("pretrain", "checkpoints", pre / "checkpoints"),
+                        "hf": out("pretrain", "hf", pre / "hf"), "metrics": out("pretrain", "metrics", pre / "metrics")},
+           {"tokenize/shards": {**out("tokenize", "shards", shards), "output": "shards"}},
+           {"steps": 8, "final_loss": 4.125, "init_from": "random"})
+    record("sft", {"hf": out("sft", "hf", runs / "r" / "sft" / "hf")},
+           {"pretrain/hf": {**out("pretrain", "hf", pre / "hf"), "output": "hf"},
+            "data_0": {"uri": (tmp_path / "sft.jsonl").as_uri(), "hash": "sha256:d0"}}, {"steps": 3, "train_loss_last_10": 1.5})
+    explorer = Explorer(runs)
+    page = explorer.stage("r", "pretrain")
+    assert "<h2>Checkpoints</h2>" in page
+    assert "<td>checkpoints/iter_0000004</td><td>4</td><td>5.2500</td>" in page  # the step's last record wins
+    assert "<td>checkpoints/iter_0000000</td><td>0</td><td>-</td>" in page
+    assert "data: <a href='/stage/r/tokenize'>r/tokenize/shards</a>" in page and "model: random" in page
+    assert "<td>hf</td><td>8</td><td>4.1250</td>" in page and "<a href='/stage/r/sft'>r/sft</a>" in page  # used by
+    sft = explorer.stage("r", "sft")
+    assert "model: <a href='/stage/r/pretrain'>r/pretrain/hf</a><br>data: sft.jsonl" in sft
+    assert "<td>hf</td><td>3</td><td>1.5000</td>" in sft
+    assert "<h2>Checkpoints</h2>" not in explorer.stage("r", "tokenize")
