@@ -14,7 +14,7 @@ model on held-out English web text (``web_perplexity``: Dolma CCNet documents no
   classifier) are relaxed in both arms so the sweep isolates the langid stage.
 - ``quality``: English that the default heuristics keep (so both arms hold the same English): those
   Dolma documents plus the English trafilatura evaluation pages (a pool larger than the token budget,
-  so the on arm does not repeat epochs), plus 1.5x as many characters of generated spam and
+  so the on arm does not repeat epochs), plus 3x as many characters of generated spam and
   boilerplate pages (keyword stuffing, link lists, navigation menus, hashtags); arms: the heuristic
   filters and the quality classifier on vs every rule off and threshold 0.
 
@@ -159,6 +159,11 @@ def passes_default_heuristics(text: str) -> bool:
     return first_failure(all_signals(text), _default_rules()) is None
 
 
+# characters of spam per character of English in the quality corpus: at 1.5 the gap (+0.023 bits/byte) was
+# detected with seeds 1-3 but not replicated by seeds 4-6 alone (one off-arm seed fell below the on arm)
+SPAM_SHARE = 3.0
+
+
 def build_corpus(effect: str, seed: int = 0) -> list[tuple[str, str]]:
     """(url, text) documents of an effect's corpus, in a seeded order."""
     rng = random.Random(f"{effect}-{seed}")
@@ -176,7 +181,7 @@ def build_corpus(effect: str, seed: int = 0) -> list[tuple[str, str]]:
         docs = [(url, text) for url, text in docs if passes_default_heuristics(text)]
         docs += [(f"http://web-{i}.example.org/page", text) for i, text in enumerate(english_web_pages())]
         n_chars = sum(len(t) for _, t in docs)
-        docs += [(f"http://spam-{i}.example.biz/", t) for i, t in enumerate(spam_documents(int(1.5 * n_chars), rng))]
+        docs += [(f"http://spam-{i}.example.biz/", t) for i, t in enumerate(spam_documents(int(SPAM_SHARE * n_chars), rng))]
     else:
         raise ValueError(f"unknown effect {effect!r} (choose from {', '.join(EFFECTS)})")
     rng.shuffle(docs)

@@ -10,11 +10,15 @@ Chromium with selenium:
   3. a pipeline run (ingest only) shows its summary artifact on the parent run, named after the run id;
   4. the lineage explorer shows the run's graph;
   5. a two-arm sweep started from the `refinery-sweep` deployment completes, ingest reused by both arms.
+  6. an untouched rerun of ingest: the explorer's diff says "no differences";
+  7. the run summary artifact's "report (charts)" link opens the report (served by the explorer);
+  8. a pipeline run with a bad override: named after its run id, Failed, one ERROR line, no traceback;
+  9. a `curation` pipeline run, then a trace from the tokenize page's shard list to a WARC record.
 Screenshots go to --out-dir (default bench/out/ui). Needs chromium + chromium-driver (`make ui-check`).
 
     python bench/ui_check.py [--out-dir bench/out/ui]
 
-Last line: `ui_checks_passed <n>/5`.
+Last line: `ui_checks_passed <n>/9`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+CHECKS = 9
 sys.path.insert(0, str(REPO))
 
 
@@ -220,6 +225,65 @@ def main() -> int:
         print(f"5. sweep from the UI deployment: {finished['state_type']}, arms {len(summary.get('arms', []))}, "
               f"stage executions {summary.get('stage_executions')}")
         passed += ok
+
+        def finish(flow_run_id: str, what: str, timeout: float = 900) -> dict:
+            return wait_for(lambda: next((r for r in flow_runs(api) if r["id"] == flow_run_id and r["state_type"]
+                                          in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")), None),
+                            timeout, what, every=5)
+
+        explorer = f"http://127.0.0.1:{explorer_port}"
+        # 6. an untouched rerun of ingest on the run of step 2: the explorer's diff says nothing differs
+        rerun = api_post(f"{api}/deployments/{deps['stage-ingest']['id']}/create_flow_run",
+                         {"parameters": {"run_id": "ui-rerun"}})
+        finish(rerun["id"], "the untouched rerun")
+        driver.get(f"{explorer}/diff?a={run_id}&b=ui-rerun")
+        time.sleep(1)
+        driver.save_screenshot(str(out / "6_diff_untouched_rerun.png"))
+        summary_line = driver.find_element(By.CSS_SELECTOR, ".diff-summary").text
+        ok = summary_line.startswith("no differences")
+        print(f"6. diff of the untouched rerun: '{summary_line}'")
+        passed += ok
+
+        # 7. the run summary artifact's report link opens the report
+        driver.get(f"{ui}/artifacts/artifact/{arts[0]['id']}") if arts else None
+        link = wait_for(lambda: driver.find_elements(By.PARTIAL_LINK_TEXT, "report (charts)"), 60, "the report link")[0]
+        href = link.get_attribute("href")
+        driver.get(href)
+        time.sleep(1)
+        driver.save_screenshot(str(out / "7_report_from_artifact.png"))
+        ok = href.startswith(explorer) and driver.title.startswith("Refinery report")
+        print(f"7. report link in the run summary artifact: {href} -> '{driver.title}'")
+        passed += ok
+
+        # 8. a bad override: a named, failed run with one ERROR line and no traceback
+        bad = api_post(f"{api}/deployments/{deps['refinery-pipeline']['id']}/create_flow_run",
+                       {"parameters": {"stages": ["ingest"], "run_id": "ui-bad-override",
+                                       "overrides": {"ingest.no_such_key": 1}}})
+        bad = finish(bad["id"], "the run with a bad override")
+        logs = api_post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [bad["id"]]}}})
+        errors = [entry["message"] for entry in logs if entry["level"] >= 40]
+        driver.get(f"{ui}/runs/flow-run/{bad['id']}")
+        time.sleep(4)
+        driver.save_screenshot(str(out / "8_bad_override_run.png"))
+        ok = (bad["state_type"] == "FAILED" and bad["name"] == "ui-bad-override" and len(errors) == 1
+              and not any("Traceback" in entry["message"] for entry in logs))
+        print(f"8. bad override: run {bad['name']} {bad['state_type']}, {len(errors)} ERROR line(s): {errors[:1]}")
+        passed += ok
+
+        # 9. curation to token shards, then a trace from the tokenize page's shard list
+        cur = api_post(f"{api}/deployments/{deps['refinery-pipeline']['id']}/create_flow_run",
+                       {"parameters": {"stages": ["curation"], "run_id": "ui-curation"}})
+        cur = finish(cur["id"], "the curation run", timeout=1500)
+        driver.get(f"{explorer}/stage/ui-curation/tokenize")
+        shard_links = driver.find_elements(By.CSS_SELECTOR, "a[href^='/trace?']")
+        if shard_links:
+            shard_links[0].click()
+            time.sleep(1)
+        driver.save_screenshot(str(out / "9_trace_from_shard_list.png"))
+        ok = cur["state_type"] == "COMPLETED" and bool(shard_links) and "WARC record" in driver.page_source
+        print(f"9. curation run {cur['state_type']}; {len(shard_links)} shard links; trace page names a WARC record: "
+              f"{'WARC record' in driver.page_source}")
+        passed += ok
     finally:
         if driver is not None:
             driver.quit()
@@ -229,8 +293,8 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             serve.kill()
         print(f"serve log: {work / 'serve.log'}")
-    print(f"ui_checks_passed {passed}/5")
-    return 0 if passed == 5 else 1
+    print(f"ui_checks_passed {passed}/{CHECKS}")
+    return 0 if passed == CHECKS else 1
 
 
 if __name__ == "__main__":
