@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from evaluation.effects import Z95, wilson_interval  # noqa: E402 (after the repo is on the path)
+from infra.effects import Z95, wilson_interval  # noqa: E402 (after the repo is on the path)
 SHARED = REPO.parent / "shared" / "data"
 HH = str(SHARED / "hh_rlhf_harmless_test" / "harmless-base_test.jsonl.gz")
 

@@ -147,7 +147,7 @@ def run_trl(args, seed: int, rows: list[dict], items: list[dict]) -> dict:
 
 def accuracy_table(results: dict) -> list[str]:
     """step | each side-seed's accuracy | each side's mean over seeds."""
-    from evaluation.effects import wilson_interval
+    from infra.effects import wilson_interval
 
     runs = sorted(results)
     sides = sorted({r.split("-")[0] for r in runs})
@@ -177,7 +177,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evaluation.effects import wilson_interval
+    from infra.effects import wilson_interval
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for side, colour in (("ours", "tab:blue"), ("trl", "tab:orange")):
@@ -235,7 +235,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    from evaluation.effects import effect_row, format_effect
+    from infra.effects import effect_row, format_effect
     from grpo_vs_trl import ensure_trl_venv
     from training.models import resolve_model
 

@@ -11,6 +11,8 @@ from infra.markdown import markdown_table as table_lines
 from infra.runstore import RunStoreError, completed_stages, read_manifest
 
 EVAL_TABLE = "eval"
+# evaluation stage -> the training stage whose checkpoint it scores, in pipeline order
+EVALUATED = {"eval_pretrain": "pretrain", "eval_sft": "sft", "eval_dpo": "dpo", "eval_grpo": "grpo", "eval_ppo": "ppo"}
 
 
 def result_rows(results: Iterable[TaskResult]) -> list[dict]:
@@ -59,8 +61,6 @@ def eval_tables(run_root: str | Path, run_id: str) -> dict[str, list[dict]]:
 
 
 def _pipeline_order(tables: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    from evaluation.stages import EVALUATED
-
     order = {name: i for i, name in enumerate(EVALUATED)}
     return dict(sorted(tables.items(), key=lambda kv: order.get(kv[0], len(order))))
 

@@ -8,7 +8,7 @@ questions, reward_accuracy — the ``reward`` stage's model on held-out preferen
 Prefect table (``eval``) and a markdown report that puts this stage next to the run's other eval stages.
 
 With ``compare_to_start`` the same items are also scored on the model the training stage started
-from, giving before → after rows with 95% intervals (``tables["effects"]``, ``evaluation.effects``).
+from, giving before → after rows with 95% intervals (``tables["effects"]``, ``infra.effects``).
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from evaluation.data import EvalDataError
-from evaluation.effects import EFFECTS_TABLE, effect_metrics, effect_row, format_effect
 from evaluation.model import EvalModel
-from evaluation.report import EVAL_TABLE, eval_tables, flat_metrics, markdown_table, result_rows, stages_side_by_side
+from evaluation.report import (EVAL_TABLE, EVALUATED, eval_tables, flat_metrics, markdown_table, result_rows,
+                               stages_side_by_side)
 from evaluation.tasks import arithmetic, gsm8k, heldout, hellaswag, perplexity, reward_accuracy
+from infra.effects import EFFECTS_TABLE, effect_metrics, effect_row, format_effect
 from infra.stage import MISSING_INPUT, Stage, StageConfig, StageContext, StageResult
 from training.models import resolve_model
 
 TaskName = Literal["hellaswag", "gsm8k", "perplexity", "web_perplexity", "heldout", "reward_accuracy", "arithmetic"]
 
 # eval stage → the training stage whose hf/ checkpoint it evaluates
-EVALUATED = {"eval_pretrain": "pretrain", "eval_sft": "sft", "eval_dpo": "dpo", "eval_grpo": "grpo", "eval_ppo": "ppo"}
 # training stage → the stage whose hf/ it starts from when its `model` is "upstream"
 STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "grpo": "sft", "ppo": "sft"}
 # task → (metric, kind, better, per-sample value, per-sample weight or None): the before → after rows

@@ -22,14 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from evaluation.effects import EFFECTS_TABLE, format_effect
 from evaluation.report import compare_runs
 from flows.explorer import TraceError, decisions, skip_ledger, start_explorer, trace
 from flows.registry import all_stages, execution_metrics, load_config, stage_groups
+from infra.access import CREDENTIAL_ENV, CREDENTIAL_FILE, AccessError, check_exposure, credential, is_loopback
 from infra.config import DEFAULT_CONFIG, ConfigError, parse_override
+from infra.effects import EFFECTS_TABLE, format_effect
 from infra.executor import StageInputError, parse_from
 from infra.lineage import LineageCatalog, diff_runs, label
-from infra.access import CREDENTIAL_ENV, CREDENTIAL_FILE, AccessError, check_exposure, credential, is_loopback
 from infra.prefect_server import configure_prefect_env, prefect_server
 from infra.runstore import RunStoreError
 

@@ -7,11 +7,11 @@ import prefect.settings
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from evaluation.effects import EFFECTS_TABLE, format_effect
 from flows.registry import expand_stages, stage_groups
 from flows.report import write_report
 from flows.stages import PIPELINE_STEPS, STAGE_FLOWS, explorer_link, label_flow_run, start_checks
 from infra.config import DEFAULT_CONFIG, BaseRefineryConfig
+from infra.effects import EFFECTS_TABLE, format_effect
 from infra.executor import parse_from
 from infra.markdown import dict_table
 from infra.runstore import check_name, new_run_id

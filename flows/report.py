@@ -22,8 +22,8 @@ from typing import Any
 
 import matplotlib
 
-from evaluation.effects import EFFECTS_TABLE, format_effect, wilson_interval
 from flows.explorer import render_svg
+from infra.effects import EFFECTS_TABLE, format_effect, wilson_interval
 from infra.lineage import LineageCatalog, lineage_graph
 from infra.runstore import check_name
 from training.pretrain_stage import read_metrics

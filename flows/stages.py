@@ -360,4 +360,6 @@ def _make_pipeline_step(name: str, description: str):
 
 STAGE_FLOWS = {name: _make_stage_flow(name, s.config_model, s.description) for name, s in all_stages().items()}
 PIPELINE_STEPS = {name: _make_pipeline_step(name, s.description) for name, s in all_stages().items()}
+# each stage flow as a module attribute (flows.stages:ingest_flow, ...): the entrypoints prefect.yaml and
+# Prefect's runners import by name — load-bearing, not a convenience
 globals().update({f"{name}_flow": f for name, f in STAGE_FLOWS.items()})

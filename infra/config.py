@@ -10,13 +10,10 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
-
-if TYPE_CHECKING:
-    from infra.stage import Stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -209,15 +206,22 @@ class BaseRefineryConfig(Strict):
         return self
 
 
+class StageSpec(Protocol):
+    """What the config needs of a stage (``infra.stage.Stage`` has it): its name and its section's model."""
+
+    name: str
+    config_model: type[BaseModel]
+
+
 @lru_cache(maxsize=8)
-def _config_model(stages: tuple["Stage", ...]) -> type[BaseRefineryConfig]:
+def _config_model(stages: tuple[StageSpec, ...]) -> type[BaseRefineryConfig]:
     fields = {stage.name: (stage.config_model, Field(default_factory=stage.config_model)) for stage in stages}
     model = create_model("RefineryConfig", __base__=BaseRefineryConfig, **fields)
     model.stage_order = tuple(stage.name for stage in stages)
     return model
 
 
-def config_model(stages: Mapping[str, "Stage"]) -> type[BaseRefineryConfig]:
+def config_model(stages: Mapping[str, StageSpec]) -> type[BaseRefineryConfig]:
     """The root model: the fixed sections plus one section per stage (in pipeline order)."""
     return _config_model(tuple(stages.values()))
 
@@ -269,7 +273,7 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) ->
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | dict[str, Any] | None, stages: Mapping[str, "Stage"]
+    path: str | Path | None, overrides: list[str] | dict[str, Any] | None, stages: Mapping[str, StageSpec]
 ) -> BaseRefineryConfig:
     """Load and validate a config file (default ``configs/demo.yaml``) with overrides applied."""
     return validate_config(apply_overrides(read_config_file(Path(path) if path else DEFAULT_CONFIG), overrides), stages)
@@ -310,7 +314,7 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def validate_config(data: dict, stages: Mapping[str, "Stage"]) -> BaseRefineryConfig:
+def validate_config(data: dict, stages: Mapping[str, StageSpec]) -> BaseRefineryConfig:
     try:
         return config_model(stages).model_validate(data)
     except ValidationError as exc:

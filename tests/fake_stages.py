@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from evaluation.effects import EFFECTS_TABLE, effect_row
+from infra.effects import EFFECTS_TABLE, effect_row
 from infra.stage import Stage, StageConfig, StageContext, StageResult
 
 

@@ -1,4 +1,4 @@
-"""Before → after effect rows (evaluation/effects.py): intervals checked against textbook values and
+"""Before → after effect rows (infra/effects.py): intervals checked against textbook values and
 the normal approximation, computed independently in float64, plus invariants as properties."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evaluation.effects import effect_row, format_effect, wilson_interval
+from infra.effects import effect_row, format_effect, wilson_interval
 
 
 def test_wilson_interval_matches_textbook_values():

@@ -1,5 +1,6 @@
 """The layering rule (../shared/DESIGN.md): infra/ imports nothing from the domain (curation, training,
-evaluation) or the application layer (flows); the domain does not import flows. Checked on every import
+evaluation) or the application layer (flows); the domain does not import flows, and training does not
+import evaluation (the effect statistics both use live in infra.effects). Checked on every import
 statement, at module level or inside functions, and on import_module() calls with a literal name."""
 
 import ast
@@ -11,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN = {
     "infra": {"curation", "training", "evaluation", "flows"},
     "curation": {"flows"},
-    "training": {"flows"},
+    "training": {"flows", "evaluation"},  # evaluation scores training's checkpoints: it sits above
     "evaluation": {"flows"},
 }
 
@@ -82,3 +83,32 @@ def test_the_cli_and_stage_list_load_no_engine():
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True,
                                            text=True).stdout))
     assert not loaded & (HEAVY | {"pyspark", "numba"}), sorted(loaded & (HEAVY | {"pyspark", "numba"}))
+
+
+def test_no_import_circles_among_the_projects_modules():
+    """No module imports, directly or through others, a module that imports it back — counting imports
+    inside functions and under TYPE_CHECKING too (a circle there is still a knot to untie)."""
+    modules = {}
+    for package in ("curation", "training", "evaluation", "flows", "infra"):
+        for path in (REPO / package).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            modules[name.removesuffix(".__init__")] = path
+    graph = {name: {m for _, imported in imported_modules(path)
+                    for m in (imported, imported.rsplit(".", 1)[0]) if m in modules and m != name}
+             for name, path in modules.items()}
+    circles, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                circles.append(" -> ".join(trail[trail.index(nxt):] + [node, nxt]) if nxt in trail
+                               else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not circles, "\n".join(circles)

@@ -16,7 +16,7 @@ A task (training.sft / reward / dpo) supplies: ``prepare(tokenizer) -> (train, h
 pair that the learner reduces across ranks, and ``evaluate(model, items) -> {name: (values, weights)}``,
 one value per held-out item, gathered over ranks. The held-out items are scored before and after
 training; ``EFFECTS`` names the metrics reported as before → after rows with 95% intervals
-(``evaluation.effects``).
+(``infra.effects``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from evaluation.effects import effect_row
+from infra.effects import effect_row
 from training.devices import compute_device
 from training.learner_backends import (
     DeepSpeedBackend, TorchBackend, gather_items, init_dist, load_state, reduce_stats, save_state,

@@ -12,7 +12,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from evaluation.effects import EFFECTS_TABLE, effect_metrics, format_effect
+from infra.config import REPO_ROOT
+from infra.effects import EFFECTS_TABLE, effect_metrics, format_effect
 from infra.markdown import markdown_table
 from infra.process import run_streaming
 from infra.stage import StageContext, StageResult
@@ -70,11 +71,10 @@ def launch_deepspeed(job_path: Path, num_procs: int, log: logging.Logger) -> Non
     install works too); DS_ACCELERATOR, unless set, is cuda where torch sees a GPU, else cpu."""
     import torch
 
-    repo = Path(__file__).resolve().parent.parent
     threads = max(1, (os.cpu_count() or 1) // num_procs)
     accelerator = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
     env = {**os.environ, "DS_ACCELERATOR": accelerator,
-           "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+           "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port",
            str(_free_port()), "--no_local_rank", "--module", "training.learner", str(job_path)]
     log.info("launching: %s", " ".join(cmd))

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from infra.config import REPO_ROOT
 from infra.markdown import markdown_table
 from infra.process import run_streaming
 from infra.runstore import link_tree
@@ -24,7 +25,6 @@ from training.megatron.checkpoint import latest_valid, list_checkpoints, read_me
 from training.models import stage_model_dir
 from training.pretrain_config import PretrainConfig, pretrain_external
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def launch(job: dict, job_dir: Path, nproc: int, torchrun_args: list[str], log) -> None:
