@@ -147,6 +147,13 @@ def value_cell(value: Any) -> str:
     return _e(value)
 
 
+def fit_label(text: str) -> str:
+    """``text`` cut to what fits a node box in 12 px monospace (about 7.3 px a character, 8 px padding a
+    side), the cut marked with an ellipsis (the full text is the line's tooltip)."""
+    room = int((NODE_W - 16) / 7.3)
+    return text if len(text) <= room else text[: room - 1] + "…"
+
+
 def _node_lines(node: dict) -> list[tuple[str, str]]:
     """(text, css colour) lines drawn inside a node box."""
     if node["kind"] == "external":
@@ -218,7 +225,7 @@ def render_svg(graph: dict, focus: set[str]) -> str:
         for i, (text, colour) in enumerate(_node_lines(node)):
             weight = " font-weight='bold'" if i == 0 else ""
             parts.append(f"<text x='{x + 8}' y='{y0 + (i + 1) * LINE_H + 2}' fill='{colour}'{weight}>"
-                         f"{_e(text[:44])}</text>")
+                         f"<title>{_e(text)}</title>{_e(fit_label(text))}</text>")
         parts.append("</g></a>")
     parts.append("</svg>")
     return "<div class='graph'>" + "".join(parts) + "</div>"

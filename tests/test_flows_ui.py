@@ -324,3 +324,15 @@ def test_a_training_stage_page_lists_its_checkpoints_with_their_origin_and_users
     assert "model: <a href='/stage/r/pretrain'>r/pretrain/hf</a><br>data: sft.jsonl" in sft
     assert "<td>hf</td><td>3</td><td>1.5000</td>" in sft
     assert "<h2>Checkpoints</h2>" not in explorer.stage("r", "tokenize")
+
+
+def test_node_labels_fit_their_boxes_and_keep_the_full_text_as_a_tooltip():
+    from flows.explorer import NODE_W, fit_label, render_svg
+
+    long = "sens-quality-3822f0/train_quality_and_more_words"
+    assert len(fit_label(long)) * 7.3 <= NODE_W - 16 and fit_label(long).endswith("…")
+    assert fit_label("r1/ingest") == "r1/ingest"
+    graph = {"nodes": [{"id": f"{long}/x", "kind": "stage", "run_id": long, "stage": "x", "cached_from": None,
+                        "outputs": {}}], "edges": []}
+    svg = render_svg(graph, set())
+    assert f"<title>{long}/x</title>" in svg and fit_label(f"{long}/x") in svg
