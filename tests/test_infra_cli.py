@@ -61,13 +61,14 @@ def test_lineage_show_and_diff(fake_runs, capsys):
 
 
 def _documented_overrides() -> list[tuple[str, str]]:
-    """Every `-o key=value` (and sweep axis `-a key=[...]`) shown in the README, the configs' comments and
-    every `--help` text."""
+    """Every `-o key=value` (and sweep axis `-a key=[...]`) shown in the README, docs/, the configs' comments
+    and every `--help` text."""
     import re
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    texts = {str(p.relative_to(repo)): p.read_text() for p in [repo / "README.md", *sorted((repo / "configs").glob("*.yaml"))]}
+    texts = {str(p.relative_to(repo)): p.read_text()
+             for p in [repo / "README.md", *sorted((repo / "docs").glob("*.md")), *sorted((repo / "configs").glob("*.yaml"))]}
     parser = build_parser()
     stack = [("refinery", parser)]
     while stack:  # every subcommand's help, recursively
