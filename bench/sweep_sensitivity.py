@@ -253,10 +253,15 @@ def run_effect_sweep(out: Path, effect: str, seeds: int) -> tuple[dict, float]:
     for key, values in sweep_setup(effect)[1].items():
         cmd += ["-a", f"{key}={json.dumps(values)}"]
     print("$", " ".join(cmd), flush=True)
+    summary = out / "runs" / "sweeps" / name / "sweep.json"
+    before = summary.stat().st_mtime_ns if summary.is_file() else None
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT)
     wall = time.perf_counter() - start
     if done.returncode:
+        if not summary.is_file() or summary.stat().st_mtime_ns == before:
+            raise SystemExit(f"{effect}: refinery sweep exited {done.returncode} before writing its summary "
+                             "(see its output above); an older summary is not reported as this run's")
         print(f"{effect}: refinery sweep exited {done.returncode} (failed arms are listed below)", flush=True)
     (out / f"{effect}.wall_s").write_text(f"{wall:.0f}\n")
     return finished_sweep(out, effect)
