@@ -84,6 +84,6 @@ def launch_deepspeed(job_path: Path, num_procs: int, log: logging.Logger) -> Non
         tail.append(line)
         log.info("%s", line)
 
-    rc = run_streaming(cmd, on_line, env=env, cwd=repo)
+    rc = run_streaming(cmd, on_line, env=env, cwd=REPO_ROOT)
     if rc != 0:
         raise LearnerError(f"deepspeed learner exited with {rc}; last lines:\n" + "\n".join(tail))
