@@ -40,6 +40,7 @@ demo: install
 	$(VENV)/bin/refinery demo --config configs/$(PROFILE).yaml
 
 test: install-dev
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: install-dev

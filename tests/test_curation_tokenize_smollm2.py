@@ -36,7 +36,7 @@ def test_smollm2_shards_read_by_megatron_equal_the_gguf_tokenizer_output(tmp_pat
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from curation.tokenize import SourceSpec, TokenizeConfig, tokenize_to_shards
-    from curation.tokenizer import copy_pretrained, tokenizer_info
+    from curation.tokenizer import copy_pretrained
 
     rows = []
     for name in ("cc_en_head-0091.jsonl.gz", "provided_documents_000.json.gz"):

@@ -1,7 +1,6 @@
 """Prefect: typed stage flows, the pipeline flow (skip on rerun, logs streamed, artifacts), and
 deployments served by `refinery serve` that a UI/API call can launch."""
 
-import contextlib
 import os
 import re
 import secrets

@@ -9,7 +9,6 @@ invariance, TIS weight ≤ cap, clipped tokens carry no gradient, R1 ordering.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -20,6 +20,9 @@ from training.devices import compute_device
 from training.models import Precision, model_input, stage_model_dir
 from training.rl.rewards import INSTRUCTION, RewardModelScorer, arithmetic_prompts, load_gsm8k_jsonl, require_verifiable
 from training.rl.rollout import make_engine
+
+if TYPE_CHECKING:  # torch is imported where it runs, not at module import
+    import torch
 
 
 WALL_CLOCK_KEYS = ("gen_s", "step_s")  # per-step seconds: manifest metrics, not output data

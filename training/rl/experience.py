@@ -13,10 +13,14 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from training.rl.common import RLConfigBase, RolloutBatch, chat_prompt_ids, forward_logps, to_batch
 from training.rl.rewards import PromptExample, score_samples
 from training.rl.rollout import Completion, Sampling
+
+if TYPE_CHECKING:  # torch is imported where it runs, not at module import
+    import torch
 
 
 @dataclass
