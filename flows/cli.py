@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # on SIGTERM, unwind normally so the Prefect server this command started is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with prefect_server(host, port, on_error=lambda line: print(line, file=sys.stderr, flush=True),
-                        auth=not args.no_auth, extra_hosts=extra_hosts) as api_url:
+                        auth=auth, extra_hosts=extra_hosts) as api_url:
         from prefect import serve
 
         from flows.serve import build_deployments

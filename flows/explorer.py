@@ -29,6 +29,7 @@ from flows.registry import execution_metrics
 from infra.access import allowed_hosts, check_exposure, is_loopback, refusal
 from infra.lineage import LineageCatalog, artifact_path, compare_runs, flatten, label, lineage_graph
 from infra.runstore import RunStoreError, check_name
+from training.pretrain_stage import read_metrics
 
 NODE_W, LINE_H, GAP_X, GAP_Y = 300, 16, 40, 70
 STYLE = """
@@ -339,13 +340,10 @@ class Explorer:
 
         model_in = [link(i) for n, i in run["inputs"].items() if n.endswith(("/hf", "/checkpoints"))]
         data_in = [link(i) for n, i in run["inputs"].items() if not n.endswith(("/hf", "/checkpoints", "/tokenizer"))]
-        losses: dict[int, float] = {}
         metrics_out = run["outputs"].get("metrics")
-        if metrics_out and (Path(artifact_path(metrics_out)) / "metrics.jsonl").is_file():
-            for line in (Path(artifact_path(metrics_out)) / "metrics.jsonl").read_text().splitlines():
-                rec = json.loads(line)
-                if "event" not in rec:
-                    losses[rec["step"]] = rec["loss"]  # the last record of a step (after a rollback) wins
+        metrics_file = Path(artifact_path(metrics_out)) / "metrics.jsonl" if metrics_out else None
+        # the last record of a step (after a rollback) wins
+        losses = {r["step"]: r["loss"] for r in read_metrics(metrics_file)[0]} if metrics_file and metrics_file.is_file() else {}
         m = run["metrics"]
         rows = []
         for name, out in models.items():

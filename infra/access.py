@@ -69,9 +69,9 @@ def credential(home: str | Path, create: bool = True) -> tuple[str | None, bool]
 
 def allowed_hosts(host: str, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Host-header names a server bound to ``host`` answers: loopback names, ``host`` itself, ``extra``."""
-    names = [*LOOPBACK_NAMES, *extra]
+    names = [*LOOPBACK_NAMES, *(name.lower() for name in extra)]
     if host not in WILDCARD_HOSTS:
-        names.append(host)
+        names.append(host.lower())
     return sorted(set(names))
 
 

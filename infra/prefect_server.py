@@ -97,14 +97,14 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
 @contextlib.contextmanager
 def prefect_server(
     host: str = "127.0.0.1", port: int = 4200, startup_timeout: float = 180,
-    on_error: Callable[[str], None] | None = None, auth: bool = True, extra_hosts: tuple[str, ...] = (),
+    on_error: Callable[[str], None] | None = None, auth: str | None = None, extra_hosts: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """Use the server already at PREFECT_API_URL / host:port, or start one for the duration of the block.
 
     A server started here answers only Host headers in :func:`infra.access.allowed_hosts`, and with
-    ``auth`` (required beyond loopback) only requests carrying the credential
-    (:func:`infra.access.credential`, exported to this process's clients as ``PREFECT_API_AUTH_STRING``),
-    with CSRF protection on and CORS limited to the UI's own origin. ``on_error`` receives the error
+    ``auth`` (the credential, :func:`infra.access.credential`; required beyond loopback) only requests
+    carrying it (exported to this process's clients as ``PREFECT_API_AUTH_STRING``), with CSRF protection
+    on and CORS limited to the UI's own origin. ``on_error`` receives the error
     lines of a server this block started (see :func:`service_errors`).
     """
     configure_prefect_env()
@@ -113,16 +113,15 @@ def prefect_server(
         os.environ["PREFECT_API_URL"] = api_url
         yield api_url
         return
-    check_exposure(host, auth)
+    check_exposure(host, auth is not None)
     hosts = allowed_hosts(host, extra_hosts)
     env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_UI_API_URL": api_url,  # the UI calls this server
            "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port), ALLOWED_HOSTS_ENV: ",".join(hosts),
            "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(
                f"http://{name}:{port}" for name in hosts if not name.startswith("::"))}
-    if auth:
-        value, _ = credential(os.environ["PREFECT_HOME"])
-        os.environ[CREDENTIAL_ENV] = value
-        env.update({"PREFECT_SERVER_API_AUTH_STRING": value, "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"})
+    if auth is not None:
+        os.environ[CREDENTIAL_ENV] = auth
+        env.update({"PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"})
     else:
         env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
     log_path = Path(os.environ["PREFECT_HOME"]) / "server.log"
